@@ -1,0 +1,67 @@
+"""Reasons and the one exception type of liverfat.
+
+Every rejection or failure carries a machine-readable ``Reason`` code and a message a
+PACS administrator can act on: what was seen, what was expected, and which tag.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Machine-readable codes; the string value is what lands in JSON and logs."""
+
+    # reading
+    NOT_DICOM = "not_dicom"
+    NOT_CT = "not_ct"
+    NO_PIXEL_DATA = "no_pixel_data"
+    MISSING_ATTRIBUTE = "missing_attribute"
+    DECODE_FAILED = "decode_failed"
+    MIXED_SIZES = "mixed_sizes"
+    DUPLICATE_POSITIONS = "duplicate_positions"
+    UNEVEN_SPACING = "uneven_spacing"
+    GANTRY_TILT = "gantry_tilt"
+    TOO_FEW_SLICES = "too_few_slices"
+    NOT_READABLE = "not_readable"
+    # eligibility (header only)
+    LOCALIZER = "localizer"
+    DERIVED_IMAGE = "derived_image"
+    NOT_AXIAL = "not_axial"
+    NOT_CHEST = "not_chest"
+    ABDOMINAL = "abdominal"
+    CONTRAST = "contrast"
+    SLICE_TOO_THICK = "slice_too_thick"
+    # analysis
+    NO_LIVER = "no_liver"
+    LIVER_AT_EDGE = "liver_at_edge"
+    ROI_OUTSIDE_LIVER = "roi_outside_liver"
+    ROI_ON_VESSEL = "roi_on_vessel"
+    IMAGE_SUGGESTS_CONTRAST = "image_suggests_contrast"
+    MASK_MISMATCH = "mask_mismatch"
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One reason with its human message, as reported in JSON (``{code, message}``)."""
+
+    code: Reason
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"code": self.code.value, "message": self.message}
+
+
+class LiverfatError(Exception):
+    """A failure with a reason code and an actionable message."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+    @property
+    def finding(self) -> Finding:
+        return Finding(self.reason, self.message)
