@@ -41,6 +41,15 @@ class Reason(StrEnum):
     IMAGE_SUGGESTS_CONTRAST = "image_suggests_contrast"
     MASK_MISMATCH = "mask_mismatch"
     BACKEND_UNAVAILABLE = "backend_unavailable"
+    NO_HEADERS = "no_headers"
+    ROI_NOT_PLACED = "roi_not_placed"
+    UNSUPPORTED_MULTIFRAME = "unsupported_multiframe"
+    # node (service)
+    CONFIG_INVALID = "config_invalid"
+    SPOOL_FULL = "spool_full"
+    SPOOL_WRITE_FAILED = "spool_write_failed"
+    SPOOL_IN_USE = "spool_in_use"
+    UNKNOWN_SERIES = "unknown_series"
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,32 @@ def render_volume(phantom: Phantom, grid: Grid) -> tuple[Volume, Volume]:
     return Volume(hu, spacing, origin, direction), Volume(liver, spacing, origin, direction)
 
 
+def storage_variants(grid: Grid) -> dict[str, Grid]:
+    """The same voxel centres stored five ways: as given, slices reversed (feet-first order),
+    rows flipped, columns flipped, rows and columns swapped (the normal flips with the last
+    three, so the slice positions are negated to stay at the same z)."""
+    positions = tuple(float(p) for p in grid.slice_positions_mm)
+    negated = tuple(-p for p in positions)
+
+    def flip(vector: tuple[float, float, float]) -> tuple[float, float, float]:
+        return (-vector[0], -vector[1], -vector[2])
+
+    return {
+        "head-first": grid,
+        "feet-first": replace(grid, slice_positions_mm=positions[::-1]),
+        "rows-flipped": replace(grid, column_direction=flip(grid.column_direction), slice_positions_mm=negated),
+        "columns-flipped": replace(grid, row_direction=flip(grid.row_direction), slice_positions_mm=negated),
+        "transposed": replace(
+            grid,
+            rows=grid.columns,
+            columns=grid.rows,
+            row_direction=grid.column_direction,
+            column_direction=grid.row_direction,
+            slice_positions_mm=negated,
+        ),
+    }
+
+
 @dataclass(frozen=True)
 class SeriesHeader:
     """Header choices for a written series; defaults describe an unenhanced chest CT."""

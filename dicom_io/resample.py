@@ -1,0 +1,150 @@
+"""Resampling between a source CT grid and the 0.7 x 0.7 x 2.5 mm working grid.
+
+The working grid is canonical: identity direction in LPS (columns run to the patient's left,
+rows to posterior, slices to superior), origin at the most right-anterior-inferior voxel
+centre of the source, covering the source's voxel centres. Two sources that hold the same
+voxels in different storage orders (head-first or feet-first, flipped rows or columns)
+therefore give the same working-grid array, and the ROI placement, which works on that grid,
+cannot depend on how a scanner stored the slices.
+
+SimpleITK does the interpolation; this module only chooses the output geometry.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from liverfat.dicom_io.volume import Volume
+
+logger = logging.getLogger(__name__)
+
+WORKING_SPACING_MM: tuple[float, float, float] = (0.7, 0.7, 2.5)  # (i, j, k)
+OUTSIDE_HU = -1024.0
+# A voxel halfway between a labelled and an empty voxel (weight 0.5 against 0.5) keeps the
+# label: a 2.5 mm ROI slab then lands on every source slice whose centre lies within it, so
+# a source with slices up to 2.5 mm apart always shows each ROI on at least one slice.
+_TIE_TOLERANCE = 1e-4
+# Extents that are a whole number of working voxels up to float noise (0.699999988 mm
+# spacings in NIfTI headers) must not lose their last voxel to floor().
+_WHOLE_VOXEL_TOLERANCE = 1e-3
+
+
+def working_geometry(
+    volume: Volume, spacing: Sequence[float] = WORKING_SPACING_MM
+) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+    """Origin and size (i, j, k) of the identity-direction grid covering ``volume``'s voxel centres."""
+    ni, nj, nk = volume.size
+    corners = volume.to_lps(list(itertools.product((0, ni - 1), (0, nj - 1), (0, nk - 1))))
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    steps = np.asarray(spacing, dtype=np.float64)
+    size = np.floor((high - low) / steps + _WHOLE_VOXEL_TOLERANCE).astype(int) + 1
+    origin = (float(low[0]), float(low[1]), float(low[2]))
+    return origin, (int(size[0]), int(size[1]), int(size[2]))
+
+
+def to_working_grid(ct: Volume, spacing: Sequence[float] = WORKING_SPACING_MM) -> Volume:
+    """The CT linearly resampled onto the canonical LPS working grid, float32 HU.
+
+    Points of the working grid that fall outside the source read ``OUTSIDE_HU`` (air).
+    """
+    origin, size = working_geometry(ct, spacing)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(size)
+    resampler.SetOutputSpacing(tuple(float(s) for s in spacing))
+    resampler.SetOutputOrigin(origin)
+    resampler.SetOutputDirection(tuple(np.eye(3).flatten()))
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(OUTSIDE_HU)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    source = ct.with_array(ct.array.astype(np.float32, copy=False)).to_sitk()
+    working = Volume.from_sitk(resampler.Execute(source))
+    logger.debug("resampled %s voxels at %s mm to %s at %s mm", ct.size, ct.spacing, working.size, working.spacing)
+    return working
+
+
+def mask_to_grid(mask: Volume, reference: Volume) -> Volume:
+    """A bool or label mask on ``reference``'s grid.
+
+    Each label is interpolated linearly as a 0/1 indicator and every output voxel takes the
+    label with the highest interpolated weight, background (one minus the sum of the label
+    weights) included and ties going to the label; for a bool mask that is weight >= 0.5.
+    Nearest neighbour would shift boundaries by up to half a source voxel and turn an oblique
+    edge into stairs; the linear weights put the boundary where the source's partial-volume
+    boundary lies, which keeps a mask round trip through another grid close to the identity
+    (tests: Dice > 0.98).
+
+    Returns bool for a bool mask, otherwise the input's dtype (0 = background).
+    """
+    labels = np.unique(mask.array[mask.array != 0])
+    best_label = np.zeros(reference.array.shape, dtype=mask.array.dtype)
+    best_weight = np.zeros(reference.array.shape, dtype=np.float32)
+    total_weight = np.zeros(reference.array.shape, dtype=np.float32)
+    for label in labels:
+        reached = _resample_indicator(mask, mask.array == label, reference)
+        if reached is None:
+            continue
+        box, weight = reached
+        better = weight > best_weight[box]
+        best_label[box][better] = label
+        best_weight[box][better] = weight[better]
+        total_weight[box] += weight
+    best_label[best_weight < 1.0 - total_weight - _TIE_TOLERANCE] = 0
+    return reference.with_array(best_label)
+
+
+def mask_to_source(mask: Volume, source: Volume) -> Volume:
+    """A working-grid mask mapped back onto the source grid (shape ``source.array.shape``).
+
+    Every source voxel samples the mask at its own centre's LPS position, so the result
+    lines up with the source slices whatever their storage order (feet-first, flipped rows
+    or columns). Same labels and rule as ``mask_to_grid``.
+    """
+    return mask_to_grid(mask, source)
+
+
+def _resample_indicator(
+    mask: Volume, indicator: np.ndarray, reference: Volume
+) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
+    """Linear weights of one label on the part of ``reference`` its bounding box can reach.
+
+    None when the label lies wholly outside ``reference``.
+
+    Only the label's bounding box (plus one empty voxel, which the interpolation reads as
+    outside anyway) is resampled: an ROI is a few hundred voxels of a volume of millions.
+    """
+    source_box = _bounding_box(indicator, margin=1)
+    low = [source_box[2 - axis].start for axis in range(3)]  # (i, j, k)
+    high = [source_box[2 - axis].stop - 1 for axis in range(3)]
+    corners = mask.to_lps(list(itertools.product(*zip(low, high, strict=True))))
+    reach = reference.to_index(corners)
+    first = np.maximum(np.floor(reach.min(axis=0)).astype(int) - 1, 0)
+    last = np.minimum(np.ceil(reach.max(axis=0)).astype(int) + 1, np.asarray(reference.size) - 1)
+    if np.any(last < first):
+        return None
+    box = (slice(first[2], last[2] + 1), slice(first[1], last[1] + 1), slice(first[0], last[0] + 1))
+    crop = Volume(indicator[source_box].astype(np.float32), mask.spacing, tuple(mask.to_lps(low)), mask.direction)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetSize(tuple(int(n) for n in last - first + 1))
+    resampler.SetOutputSpacing(reference.spacing)
+    resampler.SetOutputOrigin(tuple(float(x) for x in reference.to_lps(first)))
+    resampler.SetOutputDirection(tuple(reference.direction.flatten()))
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetDefaultPixelValue(0.0)
+    resampler.SetOutputPixelType(sitk.sitkFloat32)
+    return box, sitk.GetArrayFromImage(resampler.Execute(crop.to_sitk()))
+
+
+def _bounding_box(indicator: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
+    """Index slices (k, j, i) of the non-zero voxels, widened by ``margin`` within the array."""
+    bounds = []
+    for axis in range(3):
+        present = np.flatnonzero(np.any(indicator, axis=tuple(a for a in range(3) if a != axis)))
+        start = max(int(present[0]) - margin, 0)
+        stop = min(int(present[-1]) + margin + 1, indicator.shape[axis])
+        bounds.append(slice(start, stop))
+    return bounds[0], bounds[1], bounds[2]
