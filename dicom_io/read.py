@@ -1,0 +1,403 @@
+"""Find CT series among input files and load one as an HU volume in LPS geometry.
+
+Two steps, so that a caller can decide from headers alone before paying for pixels:
+
+- ``discover`` reads headers only and groups DICOM files by SeriesInstanceUID;
+- ``load_series`` decodes one series, orders its slices by their position along the slice
+  normal and builds the ``Volume``.
+
+Geometry comes from Image Position (Patient), Image Orientation (Patient) and Pixel Spacing
+only, never from InstanceNumber, SliceLocation or file names.
+
+References
+----------
+DICOM PS3.3 C.7.6.2.1.1 (Image Position and Orientation), C.8.2.1 (CT Image Module).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
+from pydicom.tag import Tag
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    LegacyConvertedEnhancedCTImageStorage,
+    generate_uid,
+)
+
+from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
+from liverfat.dicom_io.masks import place_on_grid, read_mask_file
+from liverfat.dicom_io.nifti import is_nifti, read_nifti
+from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
+from liverfat.dicom_io.stacking import (
+    MAX_LISTED,
+    SliceHeader,
+    Stack,
+    check_uniform,
+    header_number,
+    required_number,
+    rounded,
+    tag_label,
+)
+from liverfat.dicom_io.volume import Volume
+
+__all__ = ["Discovery", "decode_hu", "discover", "load_series", "read_mask", "read_nifti"]
+
+log = logging.getLogger(__name__)
+
+MULTIFRAME_CT_SOP_CLASSES = frozenset({EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage})
+CT_SOP_CLASSES = frozenset({CTImageStorage}) | MULTIFRAME_CT_SOP_CLASSES
+CT_MODALITY = "CT"
+LOCALIZER_IMAGE_TYPE = "LOCALIZER"
+
+HEADER_DEFER_BYTES = 4096  # larger values (pixel data) are skipped, not read, by discover
+PIXEL_DATA = Tag(0x7FE0, 0x0010)
+UNDEFINED_LENGTH = 0xFFFFFFFF
+RAW_DATASET_START = b"\x08\x00"  # group 0008 little endian: a dataset written without preamble
+FILE_META_UIDS = {"SOPClassUID": "MediaStorageSOPClassUID", "SOPInstanceUID": "MediaStorageSOPInstanceUID"}
+FOLDER_UID_SALT = "liverfat series without SeriesInstanceUID, grouped by folder"
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What ``discover`` found: DICOM CT series, NIfTI files, and everything else with a reason."""
+
+    series: tuple[SeriesFiles, ...]
+    skipped: tuple[SkippedFile, ...]
+    nifti: tuple[Path, ...] = ()
+
+
+def discover(inputs: Sequence[Path]) -> Discovery:
+    """Group the DICOM CT files under ``inputs`` (folders are searched recursively) by series.
+
+    Reads headers only: pixel data is skipped, not read, except that its declared length is
+    checked against the file size so truncated files are reported here. Files whose
+    SeriesInstanceUID is empty are grouped by folder, under a UID derived from the folder's
+    path; ``load_series`` reports this as a warning.
+    """
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    skipped: list[SkippedFile] = []
+    nifti: list[Path] = []
+    for path in _input_files(inputs, skipped):
+        if is_nifti(path):
+            nifti.append(path)
+            continue
+        header = _read_header(path)
+        if isinstance(header, Finding):
+            skipped.append(SkippedFile(path, header))
+            continue
+        uid = str(header.get("SeriesInstanceUID", "") or "") or _folder_uid(path.parent)
+        groups.setdefault(uid, []).append((path, header))
+    series = tuple(
+        SeriesFiles(uid, tuple(path for path, _ in members), tuple(header for _, header in members))
+        for uid, members in sorted(groups.items())
+    )
+    log.debug("discovered %d series, %d NIfTI, %d skipped", len(series), len(nifti), len(skipped))
+    return Discovery(series, tuple(sorted(skipped, key=lambda s: s.path)), tuple(nifti))
+
+
+def load_series(series: SeriesFiles) -> CTSeries:
+    """Decode a series into a float32 HU ``Volume`` with slices ordered along the slice normal.
+
+    Raises
+    ------
+    LiverfatError
+        With ``TOO_FEW_SLICES``, ``LOCALIZER``, ``MIXED_SIZES``, ``MISSING_ATTRIBUTE``,
+        ``DUPLICATE_POSITIONS``, ``UNEVEN_SPACING``, ``GANTRY_TILT``, ``DECODE_FAILED``,
+        ``NOT_READABLE`` or ``UNSUPPORTED_MULTIFRAME``: whatever stops a faithful volume.
+    """
+    members = _unique_instances(series)
+    _check_image_type(members)
+    slices = [SliceHeader.parse(path, header) for path, header in members]
+    check_uniform(slices)
+    stack = Stack.build(slices)
+    datasets, array, duplicate_warnings = _read_pixels(stack.groups)
+    volume = Volume(array, stack.spacing, stack.origin, stack.direction)
+    study_uid = str(datasets[0].get("StudyInstanceUID", "") or "") or None
+    warnings = (*_uid_warnings(series), *stack.warnings, *duplicate_warnings)
+    for warning in warnings:
+        log.info("series %s: %s", series.series_uid, warning.message)
+    return CTSeries(
+        volume=volume,
+        series_uid=series.series_uid,
+        study_uid=study_uid,
+        datasets=tuple(datasets),
+        source_files=tuple(group[0].path for group in stack.groups),
+        warnings=warnings,
+    )
+
+
+def decode_hu(dataset: Dataset, source: Path | str = "", out: np.ndarray | None = None) -> np.ndarray:
+    """The pixels of one single-frame CT dataset in HU (float32), via Rescale Slope/Intercept.
+
+    ``source`` only names the file in error messages; ``out``, a float32 (Rows, Columns)
+    array, receives the result without a temporary copy.
+    """
+    where = f"{source}: " if source else ""
+    meta = getattr(dataset, "file_meta", None)
+    transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    try:
+        stored, _ = get_decoder(transfer_syntax).as_array(dataset)
+    except Exception as exc:  # pixel decoders are plugins that raise many exception types
+        raise LiverfatError(
+            Reason.DECODE_FAILED,
+            f"{where}cannot decode pixel data with transfer syntax (0002,0010) "
+            f"'{transfer_syntax.name or transfer_syntax}': {exc}",
+        ) from exc
+    if stored.ndim != 2 or (out is not None and stored.shape != out.shape):
+        expected = "one greyscale frame" if out is None else f"{out.shape}"
+        raise LiverfatError(
+            Reason.DECODE_FAILED, f"{where}decoded pixel array has shape {stored.shape}; expected {expected}"
+        )
+    slope = required_number(dataset, "RescaleSlope", source)
+    intercept = required_number(dataset, "RescaleIntercept", source)
+    hu = np.empty(stored.shape, dtype=np.float32) if out is None else out
+    np.multiply(stored, np.float32(slope), out=hu, dtype=np.float32)
+    hu += np.float32(intercept)
+    return hu
+
+
+def read_mask(path: Path, reference: Volume, *, label: int | None = None) -> Volume:
+    """A user's liver mask as a bool ``Volume`` on the grid of ``reference``.
+
+    ``path`` is a NIfTI file, a DICOM SEG file (see ``masks.read_mask_file``, which also
+    explains ``label``), or a folder holding one DICOM image series whose non-zero voxels are
+    liver (the way 3D-IRCADb ships its manual masks; with ``label``, voxels of that value).
+    Any grid: the mask is resampled nearest-neighbour onto ``reference`` through LPS
+    coordinates.
+    """
+    if not path.is_dir():
+        return read_mask_file(path, reference, label=label)
+    found = discover([path])
+    if len(found.series) != 1:
+        raise LiverfatError(
+            Reason.MASK_MISMATCH,
+            f"{path}: observed {len(found.series)} DICOM image series; expected exactly one mask series",
+        )
+    volume = load_series(found.series[0]).volume
+    mask = volume.array > 0 if label is None else volume.array == label
+    return place_on_grid(volume.with_array(mask), reference, path)
+
+
+# ---------------------------------------------------------------------------------------
+# discovery
+
+
+def _input_files(inputs: Sequence[Path], skipped: list[SkippedFile]) -> list[Path]:
+    files: dict[Path, Path] = {}  # resolved -> as given, so a file named twice is read once
+    for given in map(Path, inputs):
+        if given.is_dir():
+            found = sorted(path for path in given.rglob("*") if path.is_file())
+        elif given.is_file():
+            found = [given]
+        else:
+            skipped.append(SkippedFile(given, Finding(Reason.NOT_READABLE, f"{given}: no such file or folder")))
+            continue
+        for path in found:
+            files.setdefault(path.resolve(), path)
+    return sorted(files.values())
+
+
+def _read_header(path: Path) -> Dataset | Finding:
+    """The header of a CT file, or the reason it is not one."""
+    try:
+        header = _dcmread_header(path)
+    except InvalidDicomError:
+        return Finding(Reason.NOT_DICOM, f"{path}: not a DICOM file (no 'DICM' prefix after the 128-byte preamble)")
+    except Exception as exc:  # pydicom raises many exception types on corrupt input
+        return Finding(Reason.NOT_READABLE, f"{path}: DICOM header cannot be parsed ({type(exc).__name__}: {exc})")
+    if header is None:
+        return Finding(Reason.NOT_DICOM, f"{path}: not a DICOM file (no preamble and no recognisable dataset)")
+    sop_class = UID(_uid(header, "SOPClassUID"))
+    modality = str(header.get("Modality", "") or "")
+    if sop_class not in CT_SOP_CLASSES and (sop_class or modality != CT_MODALITY):
+        return Finding(
+            Reason.NOT_CT,
+            f"{path}: SOP Class UID (0008,0016) '{sop_class.name or sop_class or 'empty'}' with Modality "
+            f"(0008,0060) '{modality}' is not a CT image; expected '{CTImageStorage.name}'",
+        )
+    return _pixel_data_problem(path, header) or _drop_pixel_data(header)
+
+
+def _dcmread_header(path: Path) -> Dataset | None:
+    try:
+        return pydicom.dcmread(path, defer_size=HEADER_DEFER_BYTES)
+    except InvalidDicomError:
+        with path.open("rb") as file:
+            if file.read(len(RAW_DATASET_START)) != RAW_DATASET_START:
+                raise
+    header = pydicom.dcmread(path, defer_size=HEADER_DEFER_BYTES, force=True)
+    return header if "SOPClassUID" in header or "Modality" in header else None
+
+
+def _uid(dataset: Dataset, keyword: str) -> str:
+    """A SOP Class/Instance UID, from the file meta when the dataset leaves it empty.
+
+    Some exporters leave these UIDs empty in the dataset and write them only into the file
+    meta (PS3.10 7.1), which holds the same values by definition.
+    """
+    value = str(dataset.get(keyword, "") or "")
+    meta = getattr(dataset, "file_meta", None)
+    return value or (str(meta.get(FILE_META_UIDS[keyword], "") or "") if meta is not None else "")
+
+
+def _complete_from_file_meta(dataset: Dataset) -> None:
+    """Fill empty SOP UIDs from the file meta and give a dataset read without meta its transfer syntax."""
+    for keyword in FILE_META_UIDS:
+        if not dataset.get(keyword) and _uid(dataset, keyword):
+            setattr(dataset, keyword, _uid(dataset, keyword))
+    meta = dataset.file_meta
+    if "TransferSyntaxUID" not in meta and dataset.original_encoding[0] is not None:
+        implicit, little = dataset.original_encoding
+        meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+
+
+def _pixel_data_problem(path: Path, header: Dataset) -> Finding | None:
+    element = header.get_item(PIXEL_DATA, keep_deferred=True)
+    size = path.stat().st_size
+    if element is None:
+        return Finding(Reason.NOT_READABLE, f"{path}: no Pixel Data (7FE0,0010) in {size} bytes (truncated file?)")
+    length, start = getattr(element, "length", 0), getattr(element, "value_tell", None)
+    if length != UNDEFINED_LENGTH and start is not None and start + length > size:
+        return Finding(
+            Reason.NOT_READABLE,
+            f"{path}: Pixel Data (7FE0,0010) declares {length} bytes but the file ends after "
+            f"{size - start} (truncated file)",
+        )
+    return None
+
+
+def _drop_pixel_data(header: Dataset) -> Dataset:
+    del header[PIXEL_DATA]
+    return header
+
+
+def _folder_uid(folder: Path) -> str:
+    return str(generate_uid(entropy_srcs=[FOLDER_UID_SALT, str(folder.resolve())]))
+
+
+# ---------------------------------------------------------------------------------------
+# header checks
+
+
+def _unique_instances(series: SeriesFiles) -> list[tuple[Path, Dataset]]:
+    """One (path, header) per SOP Instance UID; exact duplicate files are dropped silently."""
+    seen: dict[str, Path] = {}
+    members = []
+    for path, header in zip(series.files, series.headers, strict=True):
+        uid = _uid(header, "SOPInstanceUID") or str(path)
+        if uid in seen:
+            log.debug("%s duplicates instance %s in %s; dropped", path, uid, seen[uid])
+            continue
+        seen[uid] = path
+        members.append((path, header))
+    if not members:
+        raise LiverfatError(Reason.TOO_FEW_SLICES, f"series {series.series_uid} has no files")
+    return members
+
+
+def _check_image_type(members: list[tuple[Path, Dataset]]) -> None:
+    localizers = [path for path, header in members if LOCALIZER_IMAGE_TYPE in _image_type(header)]
+    if localizers:
+        raise LiverfatError(
+            Reason.LOCALIZER,
+            f"{len(localizers)} of {len(members)} files have Image Type (0008,0008) {LOCALIZER_IMAGE_TYPE} "
+            f"(e.g. {localizers[0]}): scout images, not a stack of axial slices",
+        )
+    multiframe = [
+        path
+        for path, header in members
+        if _uid(header, "SOPClassUID") in MULTIFRAME_CT_SOP_CLASSES
+        or (header_number(header, "NumberOfFrames") or 1) > 1
+    ]
+    if multiframe:
+        raise LiverfatError(
+            Reason.UNSUPPORTED_MULTIFRAME,
+            f"{multiframe[0]} is a multi-frame (Enhanced) CT image; expected one single-frame "
+            f"'{CTImageStorage.name}' file per slice",
+        )
+
+
+def _image_type(header: Dataset) -> list[str]:
+    value = header.get("ImageType", []) or []
+    return [str(v).strip().upper() for v in ([value] if isinstance(value, str) else value)]
+
+
+# ---------------------------------------------------------------------------------------
+# pixels
+
+
+def _read_pixels(groups: list[list[SliceHeader]]) -> tuple[list[Dataset], np.ndarray, list[Finding]]:
+    """Decode one slice per position; other instances at that position must have identical pixels."""
+    rows, columns = groups[0][0].shape
+    array = np.empty((len(groups), rows, columns), dtype=np.float32)
+    datasets = []
+    duplicates: list[Path] = []
+    for k, group in enumerate(groups):
+        kept = _read_dataset(group[0].path)
+        decode_hu(kept, group[0].path, out=array[k])
+        datasets.append(kept)
+        for other in group[1:]:
+            hu = decode_hu(_read_dataset(other.path), other.path)
+            if not np.array_equal(hu, array[k]):
+                raise LiverfatError(
+                    Reason.DUPLICATE_POSITIONS,
+                    f"{group[0].path} and {other.path} lie at the same position {rounded(other.position)} "
+                    f"but their pixels differ (largest difference {np.abs(hu - array[k]).max():.1f} HU); "
+                    "expected one image per slice position",
+                )
+            duplicates.append(other.path)
+    warnings = []
+    if duplicates:
+        warnings.append(
+            Finding(
+                Reason.DUPLICATE_POSITIONS,
+                f"{len(duplicates)} instance(s) repeat the position and pixels of another slice and were left out "
+                f"(e.g. {duplicates[0]})",
+            )
+        )
+    return datasets, array, warnings
+
+
+def _read_dataset(path: Path) -> Dataset:
+    try:
+        dataset = pydicom.dcmread(path, force=True)
+    except Exception as exc:  # pydicom raises many exception types on corrupt input
+        raise LiverfatError(Reason.NOT_READABLE, f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+    _complete_from_file_meta(dataset)
+    return dataset
+
+
+def _uid_warnings(series: SeriesFiles) -> Iterable[Finding]:
+    """Warnings for UIDs that were missing from the datasets (see ``_uid``)."""
+    n = len(series.headers)
+    no_sop_uid = sum(1 for h in series.headers if not h.get("SOPInstanceUID"))
+    if no_sop_uid:
+        yield Finding(
+            Reason.MISSING_ATTRIBUTE,
+            f"{tag_label('SOPInstanceUID')} is empty in {no_sop_uid} of {n} files; used "
+            f"{tag_label('MediaStorageSOPInstanceUID')} from the file meta",
+        )
+    no_series_uid = sum(1 for h in series.headers if not h.get("SeriesInstanceUID"))
+    if no_series_uid:
+        folders = sorted({str(path.parent) for path in series.files})
+        yield Finding(
+            Reason.MISSING_ATTRIBUTE,
+            f"{tag_label('SeriesInstanceUID')} is empty in {no_series_uid} of {n} files; grouped the files of "
+            f"{', '.join(folders[:MAX_LISTED])} as one series, identified here as {series.series_uid}",
+        )
