@@ -1,0 +1,242 @@
+"""``liverfat analyze`` and ``liverfat check``: the pipeline run over files and folders.
+
+This module only orchestrates: reading and eligibility come from ``dicom_io``, the
+measurement from ``inference``; here we decide per series what to run, and write
+``<out>/<SeriesInstanceUID>/result.json`` (plus DICOM outputs) and ``<out>/results.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from liverfat import __version__
+from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
+from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
+from liverfat.dicom_io.read import discover, load_series, read_mask, read_nifti
+from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
+from liverfat.inference.backend import Backend
+from liverfat.inference.pipeline import AnalysisConfig, analyze
+from liverfat.result import AnalysisResult, Grade, ModelInfo
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "series_uid", "study_uid", "status", "eligible", "grade", "parenchymal_hu", "volumetric_hu",
+    "axial_hu", "liver_volume_ml", "threshold_hu", "model", "reasons", "warnings",
+)  # fmt: skip
+
+NOT_RUN = ModelInfo(name="none", version="n/a")
+
+
+class Outcome(StrEnum):
+    """What happened to one series."""
+
+    PROCESSED = "processed"
+    REJECTED = "rejected"  # ineligible or unreadable input, with reasons: a clean decision
+    FAILED = "failed"  # something went wrong on our side
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    """Everything ``analyze`` needs besides the inputs."""
+
+    out_dir: Path
+    mask: Path | None = None
+    force: bool = False
+    save_mask: bool = False
+    write_dicom: bool = True
+    policy: EligibilityPolicy = field(default_factory=EligibilityPolicy)
+    config: AnalysisConfig = field(default_factory=AnalysisConfig)
+
+
+@dataclass(frozen=True)
+class SeriesReport:
+    """One line of ``results.csv``: the outcome of one series and where its files went."""
+
+    series_uid: str
+    outcome: Outcome
+    result: AnalysisResult
+    outputs: tuple[Path, ...] = ()
+
+
+BackendLoader = Callable[[], Backend]
+
+
+def check_inputs(inputs: Sequence[Path], policy: EligibilityPolicy) -> Iterator[dict[str, Any]]:
+    """One JSON-ready decision per series (headers only), then one per file that is no CT series."""
+    found = discover(inputs)
+    for series in found.series:
+        decision = check_eligibility(series.headers, policy)
+        yield {
+            "series_uid": series.series_uid,
+            "files": len(series.files),
+            "eligible": decision.eligible,
+            "reasons": [f.to_json() for f in decision.findings],
+        }
+    for path in found.nifti:
+        yield {"series_uid": None, "file": str(path), "files": 1, "eligible": None,
+               "reasons": [no_headers_finding(path).to_json()]}  # fmt: skip
+    for skipped in found.skipped:
+        yield _skipped_json(skipped)
+
+
+def run_analyze(inputs: Sequence[Path], options: AnalyzeOptions, load_model: BackendLoader,
+                on_series_done: Callable[[SeriesReport], None] | None = None) -> list[SeriesReport]:  # fmt: skip
+    """Analyse every series found in ``inputs``; write per-series results and ``results.csv``.
+
+    ``load_model`` is called at most once, on the first series that needs a model, so a run
+    that only rejects series (or uses ``--mask``) never loads one.
+    """
+    found = discover(inputs)
+    for skipped in found.skipped:
+        log.info("skipped %s: %s", skipped.path, skipped.finding.message)
+    models = ModelCache(load_model)
+    reports: list[SeriesReport] = []
+    for item in (*found.series, *found.nifti):
+        if isinstance(item, SeriesFiles):
+            report = analyze_dicom_series(item, options, models)
+        else:
+            report = analyze_nifti(item, options, models)
+        reports.append(report)
+        if on_series_done is not None:
+            on_series_done(report)
+    write_results_csv(options.out_dir / "results.csv", reports)
+    if found.skipped:
+        write_json_atomically(options.out_dir / "skipped.json", [_skipped_json(s) for s in found.skipped])
+    return reports
+
+
+class ModelCache:
+    """Loads the backend once, on first use."""
+
+    def __init__(self, load_model: BackendLoader) -> None:
+        self._load_model = load_model
+        self._backend: Backend | None = None
+
+    def get(self) -> Backend:
+        if self._backend is None:
+            self._backend = self._load_model()
+        return self._backend
+
+
+def analyze_dicom_series(files: SeriesFiles, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
+    """Eligibility from the headers, then (if eligible or forced) the full analysis of one series."""
+    decision = check_eligibility(files.headers, options.policy)
+    study_uid = str(files.headers[0].get("StudyInstanceUID", "")) or None
+    if not decision.eligible and not options.force:
+        result = not_analysed(files.series_uid, study_uid, decision.findings, options)
+        return _finish(result, Outcome.REJECTED, options, series=None)
+    try:
+        series = load_series(files)
+    except LiverfatError as error:
+        result = not_analysed(files.series_uid, study_uid, (*decision.findings, error.finding), options)
+        return _finish(result, Outcome.REJECTED, options, series=None, eligible=decision.eligible)
+    return _analyze_loaded(series, decision.eligible, decision.findings, options, models)
+
+
+def analyze_nifti(path: Path, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
+    """A NIfTI volume has no headers to check: it is analysed, with a warning that says so."""
+    try:
+        series = read_nifti(path)
+    except LiverfatError as error:
+        result = not_analysed(path.name, None, (error.finding,), options)
+        return _finish(result, Outcome.REJECTED, options, series=None)
+    return _analyze_loaded(series, True, (no_headers_finding(path),), options, models)
+
+
+def _analyze_loaded(series: CTSeries, eligible: bool, reasons: Sequence[Finding], options: AnalyzeOptions,
+                    models: ModelCache) -> SeriesReport:  # fmt: skip
+    try:
+        liver: Backend | Any = read_mask(options.mask, series.volume) if options.mask else models.get()
+        result = analyze(series, liver, eligible=eligible, reasons=reasons, config=options.config)
+    except LiverfatError as error:
+        outcome = Outcome.FAILED if error.reason is Reason.BACKEND_UNAVAILABLE else Outcome.REJECTED
+        result = not_analysed(series.series_uid, series.study_uid, (*reasons, error.finding), options)
+        return _finish(result, outcome, options, series=None, eligible=eligible)
+    return _finish(result, Outcome.PROCESSED, options, series=series)
+
+
+def _finish(result: AnalysisResult, outcome: Outcome, options: AnalyzeOptions, *, series: CTSeries | None,
+            eligible: bool | None = None) -> SeriesReport:  # fmt: skip
+    series_dir = options.out_dir / safe_folder_name(result.series_uid)
+    series_dir.mkdir(parents=True, exist_ok=True)
+    outputs = [series_dir / "result.json"]
+    write_json_atomically(outputs[0], {**result.to_json(), "status": outcome.value})
+    if series is not None and options.save_mask and result.source_masks is not None:
+        mask_path = series_dir / "liver_mask.nii.gz"
+        sitk.WriteImage(result.source_masks.liver.with_array(result.source_masks.liver.array.astype("uint8")).to_sitk(),
+                        str(mask_path), useCompression=True)  # fmt: skip
+        outputs.append(mask_path)
+    if series is not None and series.is_dicom and options.write_dicom:
+        outputs += write_dicom_outputs(series, result, series_dir)
+    log.info("series %s: %s, grade %s", result.series_uid, outcome.value, result.grade.value)
+    return SeriesReport(result.series_uid, outcome, result, tuple(outputs))
+
+
+def write_dicom_outputs(series: CTSeries, result: AnalysisResult, series_dir: Path) -> list[Path]:
+    """SEG, SR and key image, once the DICOM writers exist (issue 4)."""
+    try:
+        from liverfat.dicom_io.outputs import write_outputs
+    except ImportError:
+        return []
+    return write_outputs(series, result, series_dir)
+
+
+def not_analysed(series_uid: str, study_uid: str | None, reasons: Sequence[Finding],
+                 options: AnalyzeOptions) -> AnalysisResult:  # fmt: skip
+    """The result of a series that was rejected before any measurement."""
+    return AnalysisResult(
+        series_uid=series_uid, study_uid=study_uid, eligible=False, reasons=tuple(reasons),
+        grade=Grade.NOT_GRADED, threshold_hu=options.config.grading.threshold_hu, parenchymal_hu=None,
+        volumetric_hu=None, axial_hu=None, liver_volume_ml=None, rois=(), warnings=(), model=NOT_RUN,
+        software_version=__version__,
+    )  # fmt: skip
+
+
+def no_headers_finding(path: Path) -> Finding:
+    return Finding(Reason.NO_HEADERS, f"{path.name} is NIfTI: no DICOM headers, so contrast and body part were not checked")
+
+
+def safe_folder_name(series_uid: str) -> str:
+    """A UID or file stem as a folder name: anything but [0-9A-Za-z._-] becomes '_'."""
+    cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in series_uid)
+    return cleaned.strip(".") or "series"
+
+
+def write_results_csv(path: Path, reports: Sequence[SeriesReport]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for report in reports:
+            data = report.result.to_json()
+            writer.writerow({
+                **{key: data[key] for key in CSV_COLUMNS if key in data},
+                "status": report.outcome.value,
+                "model": report.result.model.name,
+                "reasons": "; ".join(r["code"] for r in data["reasons"]),
+                "warnings": "; ".join(w["code"] for w in data["warnings"]),
+            })  # fmt: skip
+    os.replace(tmp, path)
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _skipped_json(skipped: SkippedFile) -> dict[str, Any]:
+    return {"series_uid": None, "file": str(skipped.path), "files": 1, "eligible": False,
+            "reasons": [skipped.finding.to_json()]}  # fmt: skip

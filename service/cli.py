@@ -1,0 +1,112 @@
+"""The ``liverfat`` command line: argument parsing only; every command calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from liverfat import __version__
+from liverfat.dicom_io.eligibility import EligibilityPolicy
+from liverfat.dicom_io.errors import LiverfatError
+from liverfat.inference.backend import Backend
+from liverfat.inference.grading import GradingConfig
+from liverfat.inference.pipeline import AnalysisConfig
+from liverfat.inference.roi import RoiMode
+from liverfat.service.analyze import AnalyzeOptions, Outcome, SeriesReport, check_inputs, run_analyze
+
+log = logging.getLogger("liverfat")
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    try:
+        return int(args.command(args))
+    except LiverfatError as error:
+        print(f"liverfat: {error.message} [{error.reason.value}]", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liverfat", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"liverfat {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="header-only eligibility, one JSON object per series per line")
+    check.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM files or folders (recursive)")
+    check.set_defaults(command=cmd_check)
+
+    analyze = commands.add_parser("analyze", help="measure liver attenuation and grade steatosis")
+    analyze.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM files/folders or NIfTI files")
+    analyze.add_argument("--out", type=Path, required=True, help="output folder")
+    analyze.add_argument("--mask", type=Path, help="your own liver mask (NIfTI or DICOM SEG) instead of a model")
+    analyze.add_argument("--model", default="default", help="'default', an nnU-Net v2 model folder, or a model name")
+    analyze.add_argument("--device", choices=DEVICES, default="auto")
+    analyze.add_argument("--force", action="store_true", help="process header-ineligible series anyway")
+    analyze.add_argument("--save-mask", action="store_true", help="write liver_mask.nii.gz on the source grid")
+    analyze.add_argument("--no-dicom", action="store_true", help="write no SEG/SR/key image")
+    analyze.add_argument("--roi-mode", choices=[m.value for m in RoiMode], default=RoiMode.SEED.value)
+    analyze.add_argument("--threshold-hu", type=float, default=GradingConfig().threshold_hu,
+                         help="DL-parenchymal below this (strictly) is moderate-to-severe steatosis")  # fmt: skip
+    analyze.set_defaults(command=cmd_analyze)
+    return parser
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    for decision in check_inputs(args.inputs, EligibilityPolicy()):
+        print(json.dumps(decision), flush=True)
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    config = AnalysisConfig(roi_mode=RoiMode(args.roi_mode), grading=GradingConfig(threshold_hu=args.threshold_hu))
+    options = AnalyzeOptions(out_dir=args.out, mask=args.mask, force=args.force, save_mask=args.save_mask,
+                             write_dicom=not args.no_dicom, config=config)  # fmt: skip
+
+    def load_model() -> Backend:
+        from liverfat.inference.models import load_backend
+
+        return load_backend(args.model, device=args.device)
+
+    progress = _progress_bar()
+    reports = run_analyze(args.inputs, options, load_model, on_series_done=progress)
+    for report in reports:
+        print(_summary_line(report))
+    failed = [r for r in reports if r.outcome is Outcome.FAILED]
+    if not reports:
+        print("liverfat: no CT series found in the inputs", file=sys.stderr)
+        return 1
+    if failed:
+        print(f"liverfat: {len(failed)} of {len(reports)} series failed; see result.json in {args.out}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _summary_line(report: SeriesReport) -> str:
+    result = report.result
+    value = "" if result.parenchymal_hu is None else f" DL-parenchymal {result.parenchymal_hu:.1f} HU"
+    why = "; ".join(f.message for f in result.reasons) if report.outcome is not Outcome.PROCESSED else ""
+    return f"{result.series_uid}: {report.outcome.value}, {result.grade.value}{value}" + (f" ({why})" if why else "")
+
+
+def _progress_bar() -> Callable[[SeriesReport], None] | None:
+    """A tqdm bar advanced once per series, on a terminal only."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(unit="series", desc="analyze")
+    return lambda _report: bar.update(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
