@@ -1,0 +1,222 @@
+"""DICOM SEG of the liver and the parenchymal ROIs, on the source series' own grid.
+
+Segments (BINARY, overlapping, so stacked rather than label-map encoded):
+
+1. the liver (SCT Liver, anatomical structure);
+2.. one segment per parenchymal ROI (reference region in the liver), numbered from the
+   cranial ROI.
+
+One segment per ROI rather than one for all three: OHIF (and 3D Slicer) list every
+segment by its label with its own colour and visibility toggle, and OHIF jumps to a
+segment's slices when it is clicked, so a radiologist can go to each circle and check
+it on its own slice. Each ROI segment carries the same tracking identifier and UID as
+its planar measurement group in the SR, which links the two objects.
+
+Frames that are empty are omitted (highdicom's default). The source images passed to
+highdicom are the slices that hold any segment, in the series' own slice order (any
+order works: highdicom takes each frame's position from its source image); the other
+slices are recorded as further source images, so the SEG references the whole series.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import highdicom as hd
+import numpy as np
+from pydicom import Dataset
+
+from liverfat.dicom_io import codes
+from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.dicom_io.series import CTSeries
+from liverfat.dicom_io.uids import OutputUids, creation_kwargs, frame_of_reference_fallback, stamp_instance_creation
+from liverfat.result import USER_MASK, AnalysisResult, Masks
+
+if TYPE_CHECKING:
+    from liverfat.dicom_io.outputs import OutputSettings
+
+logger = logging.getLogger(__name__)
+
+SERIES_DESCRIPTION = "liverfat liver SEG"
+LIVER_SEGMENT = 1
+LIVER_TRACKING_ID = "liverfat liver"
+ROI_ALGORITHM_NAME = "liverfat DL-parenchymal ROI placement"
+
+#: Recommended display colours (sRGB), also used for the outlines on the key image.
+LIVER_RGB = (235, 140, 52)
+ROI_RGB = ((0, 215, 255), (90, 255, 90), (255, 95, 230))
+
+_PIXEL_DATA_TAG = 0x7FE00010
+
+
+def roi_tracking_id(label: int) -> str:
+    """Tracking identifier of ROI ``label`` (shared by its SEG segment and SR group)."""
+    return f"liverfat liver ROI {label}"
+
+
+def roi_rgb(label: int) -> tuple[int, int, int]:
+    return ROI_RGB[(label - 1) % len(ROI_RGB)]
+
+
+def roi_segment_numbers(result: AnalysisResult) -> dict[int, int]:
+    """Segment number of each ROI label: consecutive after the liver, cranial first."""
+    labels = sorted(roi.label for roi in result.rois)
+    return {label: LIVER_SEGMENT + 1 + index for index, label in enumerate(labels)}
+
+
+def source_headers(series: CTSeries) -> list[Dataset]:
+    """The source datasets without pixel data, with a FrameOfReferenceUID where they lack one.
+
+    highdicom needs only the headers; leaving the pixel data out keeps memory small. A
+    SEG requires a frame of reference; a source series without (0020,0052) gets one
+    derived from its SeriesInstanceUID, so SEG, SR and key image agree with each other.
+    """
+    headers = []
+    fallback = frame_of_reference_fallback(series.series_uid)
+    missing = 0
+    for dataset in series.datasets:
+        header = Dataset()
+        file_meta = getattr(dataset, "file_meta", None)
+        if file_meta is not None:
+            header.file_meta = file_meta
+        for element in dataset:
+            if element.tag != _PIXEL_DATA_TAG:
+                header.add(element)
+        if not header.get("FrameOfReferenceUID"):
+            header.FrameOfReferenceUID = fallback
+            missing += 1
+        headers.append(header)
+    if missing:
+        logger.warning(
+            "%d source slices lack (0020,0052) 'Frame of Reference UID'; outputs use %s", missing, fallback
+        )
+    return headers
+
+
+def checked_masks(series: CTSeries, result: AnalysisResult) -> Masks:
+    """The result's source-grid masks, after checking they fit the series slice for slice."""
+    masks = result.source_masks
+    if masks is None:
+        raise LiverfatError(
+            Reason.MASK_MISMATCH, f"result for series {result.series_uid} has no source-grid masks"
+        )
+    expected = series.volume.array.shape
+    for name, volume in (("liver", masks.liver), ("rois", masks.rois)):
+        if volume.array.shape != expected or len(series.datasets) != expected[0]:
+            raise LiverfatError(
+                Reason.MASK_MISMATCH,
+                f"{name} mask has shape {volume.array.shape}, expected {expected} "
+                f"({len(series.datasets)} source datasets)",
+            )
+    return masks
+
+
+def _algorithm(name: str, version: str, family: hd.sr.CodedConcept) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(name=name, family=family, version=version)
+
+
+def segment_descriptions(result: AnalysisResult, uids: OutputUids) -> list[hd.seg.SegmentDescription]:
+    """Liver first, then one segment per ROI, with colours and tracking identifiers."""
+    if result.model.name == USER_MASK.name:
+        liver_algorithm = None
+        liver_type = hd.seg.SegmentAlgorithmTypeValues.MANUAL
+    else:
+        liver_algorithm = _algorithm(result.model.name, result.model.version, codes.ARTIFICIAL_INTELLIGENCE)
+        liver_type = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=LIVER_SEGMENT,
+            segment_label="Liver",
+            segmented_property_category=codes.ANATOMICAL_STRUCTURE,
+            segmented_property_type=codes.LIVER,
+            algorithm_type=liver_type,
+            algorithm_identification=liver_algorithm,
+            tracking_id=LIVER_TRACKING_ID,
+            tracking_uid=uids.tracking(LIVER_TRACKING_ID),
+            display_color=hd.color.CIELabColor.from_rgb(*LIVER_RGB),
+        )
+    ]
+    roi_algorithm = _algorithm(ROI_ALGORITHM_NAME, result.software_version, codes.MORPHOLOGICAL_OPERATIONS)
+    for label, number in roi_segment_numbers(result).items():
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=f"Liver ROI {label}",
+                segmented_property_category=codes.SPATIAL_AND_RELATIONAL_CONCEPT,
+                segmented_property_type=codes.REFERENCE_REGION,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=roi_algorithm,
+                tracking_id=roi_tracking_id(label),
+                tracking_uid=uids.tracking(roi_tracking_id(label)),
+                anatomic_regions=[codes.LIVER],
+                display_color=hd.color.CIELabColor.from_rgb(*roi_rgb(label)),
+            )
+        )
+    return descriptions
+
+
+def _stacked_segments(masks: Masks, labels: Sequence[int], slices: np.ndarray) -> np.ndarray:
+    """``(len(slices), rows, columns, 1 + len(labels))`` uint8: liver, then each ROI."""
+    liver = masks.liver.array[slices].astype(bool)
+    rois = masks.rois.array[slices]
+    planes = [liver] + [rois == label for label in labels]
+    return np.stack(planes, axis=-1)
+
+
+def _fix_dimension_organization_uid(seg: hd.seg.Segmentation, uid: str) -> None:
+    """Replace the random Dimension Organization UID highdicom generates by a derived one."""
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = uid
+
+
+def build_seg(
+    series: CTSeries, result: AnalysisResult, uids: OutputUids, site: OutputSettings, created: datetime
+) -> hd.seg.Segmentation:
+    """The SEG of ``result`` on ``series``' own grid.
+
+    Raises
+    ------
+    LiverfatError
+        ``MASK_MISMATCH`` when the masks do not fit the series; ``NO_LIVER`` when the liver
+        mask is empty (a SEG needs at least one non-empty frame).
+    """
+    masks = checked_masks(series, result)
+    labels = sorted(roi_segment_numbers(result))
+    occupied = masks.liver.array.reshape(len(series.datasets), -1).any(axis=1)
+    if not occupied.any():
+        raise LiverfatError(Reason.NO_LIVER, f"liver mask of series {series.series_uid} is empty; no SEG written")
+    occupied |= np.isin(masks.rois.array, labels).reshape(len(series.datasets), -1).any(axis=1)
+    slices = np.flatnonzero(occupied)
+    headers = source_headers(series)
+    used = [headers[k] for k in slices]
+    further = [headers[k] for k in np.flatnonzero(~occupied)]
+    seg = hd.seg.Segmentation(
+        source_images=used,
+        further_source_images=further or None,
+        pixel_array=_stacked_segments(masks, labels, slices),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segment_descriptions(result, uids),
+        series_instance_uid=uids.series("seg"),
+        series_number=site.seg_series_number,
+        sop_instance_uid=uids.instance("seg"),
+        instance_number=1,
+        manufacturer=site.manufacturer,
+        manufacturer_model_name=site.model_name,
+        software_versions=result.software_version,
+        device_serial_number=site.device_serial_number,
+        content_label="LIVER",
+        content_description="liverfat liver mask and parenchymal ROIs",
+        series_description=SERIES_DESCRIPTION,
+        institution_name=site.institution_name,
+        institutional_department_name=site.institutional_department_name,
+        omit_empty_frames=True,
+        **creation_kwargs(created),
+    )
+    seg.StationName = site.station_name
+    stamp_instance_creation(seg, created)
+    _fix_dimension_organization_uid(seg, uids.instance("seg-dimension-organization"))
+    logger.info("SEG %s: %d frames from %d source slices", seg.SOPInstanceUID, seg.NumberOfFrames, len(slices))
+    return seg

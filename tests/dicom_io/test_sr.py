@@ -1,0 +1,280 @@
+"""TID 1500 SR: measurements, units, codes and references read back; circles match the SEG ROIs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import cast
+
+import highdicom as hd
+import numpy as np
+import pytest
+from highdicom.sr.templates import Template
+from pydicom import Dataset
+from pydicom.sr.codedict import codes as dcm_codes
+
+from liverfat.dicom_io import codes
+from liverfat.dicom_io.errors import Finding, Reason
+from liverfat.dicom_io.outputs import OutputSettings
+from liverfat.dicom_io.seg import LIVER_SEGMENT, build_seg, roi_segment_numbers, roi_tracking_id
+from liverfat.dicom_io.series import CTSeries
+from liverfat.dicom_io.sr import GRADE_TRACKING_ID, build_sr, grade_sentence, place_circle
+from liverfat.dicom_io.uids import output_uids
+from liverfat.result import USER_MASK, AnalysisResult, Grade
+from tests.dicom_io.output_cases import make_result, not_graded, phantom_series
+
+ALGORITHM_NAME = "111001"
+ALGORITHM_VERSION = "111003"
+Case = tuple[CTSeries, np.ndarray]
+Graded = tuple[CTSeries, AnalysisResult, hd.sr.Comprehensive3DSR, hd.seg.Segmentation]
+SITE = OutputSettings(station_name="LIVERFAT-TEST", device_uid="2.25.1234")
+CREATED = datetime(2024, 5, 6, 7, 8, 9)
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return phantom_series(tmp_path_factory.mktemp("ct"))
+
+
+def written(
+    series: CTSeries, result: AnalysisResult, folder: Path
+) -> tuple[hd.sr.Comprehensive3DSR, hd.seg.Segmentation]:
+    """SR and SEG written to files and read back by highdicom."""
+    uids = output_uids(result)
+    seg = build_seg(series, result, uids, SITE, CREATED)
+    sr = build_sr(series, result, seg, uids, SITE, CREATED)
+    seg.save_as(folder / "seg.dcm", enforce_file_format=True)
+    sr.save_as(folder / "sr.dcm", enforce_file_format=True)
+    return hd.sr.srread(folder / "sr.dcm"), hd.seg.segread(folder / "seg.dcm")
+
+
+@pytest.fixture(scope="module")
+def graded(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Graded:
+    series, liver = case
+    result = make_result(series, liver)
+    sr, seg = written(series, result, tmp_path_factory.mktemp("out"))
+    return series, result, sr, seg
+
+
+def _report(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
+    return cast(hd.sr.MeasurementReport, sr.content)
+
+
+def _code(concept: object) -> tuple[str, str] | None:
+    if concept is None:
+        return None
+    assert isinstance(concept, hd.sr.CodedConcept)
+    return (concept.value, concept.scheme_designator)
+
+
+def _circle_source_uid(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> str:
+    """The SOP Instance UID of the image a group's SCOORD lies on (SELECTED FROM child)."""
+    return str(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+
+def _by_sop_uid(series: CTSeries) -> dict[str, int]:
+    return {ds.SOPInstanceUID: k for k, ds in enumerate(series.datasets)}
+
+
+def test_each_roi_is_a_circle_group_on_its_source_slice(graded: Graded) -> None:
+    series, result, sr, _ = graded
+    uids = output_uids(result)
+    groups = _report(sr).get_planar_roi_measurement_groups()
+    assert len(groups) == 3
+    for roi, group in zip(sorted(result.rois, key=lambda r: r.label), groups):
+        assert group.tracking_identifier == roi_tracking_id(roi.label)
+        assert group.tracking_uid == uids.tracking(roi_tracking_id(roi.label))
+        assert group.roi.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
+        k = _by_sop_uid(series)[_circle_source_uid(group)]
+        assert k == roi.slice_index  # the circles were placed on source slices
+        assert [_code(site.value) for site in group.finding_sites] == [("10200004", "SCT")]
+        mean, sd, area = group.get_measurements()
+        assert (_code(mean.name), _code(mean.unit), _code(mean.derivation)) == (
+            ("112031", "DCM"), ("[hnsf'U]", "UCUM"), ("373098007", "SCT"))
+        assert mean.value == pytest.approx(roi.mean_hu, abs=0.01)
+        assert (_code(sd.name), _code(sd.derivation)) == (("112031", "DCM"), _code(codes.STANDARD_DEVIATION))
+        assert sd.value == pytest.approx(roi.sd_hu, abs=0.01)
+        assert (_code(area.name), _code(area.unit)) == (("42798000", "SCT"), ("mm2", "UCUM"))
+        assert area.value == pytest.approx(roi.area_mm2, abs=0.1)
+
+
+def test_sr_circles_coincide_with_the_seg_roi_pixels(graded: Graded) -> None:
+    series, result, sr, seg = graded
+    numbers = roi_segment_numbers(result)
+    positions = _by_sop_uid(series)
+    for roi, group in zip(sorted(result.rois, key=lambda r: r.label), _report(sr).get_planar_roi_measurement_groups()):
+        source_uid = _circle_source_uid(group)
+        (centre, perimeter) = group.roi.value
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=[source_uid],
+            segment_numbers=[numbers[roi.label]],
+            assert_missing_frames_are_empty=True,
+        )[0, ..., 0]
+        rows, columns = np.nonzero(pixels)
+        assert len(rows) > 0, f"SEG ROI {roi.label} is empty on slice {positions[source_uid]}"
+        # SCOORD (column, row) with (0.5, 0.5) at the centre of the first pixel
+        np.testing.assert_allclose(centre, [columns.mean() + 0.5, rows.mean() + 0.5], atol=1.0)
+        radius_px = float(np.linalg.norm(np.asarray(perimeter) - np.asarray(centre)))
+        assert radius_px == pytest.approx(np.sqrt(len(rows) / np.pi), abs=0.5)
+
+
+def test_liver_group_references_the_seg_liver_segment(graded: Graded) -> None:
+    _, result, sr, seg = graded
+    (group,) = _report(sr).get_volumetric_roi_measurement_groups()
+    (segment,) = [item for item in group.referenced_segment if item.ValueType == "IMAGE"
+                  and item.ConceptNameCodeSequence[0].CodeMeaning == "Referenced Segment"]
+    reference = segment.ReferencedSOPSequence[0]
+    assert (reference.ReferencedSOPInstanceUID, reference.ReferencedSegmentNumber) == (
+        seg.SOPInstanceUID, LIVER_SEGMENT)
+    mean, volume = group.get_measurements()
+    assert (_code(mean.name), _code(mean.derivation), _code(mean.method)) == (
+        ("112031", "DCM"), ("373098007", "SCT"), _code(codes.DL_VOLUMETRIC))
+    assert mean.value == pytest.approx(result.volumetric_hu, abs=0.01)
+    assert (_code(volume.name), _code(volume.unit)) == (("118565006", "SCT"), ("ml", "UCUM"))
+    assert volume.value == pytest.approx(result.liver_volume_ml, abs=0.1)
+    assert _text_values(group, ALGORITHM_NAME) == [result.model.name]
+    assert _text_values(group, ALGORITHM_VERSION) == [result.model.version]
+
+
+def _text_values(group: Template, code_value: str) -> list[str]:
+    """TEXT values with concept ``code_value`` anywhere in a group."""
+    found = []
+    pending = list(group[0].ContentSequence)
+    while pending:
+        item = pending.pop(0)
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == code_value:
+            found.append(item.TextValue)
+        pending.extend(item.get("ContentSequence", []))
+    return found
+
+
+def _grade_group(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    (group,) = _report(sr).get_image_measurement_groups()
+    assert group.tracking_identifier == GRADE_TRACKING_ID
+    return group
+
+
+def _texts(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> dict[str, list[str]]:
+    texts: dict[str, list[str]] = {}
+    for item in group[0].ContentSequence:
+        if item.ValueType == "TEXT":
+            texts.setdefault(item.ConceptNameCodeSequence[0].CodeMeaning, []).append(item.TextValue)
+    return texts
+
+
+@pytest.mark.parametrize(
+    ("liver_hu", "grade", "value"),
+    [(25.0, Grade.MODERATE_TO_SEVERE, codes.PRESENT), (60.0, Grade.NONE_OR_MILD, codes.ABSENT)],
+)
+def test_grade_is_coded_with_threshold_and_readable_text(
+    tmp_path: Path, liver_hu: float, grade: Grade, value: hd.sr.CodedConcept
+) -> None:
+    series, liver = phantom_series(tmp_path / "ct", liver_hu=liver_hu)
+    result = make_result(series, liver)
+    assert result.grade is grade
+    sr, _ = written(series, result, tmp_path)
+    group = _grade_group(sr)
+    assert _code(group.finding_type) == ("197321007", "SCT")
+    (evaluation,) = [
+        item for item in group[0].ContentSequence
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == codes.STEATOSIS_OF_LIVER.value
+    ]
+    assert evaluation.ConceptCodeSequence[0].CodeValue == value.value
+    (modifier,) = evaluation.ContentSequence
+    assert (modifier.RelationshipType, modifier.ConceptNameCodeSequence[0].CodeValue,
+            modifier.ConceptCodeSequence[0].CodeValue) == ("HAS CONCEPT MOD", "246112005", "371924009")
+    parenchymal, axial, threshold = group.get_measurements()
+    assert _code(parenchymal.method) == _code(codes.DL_PARENCHYMAL)
+    assert parenchymal.value == pytest.approx(result.parenchymal_hu, abs=0.01)
+    assert _code(axial.method) == _code(codes.DL_AXIAL)
+    assert (_code(threshold.name), _code(threshold.unit), threshold.value) == (
+        ("112032", "DCM"), ("[hnsf'U]", "UCUM"), 40.0)
+    assert _texts(group)["Summary"] == [grade_sentence(result)]
+    assert {_code(item.value) for item in group.get_qualitative_evaluations()} == {_code(value)}
+
+
+def test_withheld_grade_is_undetermined_with_reasons_as_text(case: Case, tmp_path: Path) -> None:
+    series, liver = case
+    result = not_graded(series, liver)
+    sr, _ = written(series, result, tmp_path)
+    group = _grade_group(sr)
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert _code(evaluation.value) == _code(codes.UNDETERMINED)
+    assert all(_code(m.method) != _code(codes.DL_PARENCHYMAL) for m in group.get_measurements())
+    texts = _texts(group)
+    assert texts["Summary"][0].startswith("Not graded: aorta 180 HU")
+    assert texts["Comment"] == [f"image_suggests_contrast: {result.reasons[0].message}"]
+
+
+def test_observer_library_and_evidence_reference_this_node_the_roi_slices_and_the_seg(graded: Graded) -> None:
+    series, result, sr, seg = graded
+    (observer,) = _report(sr).get_observer_contexts(observer_type=dcm_codes.DCM.Device)
+    attributes = observer.observer_identifying_attributes
+    assert (attributes.uid, attributes.name) == ("2.25.1234", "LIVERFAT-TEST")
+    root = sr.ContentSequence
+    (library,) = [item for item in root if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    listed = {entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+              for group in library.ContentSequence for entry in group.ContentSequence
+              if "ReferencedSOPSequence" in entry}
+    assert listed == {series.datasets[roi.slice_index].SOPInstanceUID for roi in result.rois}
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert sr.SeriesDescription == "liverfat steatosis report"
+    assert sr.StudyInstanceUID == series.datasets[0].StudyInstanceUID
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.LIVERFAT_SCHEME
+    evidence = {
+        instance.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for referenced in study.ReferencedSeriesSequence
+        for instance in referenced.ReferencedSOPSequence
+    }
+    assert evidence == {ds.SOPInstanceUID for ds in series.datasets} | {seg.SOPInstanceUID}
+
+
+def _num_items(items: list[Dataset]) -> list[Dataset]:
+    found = []
+    for item in items:
+        if item.ValueType == "NUM":
+            found.append(item)
+        found.extend(_num_items(list(item.get("ContentSequence", []))))
+    return found
+
+
+def test_every_num_item_has_children_as_ohif_expects(graded: Graded) -> None:
+    _, _, sr, _ = graded
+    (measurements,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    numbers = _num_items(list(measurements.ContentSequence))
+    assert len(numbers) == 3 * 3 + 2 + 3
+    assert all(len(item.get("ContentSequence", [])) > 0 for item in numbers)
+
+
+def test_user_mask_liver_group_names_no_algorithm(case: Case, tmp_path: Path) -> None:
+    series, liver = case
+    result = replace(make_result(series, liver), model=USER_MASK)
+    sr, _ = written(series, result, tmp_path)
+    (group,) = _report(sr).get_volumetric_roi_measurement_groups()
+    assert _text_values(group, ALGORITHM_NAME) == []
+
+
+def test_place_circle_uses_half_pixel_image_coordinates_on_the_nearest_slice(case: Case) -> None:
+    series, _ = case
+    k = 7
+    dataset = series.datasets[k]
+    position = np.asarray([float(v) for v in dataset.ImagePositionPatient])
+    cosines = np.asarray([float(v) for v in dataset.ImageOrientationPatient]).reshape(2, 3)
+    row_spacing, column_spacing = (float(v) for v in dataset.PixelSpacing)
+    centre = position + 10 * column_spacing * cosines[0] + 20 * row_spacing * cosines[1] + 0.4 * np.cross(*cosines)
+    circle = place_circle(series.datasets, tuple(centre), radius_mm=2 * column_spacing)
+    assert circle.slice_index == k
+    assert circle.centre == pytest.approx((10.5, 20.5))
+    assert circle.radius_px == pytest.approx(2.0)
+    assert circle.off_plane_mm == pytest.approx(0.4)
+
+
+def test_warnings_of_a_graded_result_are_listed_as_comments(case: Case, tmp_path: Path) -> None:
+    series, liver = case
+    warning = Finding(Reason.ROI_ON_VESSEL, "ROI 2 mean 20 HU above the other two")
+    result = replace(make_result(series, liver), warnings=(warning,))
+    sr, _ = written(series, result, tmp_path)
+    assert _texts(_grade_group(sr))["Comment"] == ["roi_on_vessel: ROI 2 mean 20 HU above the other two"]
