@@ -50,6 +50,8 @@ class Reason(StrEnum):
     SPOOL_WRITE_FAILED = "spool_write_failed"
     SPOOL_IN_USE = "spool_in_use"
     UNKNOWN_SERIES = "unknown_series"
+    # models
+    MODEL_IMPORT_FAILED = "model_import_failed"
 
 
 @dataclass(frozen=True)

@@ -63,14 +63,19 @@ def default_model_store() -> Path:
 
 
 def store_models(store: Path | None = None) -> list[str]:
-    """Names of the model folders in the store: sub-folders with a ``dataset.json`` in them or one level down."""
+    """Names of the model folders in the store: sub-folders with a ``dataset.json`` in them or one level down.
+
+    Hidden folders (``.name``, such as an import still being written) are not models.
+    """
     root = default_model_store() if store is None else store
     if not root.is_dir():
         return []
     return sorted(
         entry.name
         for entry in root.iterdir()
-        if entry.is_dir() and ((entry / "dataset.json").is_file() or any(entry.glob("*/dataset.json")))
+        if entry.is_dir()
+        and not entry.name.startswith(".")
+        and ((entry / "dataset.json").is_file() or any(entry.glob("*/dataset.json")))
     )
 
 

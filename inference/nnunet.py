@@ -45,6 +45,15 @@ module restores the previous value right after. Around each prediction nnU-Net l
 prints (a notice on every CPU device) is captured and logged at debug level, so that stdout stays
 clean for the CLI's output. Checkpoints are unpickled by
 nnU-Net with ``torch.load(..., weights_only=False)``: load only model folders you trust.
+
+Converted nnU-Net v1 models
+---------------------------
+A folder written by :func:`liverfat.inference.nnunet_v1.import_nnunet_v1` carries a
+``liverfat_nnunet_v1`` entry in ``plans.json``. Such a model runs through
+:class:`~liverfat.inference.nnunet_v1_predictor.V1Predictor` (v1's preprocessing order, softmax
+averaging and float32 accumulation, and the v1 folder's ``postprocessing.json``), and its liver
+mask then goes through the seed's own largest-component step. Every other model runs through
+nnunetv2's own ``nnUNetPredictor``.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ from liverfat.inference.models import (
     device_label,
     resolve_device,
 )
+from liverfat.inference.nnunet_v1_predictor import V1Inference, V1Predictor, seed_largest_component
 from liverfat.result import ModelInfo
 
 logger = logging.getLogger(__name__)
@@ -112,6 +122,8 @@ class ModelFolder:
     checkpoint_name: str
     trainer_name: str
     configuration: str
+    v1_inference: V1Inference | None = None
+    """How a converted nnU-Net v1 model runs; ``None`` for every other model."""
 
     @property
     def checkpoints(self) -> tuple[Path, ...]:
@@ -125,6 +137,7 @@ class ModelFolder:
             f"nnunetv2 {importlib.metadata.version('nnunetv2')}; "
             f"{self.trainer_name}__{self.plans_name}__{self.configuration}; folds {folds}; {self.checkpoint_name}; "
             f"input {self.orientation}"
+            + ("; nnU-Net v1 inference" if self.v1_inference is not None else "")
         )
 
     def model_info(self, device: str | None = None) -> ModelInfo:
@@ -244,6 +257,10 @@ def inspect_model_folder(
             f"model {folder} is the second stage of a cascade (configuration {configuration!r}), "
             f"which needs the first stage's output; use a 3d_fullres or 2d model folder",
         )
+    try:
+        v1_inference = V1Inference.from_plans(plans)
+    except (ValueError, TypeError) as error:
+        raise LiverfatError(Reason.BACKEND_UNAVAILABLE, f"model {folder}: {PLANS_JSON} {error}") from error
     return ModelFolder(
         path=folder,
         dataset_name=str(plans.get("dataset_name", dataset_json.get("name", folder.parent.name))),
@@ -256,6 +273,7 @@ def inspect_model_folder(
         checkpoint_name=checkpoint_name,
         trainer_name=trainer_name,
         configuration=configuration,
+        v1_inference=v1_inference,
     )
 
 
@@ -322,7 +340,12 @@ class NnUNetBackend:
             model_dir, folds=folds, checkpoint_name=checkpoint_name, orientation=orientation
         )
         torch_device = resolve_device(device)
-        self._predictor = _build_predictor(torch_device, use_mirroring=use_mirroring, tile_step_size=tile_step_size)
+        self._predictor = _build_predictor(
+            torch_device,
+            use_mirroring=use_mirroring,
+            tile_step_size=tile_step_size,
+            v1_inference=self._folder.v1_inference,
+        )
         self._predictor.initialize_from_trained_model_folder(
             str(self._folder.path), use_folds=self._folder.folds, checkpoint_name=checkpoint_name
         )
@@ -347,12 +370,20 @@ class NnUNetBackend:
         """Boolean liver mask on ``ct``'s grid (the identity-direction LPS working grid)."""
         image, properties = nnunet_input(ct, self._folder.orientation)
         segmentation = self._predictor.predict_single_npy_array(image, properties)
-        labels = mask_from_nnunet(np.asarray(segmentation), self._folder.orientation)
-        return ct.with_array(np.isin(labels, self._folder.liver_values))
+        liver = np.isin(np.asarray(segmentation), self._folder.liver_values)
+        v1_inference = self._folder.v1_inference
+        if v1_inference is not None and v1_inference.seed_largest_component:
+            liver = seed_largest_component(liver)
+        return ct.with_array(mask_from_nnunet(liver, self._folder.orientation))
 
 
-def _build_predictor(device: torch.device, *, use_mirroring: bool, tile_step_size: float) -> nnUNetPredictor:
+def _build_predictor(
+    device: torch.device, *, use_mirroring: bool, tile_step_size: float, v1_inference: V1Inference | None = None
+) -> nnUNetPredictor:
     """nnU-Net's predictor with its settings, leaving torch's process-wide cudnn setting as it was.
+
+    A converted nnU-Net v1 model (``v1_inference`` given) gets :class:`V1Predictor`, any other
+    model nnunetv2's own ``nnUNetPredictor``.
 
     The constructor prints a notice on every CPU device; it is captured and logged at debug
     level so that nothing reaches stdout (where the CLI may be writing JSON).
@@ -360,17 +391,20 @@ def _build_predictor(device: torch.device, *, use_mirroring: bool, tile_step_siz
     cudnn_benchmark = torch.backends.cudnn.benchmark
     printed = io.StringIO()
     try:
+        settings: dict[str, Any] = {
+            "tile_step_size": tile_step_size,
+            "use_gaussian": True,
+            "use_mirroring": use_mirroring,
+            "perform_everything_on_device": device.type == "cuda",
+            "device": device,
+            "verbose": False,
+            "verbose_preprocessing": False,
+            "allow_tqdm": False,
+        }
         with contextlib.redirect_stdout(printed):
-            return nnUNetPredictor(
-                tile_step_size=tile_step_size,
-                use_gaussian=True,
-                use_mirroring=use_mirroring,
-                perform_everything_on_device=device.type == "cuda",
-                device=device,
-                verbose=False,
-                verbose_preprocessing=False,
-                allow_tqdm=False,
-            )
+            if v1_inference is not None:
+                return V1Predictor(v1_inference, **settings)
+            return nnUNetPredictor(**settings)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
         if printed.getvalue().strip():
