@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 deploy/install-system-packages.sh
 deploy/setup.sh --test
+# nnU-Net v1 itself, only as the reference the v1-import tests compare against
+.venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps nnunet==1.7.1 medpy==0.5.2
 exec .venv/bin/python -m pytest -q -rs "$@"

@@ -17,6 +17,8 @@ from liverfat.inference.grading import GradingConfig
 from liverfat.inference.pipeline import AnalysisConfig
 from liverfat.inference.roi import RoiMode
 from liverfat.service.analyze import AnalyzeOptions, Outcome, SeriesReport, check_inputs, run_analyze
+from liverfat.service.models_cli import add_models_commands
+from liverfat.service.node_cli import add_node_commands
 
 log = logging.getLogger("liverfat")
 
@@ -36,7 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liverfat", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="liverfat",
+        description="Liver attenuation and moderate-to-severe steatosis grade on unenhanced chest CT, "
+        "as a DICOM node (serve) or on files (check, analyze). For research / decision support.",
+    )
     parser.add_argument("--version", action="version", version=f"liverfat {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -58,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--threshold-hu", type=float, default=GradingConfig().threshold_hu,
                          help="DL-parenchymal below this (strictly) is moderate-to-severe steatosis")  # fmt: skip
     analyze.set_defaults(command=cmd_analyze)
+
+    add_models_commands(commands)
+    add_node_commands(commands)
     return parser
 
 

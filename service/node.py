@@ -1,0 +1,249 @@
+"""``liverfat serve``: the listener, the series clock, the worker process, the sender and the HTTP endpoints.
+
+Stages follow mercure's split (receiver, router, processor, dispatcher) but run as threads
+of one process plus one worker process, all sharing the spool's SQLite index. The main
+thread runs the series clock (stable series become complete) and watches the worker: a
+worker that dies is restarted and its series put back in the queue (or failed after
+``[worker] max_attempts``). SIGTERM or SIGINT stops the listener, lets the worker finish
+the series in hand for ``[worker] shutdown_grace_s`` and parks it otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+from multiprocessing.context import SpawnProcess
+from types import FrameType
+from typing import TextIO
+
+from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.service.analyze import BackendLoader
+from liverfat.service.config import NodeConfig
+from liverfat.service.health import HealthServer, NodeStatus
+from liverfat.service.scp import StorageSCP
+from liverfat.service.sender import Sender
+from liverfat.service.spool import Spool
+from liverfat.service.worker import run_worker
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5  # series clock and worker watch
+RESTART_DELAY_S = (1.0, 60.0)  # worker restart backoff: first delay, cap
+WORKER_STEADY_S = 60.0  # a worker that lived this long resets the restart backoff
+LOCK_FILE = "node.lock"
+
+
+class Node:
+    """The running node; :meth:`start`, then :meth:`tick` repeatedly, then :meth:`stop`.
+
+    ``load_model`` replaces the configured model (tests pass a fake backend's loader; it
+    must be picklable, that is a module-level function or class).
+    """
+
+    def __init__(self, config: NodeConfig, load_model: BackendLoader | None = None) -> None:
+        self.config = config
+        self.load_model = load_model
+        self._context = multiprocessing.get_context("spawn")
+        self._worker_stop = self._context.Event()
+        self._worker_wake = self._context.Event()
+        self._worker: SpawnProcess | None = None
+        self._worker_started_at = 0.0
+        self._restart_delay_s = RESTART_DELAY_S[0]
+        self._restart_at: float | None = None
+        self._lock_file: TextIO | None = None
+        self.spool: Spool | None = None
+        self.scp: StorageSCP | None = None
+        self.sender: Sender | None = None
+        self.http: HealthServer | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        config = self.config
+        config.spool.dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = _lock_spool(config)
+        min_free = config.spool.min_free_disk_mb * 2**20
+        self.spool = Spool(config.spool.dir, min_free_bytes=min_free)
+        leftovers = self.spool.clear_tmp()
+        recovered = self.spool.recover(config.worker.max_attempts, "the node stopped while this series was processed")
+        receiving = self.spool.restart_clocks()
+        if leftovers or recovered or receiving:
+            log.info("restart: %d partial file(s) removed, %d series re-queued or failed, %d series still receiving "
+                     "(complete %.0f s from now unless more arrives)", leftovers, len(recovered), receiving,
+                     config.series.stable_seconds)  # fmt: skip
+        _warn_about_defaults(config)
+        on_release = self._on_release if config.series.complete_on_release else None
+        self.scp = StorageSCP(config, Spool(config.spool.dir, min_free_bytes=min_free), on_release=on_release)
+        self.scp.start()
+        self.sender = Sender(config, Spool(config.spool.dir))
+        self.sender.start()
+        self._start_worker()
+        if config.http.port:
+            self.http = HealthServer(config.http.host, config.http.port, self.status)
+            self.http.start()
+        log.info("node %s ready: spool %s, stable after %.0f s, %d destination(s)", config.node.ae_title,
+                 config.spool.dir, config.series.stable_seconds, len(config.send.destinations))  # fmt: skip
+
+    def tick(self, now: float | None = None) -> None:
+        """Complete the stable series and watch the worker; the main thread calls this every ``TICK_S``."""
+        assert self.spool is not None, "start() first"
+        completed = self.spool.complete_stable(self.config.series.stable_seconds, now)
+        if completed:
+            log.info("%d series complete (no new instance for %.0f s)", len(completed),
+                     self.config.series.stable_seconds)  # fmt: skip
+            self._worker_wake.set()
+        self._watch_worker()
+
+    def stop(self) -> None:
+        """Stop receiving, finish or park the series in hand, stop sending; idempotent."""
+        if self.scp is not None:
+            self.scp.stop()
+            self.scp.spool.close()
+            self.scp = None
+        self._stop_worker()
+        if self.sender is not None:
+            self.sender.stop()
+            self.sender.spool.close()
+            self.sender = None
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+        log.info("node stopped")
+
+    def status(self) -> NodeStatus:
+        assert self.spool is not None, "start() first"
+        return NodeStatus(
+            counts=self.spool.counts(),
+            spool_free_bytes=shutil.disk_usage(self.config.spool.dir).free,
+            min_free_bytes=self.config.spool.min_free_disk_mb * 2**20,
+            destinations=len(self.config.send.destinations),
+            listener_up=self.scp is not None and self.scp.running,
+            worker_up=self._worker is not None and self._worker.is_alive(),
+        )
+
+    # -- the worker process ---------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        self._worker_stop.clear()
+        args = (self.config, self.load_model, self._worker_stop, self._worker_wake)
+        self._worker = self._context.Process(target=run_worker, name="liverfat-worker", args=args)
+        self._worker.start()
+        self._worker_started_at = time.monotonic()
+        self._restart_at = None
+        log.info("worker process %d started", self._worker.pid)
+
+    def _watch_worker(self) -> None:
+        assert self.spool is not None
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            if time.monotonic() - self._worker_started_at > WORKER_STEADY_S:
+                self._restart_delay_s = RESTART_DELAY_S[0]
+            return
+        if worker is not None:
+            why = f"the worker process died (exit code {worker.exitcode}) while processing this series"
+            for job in self.spool.recover(self.config.worker.max_attempts, why):
+                log.error("series %s v%d: %s; now %s", job.series_uid, job.version, why, job.state.value)
+            log.error("worker process %d died with exit code %s; restarting in %.0f s", worker.pid, worker.exitcode,
+                      self._restart_delay_s)  # fmt: skip
+            self._worker = None
+            self._restart_at = time.monotonic() + self._restart_delay_s
+            self._restart_delay_s = min(self._restart_delay_s * 2, RESTART_DELAY_S[1])
+        if self._restart_at is not None and time.monotonic() >= self._restart_at:
+            self._start_worker()
+
+    def _stop_worker(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is None:
+            return
+        self._worker_stop.set()
+        self._worker_wake.set()
+        worker.join(self.config.worker.shutdown_grace_s)
+        if worker.is_alive():
+            log.warning("worker still busy after %.0f s: stopping it and parking its series",
+                        self.config.worker.shutdown_grace_s)  # fmt: skip
+            worker.kill()  # nothing to clean up: the job is parked below and its outputs rewritten
+            worker.join()
+        if self.spool is not None:
+            for job_id in self.spool.park_processing("parked at shutdown; processed again after the restart"):
+                log.info("job %d parked: it will be processed again after the restart", job_id)
+
+    def _on_release(self, series_uids: list[str]) -> None:
+        """The association-release fast path (``[series] complete_on_release``)."""
+        spool = self.scp.spool if self.scp is not None else None
+        if spool is not None and spool.complete_series(series_uids):
+            self._worker_wake.set()
+
+
+def run(config: NodeConfig, load_model: BackendLoader | None = None) -> int:
+    """Run the node until SIGTERM or SIGINT; returns the exit status (0 after a clean stop)."""
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    node = Node(config, load_model)
+    try:
+        node.start()
+        while not stop.wait(TICK_S):
+            node.tick()
+    finally:
+        node.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def spool_in_use(config: NodeConfig) -> bool:
+    """Whether a node is running on this spool (it holds the spool's lock)."""
+    path = config.spool.dir / LOCK_FILE
+    if not path.exists():
+        return False
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return False
+
+
+def _lock_spool(config: NodeConfig) -> TextIO:
+    """An exclusive lock on the spool: two nodes on one spool would process series twice."""
+    handle = (config.spool.dir / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        why = f"spool {config.spool.dir} is in use by another liverfat node ({LOCK_FILE} is locked)"
+        raise LiverfatError(Reason.SPOOL_IN_USE, why) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def _warn_about_defaults(config: NodeConfig) -> None:
+    if not config.send.destinations:
+        log.warning("NO DESTINATION CONFIGURED: results are written to %s but sent nowhere. Set [send] destinations "
+                    "(or LIVERFAT_SEND_DESTINATIONS=AE@host:port), then `liverfat resend SERIES_UID` sends "
+                    "earlier results", config.spool.dir / "results")  # fmt: skip
+    if not config.node.allowed_callers:
+        log.warning("accepting associations from any calling AE title; set [node] allowed_callers to restrict")
+    if config.source is None:
+        log.warning("no configuration file: running on embedded defaults (AE %s, port %d, spool %s)",
+                    config.node.ae_title, config.node.port, config.spool.dir)  # fmt: skip

@@ -1,0 +1,157 @@
+"""``liverfat serve``, ``liverfat status`` and ``liverfat resend``: argument parsing for the node's commands.
+
+``add_node_commands`` is called by ``liverfat.service.cli.build_parser``; each command
+loads the configuration and calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.service.config import NodeConfig, load_config
+from liverfat.service.health import NodeStatus, assess
+from liverfat.service.logs import configure_logging
+from liverfat.service.spool import DB_NAME, Job, Spool
+
+RECENT_SERIES = 10
+RECENT_ERRORS = 5
+
+
+def add_node_commands(subparsers: Any) -> None:
+    """Add ``serve``, ``status`` and ``resend`` to the ``liverfat`` parser's subcommands."""
+    config_help = "TOML configuration file (default: embedded defaults); LIVERFAT_<SECTION>_<KEY> variables override it"
+    serve = subparsers.add_parser("serve", help="run the DICOM node: receive CT, analyse it, send results back")
+    serve.add_argument("--config", type=Path, help=config_help)
+    serve.set_defaults(command=cmd_serve)
+
+    status = subparsers.add_parser("status", help="the node's queue, last errors and recent series")
+    status.add_argument("--config", type=Path, help=config_help)
+    status.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    status.set_defaults(command=cmd_status)
+
+    resend = subparsers.add_parser("resend", help="queue the newest result of a series again for every destination")
+    resend.add_argument("series_uid", metavar="SERIES_UID", help="the CT series' (0020,000E) Series Instance UID")
+    resend.add_argument("--config", type=Path, help=config_help)
+    resend.set_defaults(command=cmd_resend)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from liverfat.service.node import run
+
+    config = load_config(args.config)
+    configure_logging(config.log)
+    if getattr(args, "verbose", False):
+        logging.getLogger().setLevel(logging.DEBUG)
+    return run(config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from liverfat.service.node import spool_in_use
+
+    config = load_config(args.config)
+    spool = _open_existing_spool(config)
+    status = NodeStatus(
+        counts=spool.counts(),
+        spool_free_bytes=shutil.disk_usage(config.spool.dir).free,
+        min_free_bytes=config.spool.min_free_disk_mb * 2**20,
+        destinations=len(config.send.destinations),
+    )
+    report = status_report(config, status, spool, running=spool_in_use(config))
+    spool.close()
+    print(json.dumps(report, indent=2) if args.json else format_status(report))
+    return 0
+
+
+def cmd_resend(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if not config.send.destinations:
+        raise LiverfatError(Reason.CONFIG_INVALID, "no destination configured: set [send] destinations first")
+    spool = _open_existing_spool(config)
+    job = spool.requeue_series(args.series_uid, [str(d) for d in config.send.destinations])
+    spool.close()
+    targets = ", ".join(str(d) for d in config.send.destinations)
+    print(f"queued {len(job.outputs)} file(s) of series {job.series_uid} (version {job.version}) for {targets}; "
+          "a running node sends them within seconds, a stopped one when it starts")  # fmt: skip
+    return 0
+
+
+def status_report(config: NodeConfig, status: NodeStatus, spool: Spool, *, running: bool) -> dict[str, Any]:
+    """What ``liverfat status`` shows, as JSON-ready data (no patient names or IDs: the spool holds none)."""
+    health = assess(status)
+    return {
+        "node": {"ae_title": config.node.ae_title, "port": config.node.port, "running": running,
+                 "spool": str(config.spool.dir), "spool_free_mib": status.spool_free_bytes // 2**20,
+                 "destinations": [str(d) for d in config.send.destinations]},  # fmt: skip
+        "health": {"problems": list(health.problems), "warnings": list(health.warnings)},
+        "series": {state.value: n for state, n in status.counts.jobs.items()},
+        "outbox": {state.value: n for state, n in status.counts.outbox.items()},
+        "instances_received": status.counts.instances,
+        "send_failures": status.counts.send_failures,
+        "recent": [_job_json(job) for job in spool.jobs(limit=RECENT_SERIES)],
+        "job_errors": [_job_json(job) for job in spool.jobs(limit=1000) if job.last_error][:RECENT_ERRORS],
+        "send_errors": [{"series_uid": row["series_uid"], "destination": row["destination"],
+                         "file": Path(row["path"]).name, "state": row["state"], "attempts": row["attempts"],
+                         "error": row["last_error"]} for row in spool.send_errors(RECENT_ERRORS)],  # fmt: skip
+    }
+
+
+def format_status(report: dict[str, Any]) -> str:
+    node = report["node"]
+    lines = [
+        f"node {node['ae_title']} (port {node['port']}): {'running' if node['running'] else 'not running'}",
+        f"spool {node['spool']} ({node['spool_free_mib']} MiB free)",
+        f"destinations: {', '.join(node['destinations']) or 'NONE (results are sent nowhere)'}",
+        "series: " + ", ".join(f"{state} {n}" for state, n in report["series"].items()),
+        "outbox: " + ", ".join(f"{state} {n}" for state, n in report["outbox"].items())
+        + f" (failed attempts so far: {report['send_failures']})",
+        f"instances received: {report['instances_received']}",
+    ]
+    lines += [f"PROBLEM: {p}" for p in report["health"]["problems"]]
+    lines += [f"warning: {w}" for w in report["health"]["warnings"]]
+    if report["recent"]:
+        lines.append("recent series:")
+        lines += [_recent_line(job) for job in report["recent"]]
+    if report["job_errors"] or report["send_errors"]:
+        lines.append("last errors:")
+        lines += [f"  series {j['series_uid']} v{j['version']} ({j['state']}): {j['last_error']}"
+                  for j in report["job_errors"]]  # fmt: skip
+        lines += [f"  send {e['file']} of {e['series_uid']} to {e['destination']} ({e['state']}, {e['attempts']} "
+                  f"attempts): {e['error']}" for e in report["send_errors"]]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _recent_line(job: dict[str, Any]) -> str:
+    grade = f"  {job['grade']}" if job["grade"] else ""
+    took = "" if job["processing_s"] is None else f"  {job['processing_s']:.1f} s"
+    return f"  {_when(job['updated_at'])}  {job['series_uid']} v{job['version']}  {job['state']}{grade}" + (
+        _hu(job["parenchymal_hu"]) + took
+    )
+
+
+def _job_json(job: Job) -> dict[str, Any]:
+    return {"series_uid": job.series_uid, "version": job.version, "state": job.state.value, "grade": job.grade,
+            "parenchymal_hu": job.parenchymal_hu, "instances": job.n_instances, "attempts": job.attempts,
+            "processing_s": job.processing_s, "last_error": job.last_error,
+            "updated_at": job.finished_at or job.started_at or job.completed_at or job.last_instance_at}  # fmt: skip
+
+
+def _when(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _hu(value: float | None) -> str:
+    return "" if value is None else f"  {value:.1f} HU"
+
+
+def _open_existing_spool(config: NodeConfig) -> Spool:
+    if not (config.spool.dir / DB_NAME).is_file():
+        raise LiverfatError(Reason.CONFIG_INVALID, f"no spool at {config.spool.dir}: the node has not run with this "
+                            "configuration (pass the same --config as `liverfat serve`)")  # fmt: skip
+    return Spool(config.spool.dir)

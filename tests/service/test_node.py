@@ -1,0 +1,242 @@
+"""The whole node as a subprocess: receive, process, send; restarts, SIGKILL, SIGTERM, status, resend.
+
+The destination is a real pynetdicom storage SCP (``Receiver``); the senders are dcmtk's
+storescu and pynetdicom SCUs; the only fake is the phantom segmentation backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage
+from pynetdicom import AE, build_context
+
+from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.service.node import Node
+from liverfat.service import cli
+from liverfat.service.spool import JobState, OutboxState
+from tests.service.conftest import ECHOSCU, PHANTOM_LIVER_HU, dcmtk, free_port, phantom_series, storescu
+from tests.service.node_process import NodeProcess, wait_for
+from tests.service.test_sender import Receiver
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("require_dcmtk")]
+
+RESULT_FILES = 3  # SEG, SR, key image
+PATIENT = ("PHANTOM^LIVER", "PHANTOM-001")  # tests/phantom.py SeriesHeader defaults
+
+
+class SlowReceiver(Receiver):
+    """A destination that takes ``seconds`` per C-STORE, so the node can be killed while sending."""
+
+    seconds: float = 0.0
+
+    def _store(self, event: Any) -> int:
+        time.sleep(self.seconds)
+        return super()._store(event)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    started = SlowReceiver(free_port()).start()
+    yield started
+    started.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_node_left_behind() -> Iterator[None]:
+    """A failing test must not leave its node running."""
+    yield
+    for node in STARTED:
+        node.close()
+    STARTED.clear()
+
+
+STARTED: list[NodeProcess] = []
+
+
+def make_node(tmp_path: Path, receiver: Receiver, **extra: dict[str, Any]) -> NodeProcess:
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"host": "127.0.0.1", "port": free_port()},
+        "spool": {"dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
+        "series": {"stable_seconds": 1.0},
+        "send": {"destinations": [f"PACS@127.0.0.1:{receiver.port}"], "first_delay_s": 0.2, "max_delay_s": 1.0},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+    }
+    for name, keys in extra.items():
+        sections.setdefault(name, {}).update(keys)
+    node = NodeProcess(tmp_path / "node", sections)
+    STARTED.append(node)
+    return node
+
+
+def send_series(node: NodeProcess, folder: Path) -> None:
+    result = storescu(node.config.node.port, folder, "+sd", "+r")
+    assert result.returncode == 0, result.stderr
+
+
+def unique_results(receiver: Receiver) -> int:
+    return len(set(receiver.stored))
+
+
+def only_job(node: NodeProcess) -> Any:
+    [job] = node.jobs()
+    return job
+
+
+def run_cli(*argv: str) -> None:
+    assert cli.main(list(argv)) == 0
+
+
+def test_series_is_received_processed_and_its_results_sent_back(
+    tmp_path: Path, receiver: Receiver, capsys: pytest.CaptureFixture[str]
+) -> None:
+    node = make_node(tmp_path, receiver)
+    node.start()
+    try:
+        phantom_series(tmp_path / "ct")
+        send_series(node, tmp_path / "ct")
+        wait_for(lambda: unique_results(receiver) == RESULT_FILES, 90, "SEG, SR and key image at the destination")
+        job = only_job(node)
+        assert job.state is JobState.DONE and job.grade == "moderate-to-severe"
+        assert job.parenchymal_hu == pytest.approx(PHANTOM_LIVER_HU, abs=3.0)
+        http = f"http://127.0.0.1:{node.config.http.port}"
+        with urllib.request.urlopen(f"{http}/healthz", timeout=5) as response:
+            assert json.load(response)["status"] == "ok"
+        with urllib.request.urlopen(f"{http}/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert "liverfat_instances_received_total 57" in metrics and 'liverfat_series{state="done"} 1' in metrics
+        with pytest.raises(LiverfatError) as second:
+            Node(node.config).start()
+        assert second.value.reason is Reason.SPOOL_IN_USE
+
+        run_cli("status", "--config", str(node.config_path))
+        shown = capsys.readouterr().out
+        assert "running" in shown and "moderate-to-severe" in shown and f"{job.series_uid} v1  done" in shown
+        run_cli("resend", job.series_uid, "--config", str(node.config_path))
+        wait_for(lambda: len(receiver.stored) == 2 * RESULT_FILES, 30, "the results sent again")
+        assert unique_results(receiver) == RESULT_FILES, "a resend carries the same instances"
+    finally:
+        assert node.terminate() == 0
+    text = node.log()
+    assert "liverfat.service.worker" in text and "model loaded" in text
+    assert not any(secret in text for secret in PATIENT), "no patient name or ID in the INFO log"
+
+
+def test_sigkill_while_receiving_loses_no_acknowledged_instance(tmp_path: Path, receiver: Receiver) -> None:
+    node = make_node(tmp_path, receiver, series={"stable_seconds": 8.0})
+    files = phantom_series(tmp_path / "ct")
+    node.start(wait_model=False)
+    acknowledged: list[str] = []
+    assoc = AE(ae_title="TESTSCU").associate("127.0.0.1", node.config.node.port, ae_title="LIVERFAT",
+                                             contexts=[build_context(CTImageStorage)])  # fmt: skip
+    assert assoc.is_established
+    for index, path in enumerate(files):
+        if index == len(files) // 2:
+            node.kill()  # in the middle of the association
+        if not assoc.is_established:
+            break
+        status = assoc.send_c_store(path)
+        if status and status.Status == 0x0000:
+            acknowledged.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assert 0 < len(acknowledged) < len(files)
+    node.start()
+    spool = node.spool()
+    try:
+        for sop_uid in acknowledged:
+            assert spool.has_instance(sop_uid), f"acknowledged instance {sop_uid} was lost"
+        [job] = spool.jobs()
+        assert {pydicom.dcmread(p).SOPInstanceUID for p in spool.job_files(job)} == set(acknowledged)
+    finally:
+        spool.close()
+    send_series(node, tmp_path / "ct")  # the sender tries again with the whole series
+    wait_for(lambda: unique_results(receiver) == RESULT_FILES, 90, "results after the restart")
+    time.sleep(2.0)
+    job = only_job(node)
+    assert (job.version, job.n_instances, job.state) == (1, len(files), JobState.DONE)
+    assert node.terminate() == 0
+
+
+def test_sigkill_while_sending_delivers_everything_after_restart(tmp_path: Path, receiver: Receiver) -> None:
+    assert isinstance(receiver, SlowReceiver)
+    receiver.seconds = 1.5
+    node = make_node(tmp_path, receiver)
+    node.start()
+    send_series(node, phantom_series(tmp_path / "ct")[0].parent)
+    wait_for(lambda: len(receiver.stored) >= 1, 90, "the first result at the destination")
+    node.kill()
+    assert unique_results(receiver) < RESULT_FILES
+    receiver.seconds = 0.0
+    node.start()
+    wait_for(lambda: unique_results(receiver) == RESULT_FILES, 60, "every result after the restart")
+    spool = node.spool()
+    try:
+        assert {row["state"] for row in spool.query("SELECT state FROM outbox")} == {OutboxState.SENT}
+    finally:
+        spool.close()
+    assert node.terminate() == 0
+
+
+def test_sigterm_parks_the_series_in_hand_and_a_restart_processes_it(tmp_path: Path, receiver: Receiver) -> None:
+    node = make_node(tmp_path, receiver, worker={"shutdown_grace_s": 1.0})
+    node.start(delay_s=60.0)
+    send_series(node, phantom_series(tmp_path / "ct")[0].parent)
+    wait_for(lambda: node.state() is JobState.PROCESSING, 60, "processing to start")
+    started = time.monotonic()
+    assert node.terminate(timeout=30) == 0
+    assert time.monotonic() - started < 20
+    parked = only_job(node)
+    assert (parked.state, parked.attempts) == (JobState.COMPLETE, 0)
+    assert "parked" in str(parked.last_error)
+    node.start()
+    wait_for(lambda: unique_results(receiver) == RESULT_FILES, 90, "results after the restart")
+    assert only_job(node).state is JobState.DONE
+    assert node.terminate() == 0
+
+
+def test_a_worker_that_dies_is_restarted_and_its_series_processed(tmp_path: Path, receiver: Receiver) -> None:
+    node = make_node(tmp_path, receiver)
+    node.start(delay_s=4.0)
+    send_series(node, phantom_series(tmp_path / "ct")[0].parent)
+    wait_for(lambda: node.state() is JobState.PROCESSING, 60, "processing to start")
+    first_worker = node.worker_pid
+    os.kill(first_worker, signal.SIGKILL)
+    wait_for(lambda: unique_results(receiver) == RESULT_FILES, 120, "results from the restarted worker")
+    assert node.worker_pid != first_worker
+    assert "worker process %d died" % first_worker in node.run_log()
+    assert only_job(node).attempts == 2
+    assert node.terminate() == 0
+
+
+def test_serve_on_embedded_defaults_starts_and_says_loudly_that_nothing_is_sent(tmp_path: Path) -> None:
+    port = free_port()
+    log = tmp_path / "defaults.log"
+    env = {**os.environ, "LIVERFAT_NODE_PORT": str(port), "LIVERFAT_HTTP_PORT": "0",
+           "LIVERFAT_WORKER_SHUTDOWN_GRACE_S": "5"}  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "liverfat.service.cli", "serve"], cwd=tmp_path, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        wait_for(lambda: "ready:" in log.read_text(), 90, "the node on embedded defaults")
+        echo = dcmtk(ECHOSCU, "-aet", "ANYONE", "-aec", "LIVERFAT", "127.0.0.1", port)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            code = process.wait(60)
+        finally:
+            process.kill()
+    assert echo.returncode == 0, echo.stderr
+    assert code == 0
+    text = log.read_text()
+    assert "NO DESTINATION CONFIGURED" in text and "embedded defaults" in text
+    assert (tmp_path / "liverfat-spool" / "index.sqlite").is_file()

@@ -1,0 +1,154 @@
+"""The sender against a real pynetdicom storage SCP: contexts, retries, backoff, restarts, TLS."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+
+from liverfat.service.config import Destination, NodeConfig, SendSection
+from liverfat.service.sender import RetryPolicy, Sender
+from liverfat.service.spool import InstanceInfo, JobResult, JobState, OutboxState, OutputFile, Spool
+from tests.service.conftest import free_port, node_config, small_series
+from tests.service.test_scp import make_certificates
+
+RESULT_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
+
+
+@dataclass
+class Receiver:
+    """A real storage SCP standing in for the PACS; records what it was offered and what it got."""
+
+    port: int
+    status: int = 0x0000
+    offered: list[set[str]] = field(default_factory=list)
+    stored: list[str] = field(default_factory=list)
+    server: Any = None
+
+    def start(self, tls: Any = None) -> Receiver:
+        ae = AE(ae_title="PACS")
+        for sop_class in RESULT_CLASSES:
+            ae.add_supported_context(sop_class)
+        handlers: list[Any] = [(evt.EVT_REQUESTED, self._requested), (evt.EVT_C_STORE, self._store)]
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers, ssl_context=tls)
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+    def _requested(self, event: Event) -> None:
+        self.offered.append({str(cx.abstract_syntax) for cx in event.assoc.requestor.requested_contexts})
+
+    def _store(self, event: Event) -> int:
+        self.stored.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
+        return self.status
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    started = Receiver(free_port()).start()
+    yield started
+    started.stop()
+
+
+def queue_results(
+    tmp_path: Path, destination: Destination, send: SendSection | None = None
+) -> tuple[NodeConfig, Spool]:
+    """A finished job whose three result files (SEG, SR, secondary capture) are queued for ``destination``."""
+    config = node_config(tmp_path)
+    config = replace(config, send=replace(send or SendSection(first_delay_s=0.2, max_delay_s=1.0),
+                                          destinations=(destination,)))  # fmt: skip
+    spool = Spool(config.spool.dir)
+    spool.store_instance(b"ct", InstanceInfo("1.1", "1.2.840.10008.5.1.4.1.1.2", "9.9", "9", "SCU"))
+    spool.complete_stable(0.0)
+    job = spool.claim_next()
+    assert job is not None
+    sources = small_series(tmp_path / "src", slices=3)
+    outputs = []
+    for index, (source, sop_class) in enumerate(zip(sources, RESULT_CLASSES)):
+        ds = pydicom.dcmread(source)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        path = spool.results_dir / str(job.id) / f"result{index}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path)
+        outputs.append(OutputFile(str(path.relative_to(spool.root)), sop_class, ds.SOPInstanceUID,
+                                  str(ds.file_meta.TransferSyntaxUID)))  # fmt: skip
+    spool.finish_job(job.id, JobResult(JobState.DONE, outputs=tuple(outputs)), [str(destination)])
+    return config, spool
+
+
+def outbox_states(spool: Spool) -> list[str]:
+    return [row["state"] for row in spool.query("SELECT state FROM outbox ORDER BY id")]
+
+
+def test_results_are_sent_with_contexts_for_exactly_their_sop_classes(tmp_path: Path, receiver: Receiver) -> None:
+    config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", receiver.port))
+    assert Sender(config, spool).send_due() == 3
+    assert receiver.offered == [set(RESULT_CLASSES)]
+    assert len(receiver.stored) == 3
+    assert outbox_states(spool) == [OutboxState.SENT] * 3
+
+
+def test_destination_down_is_retried_with_backoff_and_gets_everything_after_a_restart(tmp_path: Path) -> None:
+    port = free_port()
+    config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", port))
+    before = time.time()
+    assert Sender(config, spool).send_due() == 0
+    rows = spool.query("SELECT attempts, next_attempt_at, last_error FROM outbox")
+    assert all(r["attempts"] == 1 and r["next_attempt_at"] >= before + 0.2 for r in rows)
+    assert "association with PACS@127.0.0.1" in rows[0]["last_error"]
+    assert Sender(config, spool).send_due() == 0, "nothing is due before the retry time"
+    spool.close()
+    receiver = Receiver(port).start()
+    try:
+        time.sleep(0.25)
+        restarted = Spool(config.spool.dir)  # a new process would open the same outbox
+        assert Sender(config, restarted).send_due() == 3
+    finally:
+        receiver.stop()
+    assert outbox_states(restarted) == [OutboxState.SENT] * 3
+
+
+def test_a_failure_status_is_retried_and_gives_up_after_max_attempts_until_resend(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.status = 0xA700
+    send = SendSection(max_attempts=2, first_delay_s=0.0, max_delay_s=0.0)
+    config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", receiver.port), send)
+    sender = Sender(config, spool)
+    assert sender.send_due() == 0 and outbox_states(spool) == [OutboxState.PENDING] * 3
+    assert sender.send_due() == 0 and outbox_states(spool) == [OutboxState.FAILED] * 3
+    assert "status 0xA700" in spool.query("SELECT last_error FROM outbox")[0]["last_error"]
+    receiver.status = 0x0000
+    spool.requeue_series("9.9", [str(d) for d in config.send.destinations])
+    assert sender.send_due() == 3
+    failures = spool.query("SELECT SUM(failures) AS n FROM outbox")[0]["n"]
+    assert failures == 6, "failed attempts stay counted for the metrics"
+
+
+def test_retry_delays_grow_exponentially_up_to_the_cap() -> None:
+    policy = RetryPolicy(max_attempts=5, first_delay_s=10, backoff_factor=2, max_delay_s=60)
+    assert [policy.delay_s(n) for n in range(1, 6)] == [10, 20, 40, 60, 60]
+    assert policy.retry_at(4, now=100.0) == 160.0
+    assert policy.retry_at(5, now=100.0) is None
+
+
+def test_results_go_over_tls_to_a_tls_destination(tmp_path: Path) -> None:
+    from liverfat.service.tls import server_context
+
+    tls = make_certificates(tmp_path / "tls")
+    receiver = Receiver(free_port()).start(tls=server_context(tls))
+    try:
+        config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", receiver.port))
+        assert Sender(replace(config, tls=tls), spool).send_due() == 3
+    finally:
+        receiver.stop()
+    assert len(receiver.stored) == 3

@@ -1,0 +1,180 @@
+"""The spool's index and job queue: versions, completion, recovery and the outbox, on real SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.service.spool import (
+    DB_NAME,
+    SCHEMA_VERSION,
+    InstanceInfo,
+    JobResult,
+    JobState,
+    OutboxState,
+    OutputFile,
+    Spool,
+    StoreOutcome,
+    file_name,
+)
+
+SERIES = "1.2.3.4"
+
+
+def info(sop: str, series: str = SERIES) -> InstanceInfo:
+    return InstanceInfo(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.2", series_uid=series,
+                        study_uid="1.2.3", calling_ae="SCU")  # fmt: skip
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+def test_schema_version_is_kept_in_user_version_and_a_newer_one_is_refused(tmp_path: Path) -> None:
+    Spool(tmp_path / "s").close()
+    with sqlite3.connect(tmp_path / "s" / DB_NAME) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(LiverfatError, match="schema version") as raised:
+        Spool(tmp_path / "s")
+    assert raised.value.reason is Reason.SPOOL_IN_USE
+
+
+def test_stored_instance_is_a_file_and_a_row_and_a_duplicate_is_accepted_once(spool: Spool) -> None:
+    assert spool.store_instance(b"first", info("1.1"), now=100.0) is StoreOutcome.STORED
+    assert spool.store_instance(b"second", info("1.1"), now=101.0) is StoreOutcome.DUPLICATE
+    job = spool.jobs()[0]
+    assert (job.series_uid, job.version, job.state, job.n_instances) == (SERIES, 1, JobState.RECEIVED, 1)
+    files = spool.job_files(job)
+    assert [f.read_bytes() for f in files] == [b"first"]
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_series_completes_after_stable_seconds_without_new_instances(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    spool.store_instance(b"b", info("1.2"), now=105.0)
+    assert spool.complete_stable(10.0, now=114.9) == []
+    assert spool.complete_stable(10.0, now=115.0) == [spool.jobs()[0].id]
+    assert spool.jobs()[0].state is JobState.COMPLETE
+
+
+def test_a_restart_gives_series_still_receiving_a_full_stable_time(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    assert spool.restart_clocks(now=500.0) == 1
+    assert spool.complete_stable(10.0, now=509.0) == []
+    assert spool.complete_stable(10.0, now=510.0) == [spool.jobs()[0].id]
+
+
+def test_instance_arriving_before_processing_starts_joins_the_same_version(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    spool.complete_stable(10.0, now=200.0)
+    spool.store_instance(b"b", info("1.2"), now=201.0)
+    job = spool.jobs()[0]
+    assert (job.version, job.state, job.n_instances) == (1, JobState.RECEIVED, 2)
+
+
+def test_instance_arriving_after_processing_started_opens_a_new_version_with_all_instances(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    spool.complete_stable(10.0, now=200.0)
+    first = spool.claim_next(now=201.0)
+    assert first is not None and first.state is JobState.PROCESSING
+    spool.store_instance(b"b", info("1.2"), now=202.0)
+    second, again_first = spool.jobs()
+    assert (second.version, second.state) == (2, JobState.RECEIVED)
+    assert again_first.state is JobState.PROCESSING
+    assert [p.read_bytes() for p in spool.job_files(first)] == [b"a"]
+    assert sorted(p.read_bytes() for p in spool.job_files(second)) == [b"a", b"b"]
+
+
+def test_a_duplicate_of_a_processed_series_opens_no_new_version(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    spool.complete_stable(10.0, now=200.0)
+    job = spool.claim_next(now=201.0)
+    assert job is not None
+    spool.finish_job(job.id, JobResult(JobState.DONE), destinations=[])
+    assert spool.store_instance(b"a", info("1.1"), now=300.0) is StoreOutcome.DUPLICATE
+    assert len(spool.jobs()) == 1
+
+
+def test_recover_requeues_processing_jobs_until_max_attempts(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1", "9.1"), now=100.0)
+    spool.complete_stable(1.0, now=200.0)
+    for attempt in (1, 2):
+        assert spool.claim_next() is not None
+        [job] = spool.recover(max_attempts=2, why="worker died")
+        assert job.attempts == attempt
+    assert job.state is JobState.FAILED and job.last_error == "worker died"
+
+
+def test_parked_job_goes_back_to_the_queue_without_counting_the_attempt(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    spool.complete_stable(1.0, now=200.0)
+    job = spool.claim_next()
+    assert job is not None and job.attempts == 1
+    assert spool.park_processing("parked at shutdown") == [job.id]
+    parked = spool.job(job.id)
+    assert (parked.state, parked.attempts, parked.last_error) == (JobState.COMPLETE, 0, "parked at shutdown")
+
+
+def finished_job_with_outputs(spool: Spool, destinations: list[str]) -> int:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    spool.complete_stable(1.0, now=200.0)
+    job = spool.claim_next()
+    assert job is not None
+    outputs = tuple(OutputFile(f"results/{job.id}/{name}.dcm", "1.2.840.10008.5.1.4.1.1.66.4", f"2.25.{i}",
+                               "1.2.840.10008.1.2.1") for i, name in enumerate(("seg", "sr")))  # fmt: skip
+    spool.finish_job(job.id, JobResult(JobState.DONE, grade="none-or-mild", outputs=outputs), destinations, now=300.0)
+    return job.id
+
+
+def test_finish_queues_every_output_for_every_destination(spool: Spool) -> None:
+    job_id = finished_job_with_outputs(spool, ["A@h:1", "B@h:2"])
+    due = spool.due_sends(now=300.0)
+    assert sorted((s.destination, s.path.name) for s in due) == [
+        ("A@h:1", "seg.dcm"), ("A@h:1", "sr.dcm"), ("B@h:2", "seg.dcm"), ("B@h:2", "sr.dcm")]  # fmt: skip
+    assert spool.job(job_id).grade == "none-or-mild"
+
+
+def test_failed_send_waits_until_its_retry_time_and_gives_up_when_told(spool: Spool) -> None:
+    finished_job_with_outputs(spool, ["A@h:1"])
+    first, second = spool.due_sends(now=300.0)
+    spool.mark_send_failed(first.id, "connection refused", retry_at=310.0)
+    spool.mark_send_failed(second.id, "refused for good", retry_at=None)
+    assert spool.due_sends(now=309.0) == []
+    assert [s.id for s in spool.due_sends(now=310.0)] == [first.id]
+    assert spool.query("SELECT state FROM outbox WHERE id = ?", (second.id,))[0]["state"] == OutboxState.FAILED
+
+
+def test_requeue_sends_the_newest_result_again_and_reaches_new_destinations(spool: Spool) -> None:
+    job_id = finished_job_with_outputs(spool, ["A@h:1"])
+    for send in spool.due_sends(now=300.0):
+        spool.mark_sent(send.id, now=301.0)
+    assert spool.due_sends(now=400.0) == []
+    job = spool.requeue_series(SERIES, ["A@h:1", "B@h:2"], now=400.0)
+    assert job.id == job_id
+    assert len(spool.due_sends(now=400.0)) == 4
+
+
+def test_requeue_of_a_series_without_results_says_why(spool: Spool) -> None:
+    with pytest.raises(LiverfatError, match="never received") as raised:
+        spool.requeue_series("9.9.9", ["A@h:1"])
+    assert raised.value.reason is Reason.UNKNOWN_SERIES
+
+
+def test_store_refuses_when_free_space_would_drop_below_the_minimum(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool", min_free_bytes=2**62)
+    with pytest.raises(LiverfatError, match="min_free_disk_mb") as raised:
+        spool.store_instance(b"a", info("1.1"))
+    assert raised.value.reason is Reason.SPOOL_FULL
+    assert spool.jobs() == [] and list((spool.root / "instances").iterdir()) == []
+
+
+def test_non_conformant_uids_become_distinct_safe_file_names() -> None:
+    assert file_name("1.2.3") == "1.2.3"
+    names = {file_name(uid) for uid in ("1.2/3", "1.2\\3", "1.2 3", "..")}
+    assert len(names) == 4
+    assert all("/" not in n and "\\" not in n and not n.startswith(".") for n in names)
