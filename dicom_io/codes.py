@@ -21,13 +21,17 @@ Choices that are ours (the standard offers more than one way):
   the published estimates it is (DL-parenchymal, DL-volumetric, DL-axial) is carried as
   the measurement method, in our own private coding scheme ``99LIVERFAT`` (declared in
   each SR's Coding Scheme Identification Sequence), because no standard code exists.
+- **Summary report title.** LN 18748-4 "Diagnostic Imaging Report" (CID 7000) for the
+  summary SR, not DCM 126000: TID 1500's title comes from CID 7021, which is extensible,
+  and OHIF renders a report with any title but 126000 as readable text (see ``sr.py``).
 - **ROI segments.** SCT 309825002 "Spatial and Relational Concept" / NCIt C94970
   "Reference Region" (CID 7150 / CID 7196), anatomic region Liver: a sampling region
   inside the liver, not an anatomical structure of its own.
 
 References
 ----------
-PS3.16 CID 7150, 7151, 7162, 7181, 7196, 7464, 7469, 218, 100; TID 1500, 1501, 1410, 1411, 300.
+PS3.16 CID 7000, 7021, 7150, 7151, 7162, 7181, 7196, 7464, 7469, 218, 226, 100;
+TID 1500, 1501, 1410, 1411, 300, 310, 311.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ COMMENT = CodedConcept.from_code(codes.DCM.Comment)
 
 # --- report frame ---------------------------------------------------------------------
 IMAGING_MEASUREMENT_REPORT = CodedConcept.from_code(codes.DCM.ImagingMeasurementReport)
+DIAGNOSTIC_IMAGING_REPORT = CodedConcept.from_code(codes.LN.DiagnosticImagingReport)
 CT_UNSPECIFIED_BODY_REGION = CodedConcept.from_code(codes.LN.CTUnspecifiedBodyRegion)
 
 # --- our private coding scheme: which published liver-attenuation estimate ----------

@@ -1,4 +1,4 @@
-"""Write the DICOM outputs of one analysed series: SEG, TID 1500 SR and key image.
+"""Write the DICOM outputs of one analysed series: SEG, two TID 1500 SRs and key image.
 
 Every object joins the source study as a new series (patient and study attributes,
 SpecificCharacterSet included, are copied from the source by highdicom), and every UID
@@ -23,14 +23,15 @@ from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.keyimage import build_key_image
 from liverfat.dicom_io.seg import build_seg, checked_masks
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.sr import build_sr
+from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr
 from liverfat.dicom_io.uids import output_uids
 from liverfat.result import AnalysisResult
 
 logger = logging.getLogger(__name__)
 
 SEG_FILE = "seg.dcm"
-SR_FILE = "sr.dcm"
+SR_FILE = "sr.dcm"  # the ROI circles (Imaging Measurement Report)
+SR_SUMMARY_FILE = "sr-summary.dcm"  # grade, DL-parenchymal, liver; shown as text by OHIF
 KEY_IMAGE_FILE = "keyimage.dcm"
 
 UTF8_CHARACTER_SET = "ISO_IR 192"
@@ -63,6 +64,7 @@ class OutputSettings:
     seg_series_number: int = 9901
     sr_series_number: int = 9902
     keyimage_series_number: int = 9903
+    sr_summary_series_number: int = 9904
 
     def __post_init__(self) -> None:
         limits = {"station_name": 16, "manufacturer": 64, "model_name": 64, "device_serial_number": 64,
@@ -71,7 +73,7 @@ class OutputSettings:
             value = getattr(self, name)
             if value is not None and not 0 < len(value) <= limit:
                 raise ValueError(f"output setting {name}={value!r} must have 1 to {limit} characters")
-        for name in ("seg_series_number", "sr_series_number", "keyimage_series_number"):
+        for name in ("seg_series_number", "sr_series_number", "keyimage_series_number", "sr_summary_series_number"):
             if not 0 < getattr(self, name) < 2**31:
                 raise ValueError(f"output setting {name}={getattr(self, name)} must be a positive integer below 2**31")
 
@@ -88,17 +90,19 @@ def write_outputs(
     site: OutputSettings = OutputSettings(),
     created_at: datetime | None = None,
 ) -> list[Path]:
-    """Write ``seg.dcm``, ``sr.dcm`` and ``keyimage.dcm`` for ``result`` into ``out_dir``.
+    """Write ``seg.dcm``, ``sr.dcm``, ``sr-summary.dcm`` and ``keyimage.dcm`` into ``out_dir``.
 
-    The SEG is written only when the result has a non-empty liver mask (the SR then
-    references it); the SR and the key image are always written, and say why when the
-    grade was withheld. ``created_at`` stamps content and creation dates (default: now);
-    pass the job's first processing time to make rewrites byte-identical.
+    The SEG is written only when the result has a non-empty liver mask (the summary SR
+    then references it); the circle SR (``sr.dcm``) only when the result has ROIs. The
+    summary SR and the key image are always written, and say why when the grade was
+    withheld. OHIF draws the circle SR's ROIs on the CT and shows the summary SR as text.
+    ``created_at`` stamps content and creation dates (default: now); pass the job's
+    first processing time to make rewrites byte-identical.
 
     Returns
     -------
     list[Path]
-        The files written, in the order SEG (if any), SR, key image.
+        The files written, in the order SEG (if any), circle SR (if any), summary SR, key image.
 
     Raises
     ------
@@ -128,7 +132,11 @@ def write_outputs(
         written.append(_save(seg, out_dir / SEG_FILE))
     else:
         logger.info("series %s: no liver mask, no SEG", series.series_uid)
-    written.append(_save(build_sr(series, result, seg, uids, site, created), out_dir / SR_FILE))
+    if result.rois:
+        written.append(_save(build_circle_sr(series, result, uids, site, created), out_dir / SR_FILE))
+    else:
+        logger.info("series %s: no ROIs, no circle SR", series.series_uid)
+    written.append(_save(build_summary_sr(series, result, seg, uids, site, created), out_dir / SR_SUMMARY_FILE))
     written.append(_save(build_key_image(series, result, uids, site, created), out_dir / KEY_IMAGE_FILE))
     return written
 

@@ -63,6 +63,10 @@ def roi_rgb(label: int) -> tuple[int, int, int]:
 
 def roi_segment_numbers(result: AnalysisResult) -> dict[int, int]:
     """Segment number of each ROI label: consecutive after the liver, cranial first."""
+    # Load-bearing order: label 1 is the cranial ROI, so segment numbers follow OHIF's
+    # head-to-feet slice order. OHIF 3.13.2 drops an overlapping ROI segment whose slice
+    # comes earlier in that order than the slice of a segment it has already loaded, so a
+    # caudal-first numbering would lose ROI segments on screen (tests/viewer checks all three).
     labels = sorted(roi.label for roi in result.rois)
     return {label: LIVER_SEGMENT + 1 + index for index, label in enumerate(labels)}
 

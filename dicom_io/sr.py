@@ -1,6 +1,6 @@
-"""TID 1500 Measurement Report (Comprehensive 3D SR) of one liverfat result.
+"""The two TID 1500 reports (Comprehensive 3D SR) of one liverfat result: circles and summary.
 
-Content tree (PS3.16 TID 1500, built with ``highdicom.sr.MeasurementReport``)::
+Circle SR (``build_circle_sr``, ``sr.dcm``), title DCM 126000 "Imaging Measurement Report"::
 
     Imaging Measurement Report
       Language, observation context (device observer = this node), procedure reported
@@ -9,33 +9,57 @@ Content tree (PS3.16 TID 1500, built with ``highdicom.sr.MeasurementReport``)::
         Measurement Group "liverfat liver ROI n"   (TID 1410, one per circle)
           tracking identifier + UID (the same as the ROI's SEG segment)
           CIRCLE image region on its source CT slice
-          finding site Liver, algorithm identification (TID 4019)
-          Attenuation Coefficient [hnsf'U], derivation Mean
-          Attenuation Coefficient [hnsf'U], derivation Standard Deviation
-          Area [mm2]
-        Measurement Group "liverfat liver"          (TID 1411)
-          Referenced Segment: SEG segment 1 (liver)
-          Attenuation Coefficient, Mean, method DL-volumetric; Volume [ml]
-        Measurement Group "liverfat steatosis"      (TID 1501)
-          finding Steatosis of liver, finding site Liver
+          algorithm identification (TID 4019)
+          Attenuation Coefficient [hnsf'U], derivation Mean, finding site Liver
+            HAS PROPERTIES Standard Deviation [hnsf'U]   (TID 310/311 statistical property)
+          Area [mm2], finding site Liver
+
+Summary SR (``build_summary_sr``, ``sr-summary.dcm``), title LN 18748-4 "Diagnostic Imaging Report"::
+
+    Diagnostic Imaging Report
+      Language, observation context, procedure reported
+      Image Library (the ROI slices, when there are ROIs)
+      Imaging Measurements
+        Measurement Group "liverfat steatosis"      (TID 1501; first, so a text view opens on the grade)
+          finding Steatosis of liver, finding site Liver, algorithm (grading, threshold)
           Attenuation Coefficient, Mean, method DL-parenchymal (and DL-axial)
           Threshold Attenuation Coefficient [hnsf'U]
           Steatosis of liver (severity moderate to severe): Present / Absent / Undetermined
+          source images: the ROI slices
           TEXT Summary: the grade in words; TEXT Comment: each reason when withheld, each warning
+        Measurement Group "liverfat liver"          (TID 1411, when a SEG was written)
+          Referenced Segment: SEG segment 1 (liver), source series (not every slice)
+          Attenuation Coefficient, Mean, method DL-volumetric; Volume [ml]
 
-OHIF caveats (OHIF v3, ``extensions/cornerstone-dicom-sr``), which shaped the encoding:
+Why two documents, and why these encodings (OHIF v3.13, ``extensions/cornerstone-dicom-sr``):
 
-- OHIF draws only groups with a SCOORD, keyed by the Tracking Unique Identifier, and
-  labels them with the NUM items as "CodeMeaning: value unit". The circles therefore
-  are TID 1410 groups with a CIRCLE SCOORD on the source slice, in (column, row) image
-  coordinates where (0.5, 0.5) is the centre of the first pixel (PS3.3 C.18.6, SCOORD).
-  The SD carries the same concept name as the mean (only the derivation differs), so
-  OHIF shows two "Attenuation Coefficient" labels per circle: the first is the mean.
-- OHIF does not show CODE items (the grade) or TEXT items at all; the grade is readable
-  in OHIF through the key image, and in any SR text renderer through the Summary TEXT.
-- OHIF reads the Image Library unconditionally, so it is always written.
-- For groups without a SCOORD OHIF reads each NUM's ContentSequence without checking
-  that it exists; every NUM here therefore has children (finding site at least).
+- OHIF treats a document titled 126000 as a measurement report: it draws every group
+  that has an image region, keyed by the Tracking Unique Identifier, and labels it with
+  the group's NUM items as "CodeMeaning: value unit". A 126000 group *without* an image
+  region makes it crash (``Cannot read properties of undefined (reading
+  'ReferencedSOPSequence')``), so the circle SR holds the three ROI groups and nothing else.
+  Circles are CIRCLE SCOORDs on the source slice, in (column, row) image coordinates
+  where (0.5, 0.5) is the centre of the first pixel (PS3.3 C.18.6, SCOORD).
+- The SD is a property of the mean (TID 300 row "Measurement Properties", TID 311), not a
+  second "Attenuation Coefficient" NUM: OHIF labelled such a NUM as a second
+  "Attenuation Coefficient", which a reader takes for a second mean. OHIF now shows
+  ``Attenuation Coefficient: <mean> [hnsf'U]`` and ``Area`` per circle.
+- The ROI groups carry no group-level finding site; finding site Liver is on each NUM.
+- OHIF shows no CODE or TEXT item of a 126000 report, and renders any other title as a
+  plain text page of the content tree. The summary SR therefore has another title and
+  carries the grade in words (the Summary TEXT), so a radiologist reads it in OHIF; the
+  grade group comes first so that sentence is on screen without scrolling, and the liver
+  group cites the source *series* (``SourceSeriesForSegmentation``) instead of every slice,
+  which OHIF would print as one "[IMAGE is not supported]" line per slice.
+- The summary's title: TID 1500 row 1 takes its title from DCID 7021 "Measurement Report
+  Document Title", an *extensible* context group (PS3.16, version 20141110), so a title
+  outside its four DCM codes is conformant. We use LN 18748-4 "Diagnostic Imaging
+  Report" (CID 7000 "Diagnostic Imaging Report Document Title"), the generic title of an
+  imaging report. The document stays a TID 1500 Measurement Report (built by highdicom's
+  ``MeasurementReport``, read back by ``hd.sr.srread`` as one), so every TID 1500 reader
+  still finds the measurements by their codes; only OHIF's display depends on the title.
+- OHIF reads the Image Library of a 126000 report unconditionally, so the circle SR
+  always has one.
 """
 
 from __future__ import annotations
@@ -62,7 +86,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SERIES_DESCRIPTION = "liverfat steatosis report"
+CIRCLE_SR_ROLE = "sr"
+SUMMARY_SR_ROLE = "sr-summary"
+CIRCLE_SERIES_DESCRIPTION = "liverfat ROI measurements"
+SUMMARY_SERIES_DESCRIPTION = "liverfat steatosis summary"
 GRADE_TRACKING_ID = "liverfat steatosis"
 GRADING_ALGORITHM_NAME = "liverfat DL-parenchymal grading"
 
@@ -71,6 +98,12 @@ _GRADE_VALUE = {
     Grade.NONE_OR_MILD: codes.ABSENT,
     Grade.NOT_GRADED: codes.UNDETERMINED,
 }
+
+_Group = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 
 @dataclass(frozen=True)
@@ -122,6 +155,7 @@ def _hu(
     *,
     derivation: hd.sr.CodedConcept | None = None,
     method: hd.sr.CodedConcept | None = None,
+    properties: hd.sr.MeasurementProperties | None = None,
 ) -> hd.sr.Measurement:
     return hd.sr.Measurement(
         name=name,
@@ -130,6 +164,7 @@ def _hu(
         derivation=derivation,
         method=method,
         finding_sites=[hd.sr.FindingSite(codes.LIVER)],
+        properties=properties,
     )
 
 
@@ -139,9 +174,26 @@ def _quantity(name: hd.sr.CodedConcept, value: float, unit: hd.sr.CodedConcept) 
     )
 
 
+def _mean_with_sd(mean_hu: float, sd_hu: float) -> hd.sr.Measurement:
+    """Mean attenuation whose standard deviation is a statistical property of it (TID 311)."""
+    sd = hd.sr.NumContentItem(
+        name=codes.STANDARD_DEVIATION,
+        value=round(float(sd_hu), 2),
+        unit=codes.HOUNSFIELD_UNIT,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES,
+    )
+    statistics = hd.sr.MeasurementStatisticalProperties(values=[sd])
+    return _hu(
+        codes.ATTENUATION_COEFFICIENT,
+        mean_hu,
+        derivation=codes.MEAN,
+        properties=hd.sr.MeasurementProperties(measurement_statistical_properties=statistics),
+    )
+
+
 def _roi_group(
     series: CTSeries, roi: RoiMeasurement, uids: OutputUids, algorithm: hd.sr.AlgorithmIdentification
-) -> tuple[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations, int]:
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     circle = place_circle(series.datasets, roi.centre_lps, roi.radius_mm)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
@@ -149,22 +201,19 @@ def _roi_group(
         source_image=hd.sr.SourceImageForRegion.from_source_image(series.datasets[circle.slice_index]),
     )
     tracking_id = roi_tracking_id(roi.label)
-    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(identifier=tracking_id, uid=uids.tracking(tracking_id)),
         referenced_region=region,
-        finding_sites=[hd.sr.FindingSite(codes.LIVER)],
         algorithm_id=algorithm,
         measurements=[
-            _hu(codes.ATTENUATION_COEFFICIENT, roi.mean_hu, derivation=codes.MEAN),
-            _hu(codes.ATTENUATION_COEFFICIENT, roi.sd_hu, derivation=codes.STANDARD_DEVIATION),
+            _mean_with_sd(roi.mean_hu, roi.sd_hu),
             _quantity(codes.AREA, roi.area_mm2, codes.SQUARE_MILLIMETER),
         ],
     )
-    return group, circle.slice_index
 
 
 def _liver_group(
-    result: AnalysisResult, seg: hd.seg.Segmentation, uids: OutputUids
+    series: CTSeries, result: AnalysisResult, seg: hd.seg.Segmentation, uids: OutputUids
 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     measurements = []
     if result.volumetric_hu is not None:
@@ -178,11 +227,17 @@ def _liver_group(
         model = hd.sr.AlgorithmIdentification(
             name=result.model.name, version=result.model.version, family=codes.ARTIFICIAL_INTELLIGENCE
         )
+    segment = hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=LIVER_SEGMENT,
+        source_series=hd.sr.SourceSeriesForSegmentation(series.series_uid),
+    )
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             identifier=LIVER_TRACKING_ID, uid=uids.tracking(LIVER_TRACKING_ID)
         ),
-        referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, segment_number=LIVER_SEGMENT),
+        referenced_segment=segment,
         finding_category=codes.ANATOMICAL_STRUCTURE,
         finding_type=codes.LIVER,
         finding_sites=[hd.sr.FindingSite(codes.LIVER)],
@@ -246,7 +301,7 @@ def _grade_group(
         ),
         measurements=measurements,
         qualitative_evaluations=[grade_evaluation(result.grade)],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources],
+        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources] or None,
     )
     texts = [(codes.SUMMARY, grade_sentence(result))]
     findings = (*(result.reasons if result.grade is Grade.NOT_GRADED else ()), *result.warnings)
@@ -274,48 +329,41 @@ def device_observer(site: OutputSettings) -> hd.sr.ObservationContext:
     )
 
 
-def build_sr(
-    series: CTSeries,
-    result: AnalysisResult,
-    seg: hd.seg.Segmentation | None,
-    uids: OutputUids,
-    site: OutputSettings,
-    created: datetime,
+def _roi_slices(series: CTSeries, result: AnalysisResult) -> list[Dataset]:
+    """The source slices the circles lie on, in series order."""
+    indices = {place_circle(series.datasets, roi.centre_lps, roi.radius_mm).slice_index for roi in result.rois}
+    return [series.datasets[k] for k in sorted(indices)]
+
+
+@dataclass(frozen=True)
+class _Document:
+    """What differs between the two SR documents; everything else is shared."""
+
+    role: str
+    title: hd.sr.CodedConcept
+    series_number: int
+    series_description: str
+    groups: list[_Group]
+    library: list[Dataset]
+    evidence: list[Dataset]
+
+
+def _comprehensive_sr(
+    document: _Document, result: AnalysisResult, uids: OutputUids, site: OutputSettings, created: datetime
 ) -> hd.sr.Comprehensive3DSR:
-    """The TID 1500 report of ``result``; ``seg`` (when written) is referenced by the liver group."""
-    roi_algorithm = hd.sr.AlgorithmIdentification(
-        name=ROI_ALGORITHM_NAME, version=result.software_version, family=codes.MORPHOLOGICAL_OPERATIONS
-    )
-    groups: list[
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ] = []
-    roi_slices: list[int] = []
-    for roi in sorted(result.rois, key=lambda r: r.label):
-        group, k = _roi_group(series, roi, uids, roi_algorithm)
-        groups.append(group)
-        roi_slices.append(k)
-    if seg is not None:
-        groups.append(_liver_group(result, seg, uids))
-    slice_indices = sorted(set(roi_slices)) or [len(series.datasets) // 2]
-    sources = [series.datasets[k] for k in slice_indices]
-    groups.append(_grade_group(result, sources, uids))
     report = hd.sr.MeasurementReport(
         observation_context=device_observer(site),
         procedure_reported=codes.CT_UNSPECIFIED_BODY_REGION,
-        imaging_measurements=groups,
-        title=codes.IMAGING_MEASUREMENT_REPORT,
-        referenced_images=sources,
+        imaging_measurements=document.groups,
+        title=document.title,
+        referenced_images=document.library or None,
     )
-    # the liver group's Referenced Segment cites every source slice of the liver segment
-    evidence = list(series.datasets) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
-        evidence=evidence,
+        evidence=document.evidence,
         content=report,
-        series_instance_uid=uids.series("sr"),
-        series_number=site.sr_series_number,
-        sop_instance_uid=uids.instance("sr"),
+        series_instance_uid=uids.series(document.role),
+        series_number=document.series_number,
+        sop_instance_uid=uids.instance(document.role),
         instance_number=1,
         manufacturer=site.manufacturer,
         is_complete=True,
@@ -323,7 +371,7 @@ def build_sr(
         is_verified=False,
         institution_name=site.institution_name,
         institutional_department_name=site.institutional_department_name,
-        series_description=SERIES_DESCRIPTION,
+        series_description=document.series_description,
         manufacturer_model_name=site.model_name,
         software_versions=result.software_version,
         device_serial_number=site.device_serial_number,
@@ -334,5 +382,66 @@ def build_sr(
     )
     sr.StationName = site.station_name
     stamp_instance_creation(sr, created)
-    logger.info("SR %s: %d measurement groups", sr.SOPInstanceUID, len(groups))
+    logger.info("SR %s (%s): %d measurement groups", sr.SOPInstanceUID, document.role, len(document.groups))
     return sr
+
+
+def build_circle_sr(
+    series: CTSeries, result: AnalysisResult, uids: OutputUids, site: OutputSettings, created: datetime
+) -> hd.sr.Comprehensive3DSR:
+    """The Imaging Measurement Report with one CIRCLE group per ROI (what OHIF draws).
+
+    Raises
+    ------
+    ValueError
+        When ``result`` has no ROIs (a TID 1500 report needs at least one group);
+        ``write_outputs`` writes no circle SR then.
+    """
+    if not result.rois:
+        raise ValueError(f"result for series {result.series_uid} has no ROIs; a circle SR needs at least one")
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=ROI_ALGORITHM_NAME, version=result.software_version, family=codes.MORPHOLOGICAL_OPERATIONS
+    )
+    rois = sorted(result.rois, key=lambda r: r.label)
+    groups: list[_Group] = [_roi_group(series, roi, uids, algorithm) for roi in rois]
+    document = _Document(
+        role=CIRCLE_SR_ROLE,
+        title=codes.IMAGING_MEASUREMENT_REPORT,
+        series_number=site.sr_series_number,
+        series_description=CIRCLE_SERIES_DESCRIPTION,
+        groups=groups,
+        library=_roi_slices(series, result),
+        evidence=list(series.datasets),
+    )
+    return _comprehensive_sr(document, result, uids, site, created)
+
+
+def build_summary_sr(
+    series: CTSeries,
+    result: AnalysisResult,
+    seg: hd.seg.Segmentation | None,
+    uids: OutputUids,
+    site: OutputSettings,
+    created: datetime,
+) -> hd.sr.Comprehensive3DSR:
+    """The grade, DL-parenchymal/-axial, threshold and reasons, then the liver group (if ``seg``).
+
+    Written for every result, graded or not; OHIF shows it as a text page (see the
+    module docstring for the title). ``seg`` (when written) is referenced by the liver
+    group. Only the source datasets of ``series`` are read, so a headers-only series
+    works for a result without ROIs (the "not applicable" report of a rejected series).
+    """
+    sources = _roi_slices(series, result)
+    groups: list[_Group] = [_grade_group(result, sources, uids)]
+    if seg is not None:
+        groups.append(_liver_group(series, result, seg, uids))
+    document = _Document(
+        role=SUMMARY_SR_ROLE,
+        title=codes.DIAGNOSTIC_IMAGING_REPORT,
+        series_number=site.sr_summary_series_number,
+        series_description=SUMMARY_SERIES_DESCRIPTION,
+        groups=groups,
+        library=sources,
+        evidence=list(series.datasets) + ([seg] if seg is not None else []),
+    )
+    return _comprehensive_sr(document, result, uids, site, created)

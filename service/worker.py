@@ -25,10 +25,10 @@ import numpy as np
 from pydicom.filereader import read_file_meta_info
 
 from liverfat.dicom_io.errors import LiverfatError
-from liverfat.dicom_io.outputs import SR_FILE, OutputSettings
+from liverfat.dicom_io.outputs import SR_SUMMARY_FILE, OutputSettings
 from liverfat.dicom_io.read import discover
 from liverfat.dicom_io.series import CTSeries, SeriesFiles
-from liverfat.dicom_io.sr import build_sr
+from liverfat.dicom_io.sr import build_summary_sr
 from liverfat.dicom_io.uids import output_uids
 from liverfat.dicom_io.volume import Volume
 from liverfat.inference.backend import Backend
@@ -134,16 +134,18 @@ def _analyze(job: Job, spool: Spool, config: NodeConfig, models: ModelCache) -> 
 def write_not_applicable_sr(files: SeriesFiles, result: AnalysisResult, out_dir: Path) -> Path:
     """The short "not applicable" SR of a rejected series: its reasons, no measurement, from headers only.
 
-    ``build_sr`` reads only the source datasets of a ``CTSeries`` (for evidence, patient and
-    study), so a headers-only series with a one-voxel placeholder volume is enough. Its UIDs
-    are derived from the result like every other output, so a rewrite gives the same SR.
+    It is the summary SR (``sr-summary.dcm``, shown as text by OHIF) of a result without ROIs
+    or SEG. ``build_summary_sr`` reads only the source datasets of a ``CTSeries`` (for
+    evidence, patient and study), so a headers-only series with a one-voxel placeholder
+    volume is enough. Its UIDs are derived from the result like every other output, so a
+    rewrite gives the same SR.
     """
     site = OutputSettings()
     series = CTSeries(volume=Volume(np.zeros((1, 1, 1), dtype=np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
                       series_uid=files.series_uid, study_uid=result.study_uid, datasets=files.headers,
                       source_files=files.files)  # fmt: skip
-    sr = build_sr(series, result, None, output_uids(result, site.digest()), site, datetime.now())
-    path = out_dir / SR_FILE
+    sr = build_summary_sr(series, result, None, output_uids(result, site.digest()), site, datetime.now())
+    path = out_dir / SR_SUMMARY_FILE
     partial = path.with_name(path.name + ".partial")
     sr.save_as(partial, enforce_file_format=True)
     partial.replace(path)

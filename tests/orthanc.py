@@ -6,6 +6,9 @@ REST calls, a node under test) runs inside the same namespace through ``ip netns
 Needs root (for ``ip netns add``), ``/usr/sbin/Orthanc`` and DCMTK's ``storescu``;
 ``orthanc_server`` skips the test with a message saying which is missing.
 
+Plugins (``plugins``) and their configuration sections (``extra_config``, merged over the
+defaults) make the same server a DICOMweb back end, as the OHIF viewer test needs.
+
 Usage::
 
     with orthanc_server(tmp_path) as orthanc:
@@ -39,6 +42,8 @@ STORESCU = "storescu"
 AET = "ORTHANC"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0
+#: Configuration keys ``orthanc_server`` decides itself (``OrthancServer`` reports them).
+MANAGED_KEYS = frozenset({"StorageDirectory", "IndexDirectory", "HttpPort", "DicomPort", "DicomAet"})
 
 _FREE_PORTS = (
     "import socket, sys\n"
@@ -113,14 +118,19 @@ def _missing_requirement() -> str | None:
 
 
 def _config(
-    storage: Path, http_port: int, dicom_port: int, modalities: dict[str, Any], lua_scripts: Sequence[Path]
+    storage: Path,
+    http_port: int,
+    dicom_port: int,
+    modalities: dict[str, Any],
+    lua_scripts: Sequence[Path],
+    plugins: Sequence[Path],
 ) -> dict[str, Any]:
     return {
         "Name": "LIVERFAT-TEST",
         "StorageDirectory": str(storage),
         "IndexDirectory": str(storage),
         "StorageCompression": False,
-        "Plugins": [],
+        "Plugins": [str(path) for path in plugins],
         "LuaScripts": [str(path) for path in lua_scripts],
         "HttpServerEnabled": True,
         "HttpPort": http_port,
@@ -171,13 +181,24 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def orthanc_server(
-    folder: Path, *, modalities: dict[str, Any] | None = None, lua_scripts: Sequence[Path] = ()
+    folder: Path,
+    *,
+    modalities: dict[str, Any] | None = None,
+    lua_scripts: Sequence[Path] = (),
+    plugins: Sequence[Path] = (),
+    extra_config: dict[str, Any] | None = None,
 ) -> Iterator[OrthancServer]:
     """Start Orthanc with its storage under ``folder`` in a new namespace; stop and clean up after.
 
     ``modalities`` becomes Orthanc's ``DicomModalities`` (for a node under test that runs in
-    the same namespace, reached as ``127.0.0.1``).
+    the same namespace, reached as ``127.0.0.1``). ``plugins`` are the shared libraries
+    Orthanc loads; ``extra_config`` is merged over the default configuration last, so it
+    can add a plugin's section (``DicomWeb``) or change any default (``Name``, ...) except
+    the ``MANAGED_KEYS`` (ports, storage, AE title), which raise ``ValueError``.
     """
+    clashing = MANAGED_KEYS & set(extra_config or {})
+    if clashing:
+        raise ValueError(f"extra_config must not set {sorted(clashing)}: orthanc_server chooses them")
     missing = _missing_requirement()
     if missing:
         pytest.skip(f"real Orthanc test not possible: {missing}")
@@ -194,7 +215,9 @@ def orthanc_server(
         storage = folder / "orthanc-storage"
         storage.mkdir(parents=True, exist_ok=True)
         config = folder / "orthanc.json"
-        config.write_text(json.dumps(_config(storage, http_port, dicom_port, modalities or {}, lua_scripts), indent=2))
+        settings = {**_config(storage, http_port, dicom_port, modalities or {}, lua_scripts, plugins),
+                    **(extra_config or {})}  # fmt: skip
+        config.write_text(json.dumps(settings, indent=2))
         log = folder / "orthanc.log"
         server = OrthancServer(netns, http_port, dicom_port, _launch(netns, config, log), storage, log, config)
         _wait_ready(server)

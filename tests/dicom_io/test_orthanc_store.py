@@ -1,4 +1,4 @@
-"""A real Orthanc accepts SEG, SR and key image by C-STORE and files them in the source study."""
+"""A real Orthanc accepts SEG, both SRs and key image by C-STORE and files them in the source study."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from tests.orthanc import orthanc_server
 
 
 @pytest.mark.slow
-def test_orthanc_files_the_outputs_as_three_new_series_of_the_source_study(tmp_path: Path) -> None:
+def test_orthanc_files_the_outputs_as_four_new_series_of_the_source_study(tmp_path: Path) -> None:
     series, liver = phantom_series(tmp_path / "ct")
     outputs = write_outputs(series, make_result(series, liver), tmp_path / "out", created_at=datetime(2024, 5, 6))
     expected = {
@@ -36,4 +36,4 @@ def test_orthanc_files_the_outputs_as_three_new_series_of_the_source_study(tmp_p
             stored[tags["SeriesInstanceUID"]] = (tags["Modality"], tags.get("SeriesDescription"), instances)
     assert len(stored.pop(series.series_uid)[2]) == len(series.datasets)
     assert stored == {uid: (modality, description, [sop]) for uid, (modality, description, sop) in expected.items()}
-    assert sorted(modality for modality, _, _ in stored.values()) == ["OT", "SEG", "SR"]
+    assert sorted(modality for modality, _, _ in stored.values()) == ["OT", "SEG", "SR", "SR"]

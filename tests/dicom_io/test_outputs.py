@@ -1,4 +1,4 @@
-"""write_outputs: three valid objects (dciodvfy), new series of the source study, deterministic UIDs."""
+"""write_outputs: four valid objects (dciodvfy), new series of the source study, deterministic UIDs."""
 
 from __future__ import annotations
 
@@ -25,10 +25,11 @@ from tests.dicom_io.output_cases import (
 )
 
 CREATED = datetime(2024, 5, 6, 7, 8, 9)
-FILES = ("seg.dcm", "sr.dcm", "keyimage.dcm")
+FILES = ("seg.dcm", "sr.dcm", "sr-summary.dcm", "keyimage.dcm")
 DESCRIPTIONS = {
     "seg.dcm": "liverfat liver SEG",
-    "sr.dcm": "liverfat steatosis report",
+    "sr.dcm": "liverfat ROI measurements",
+    "sr-summary.dcm": "liverfat steatosis summary",
     "keyimage.dcm": "liverfat key image",
 }
 
@@ -50,7 +51,7 @@ def _uids(paths: list[Path]) -> list[tuple[str, str]]:
     return [(dataset.SeriesInstanceUID, dataset.SOPInstanceUID) for dataset in datasets]
 
 
-def test_three_objects_join_the_source_study_as_one_new_series_each(
+def test_four_objects_join_the_source_study_as_one_new_series_each(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], written: list[Path]
 ) -> None:
     series, _, _ = case
@@ -64,7 +65,8 @@ def test_three_objects_join_the_source_study_as_one_new_series_each(
         assert dataset.SeriesDescription == DESCRIPTIONS[path.name]
         assert dataset.SeriesInstanceUID.startswith("2.25.") and dataset.SOPInstanceUID.startswith("2.25.")
     series_uids = {dataset.SeriesInstanceUID for dataset in datasets}
-    assert len(series_uids) == 3 and source.SeriesInstanceUID not in series_uids
+    assert len(series_uids) == 4 and source.SeriesInstanceUID not in series_uids
+    assert sorted(int(dataset.SeriesNumber) for dataset in datasets) == [9901, 9902, 9903, 9904]
 
 
 @pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (Debian package dicom3tools) is not installed")
@@ -156,7 +158,7 @@ def test_other_site_settings_get_new_uids(
     assert all(old[1] != new[1] for old, new in zip(_uids(written), _uids(other)))
 
 
-def test_without_liver_only_the_report_and_key_image_are_written(
+def test_without_liver_only_the_summary_report_and_key_image_are_written(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], tmp_path: Path
 ) -> None:
     series, _, result = case
@@ -170,7 +172,7 @@ def test_without_liver_only_the_report_and_key_image_are_written(
         ),
     )
     paths = write_outputs(series, no_liver, tmp_path, created_at=CREATED)
-    assert [path.name for path in paths] == ["sr.dcm", "keyimage.dcm"]
+    assert [path.name for path in paths] == ["sr-summary.dcm", "keyimage.dcm"]
     if dciodvfy_available():
         assert all(dciodvfy_errors(path) == [] for path in paths)
 
@@ -220,7 +222,8 @@ def test_character_set_is_the_sources_unless_site_text_needs_utf8(
 
 @pytest.mark.parametrize(
     ("setting", "value"),
-    [("station_name", "A-STATION-NAME-LONGER-THAN-16"), ("manufacturer", ""), ("sr_series_number", 0)],
+    [("station_name", "A-STATION-NAME-LONGER-THAN-16"), ("manufacturer", ""), ("sr_series_number", 0),
+     ("sr_summary_series_number", 2**31)],
 )
 def test_invalid_site_settings_are_refused(setting: str, value: object) -> None:
     with pytest.raises(ValueError, match=setting):

@@ -1,4 +1,8 @@
-"""TID 1500 SR: measurements, units, codes and references read back; circles match the SEG ROIs."""
+"""The two TID 1500 SRs: measurements, units, codes and references read back; circles match the SEG ROIs.
+
+The circle SR (title Imaging Measurement Report) holds only the ROI circles, which OHIF draws;
+the summary SR (another title, which OHIF shows as text) holds the grade first, then the liver.
+"""
 
 from __future__ import annotations
 
@@ -19,15 +23,16 @@ from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.dicom_io.outputs import OutputSettings
 from liverfat.dicom_io.seg import LIVER_SEGMENT, build_seg, roi_segment_numbers, roi_tracking_id
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.sr import GRADE_TRACKING_ID, build_sr, grade_sentence, place_circle
+from liverfat.dicom_io.sr import GRADE_TRACKING_ID, build_circle_sr, build_summary_sr, grade_sentence, place_circle
 from liverfat.dicom_io.uids import output_uids
-from liverfat.result import USER_MASK, AnalysisResult, Grade
+from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement
 from tests.dicom_io.output_cases import make_result, not_graded, phantom_series
 
 ALGORITHM_NAME = "111001"
 ALGORITHM_VERSION = "111003"
 Case = tuple[CTSeries, np.ndarray]
-Graded = tuple[CTSeries, AnalysisResult, hd.sr.Comprehensive3DSR, hd.seg.Segmentation]
+SR = hd.sr.Comprehensive3DSR
+Graded = tuple[CTSeries, AnalysisResult, SR, SR, hd.seg.Segmentation]
 SITE = OutputSettings(station_name="LIVERFAT-TEST", device_uid="2.25.1234")
 CREATED = datetime(2024, 5, 6, 7, 8, 9)
 
@@ -37,27 +42,31 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     return phantom_series(tmp_path_factory.mktemp("ct"))
 
 
-def written(
-    series: CTSeries, result: AnalysisResult, folder: Path
-) -> tuple[hd.sr.Comprehensive3DSR, hd.seg.Segmentation]:
-    """SR and SEG written to files and read back by highdicom."""
+def written(series: CTSeries, result: AnalysisResult, folder: Path) -> tuple[SR, SR, hd.seg.Segmentation]:
+    """Circle SR, summary SR and SEG written to files and read back by highdicom."""
     uids = output_uids(result)
     seg = build_seg(series, result, uids, SITE, CREATED)
-    sr = build_sr(series, result, seg, uids, SITE, CREATED)
     seg.save_as(folder / "seg.dcm", enforce_file_format=True)
-    sr.save_as(folder / "sr.dcm", enforce_file_format=True)
-    return hd.sr.srread(folder / "sr.dcm"), hd.seg.segread(folder / "seg.dcm")
+    build_circle_sr(series, result, uids, SITE, CREATED).save_as(folder / "sr.dcm", enforce_file_format=True)
+    summary = build_summary_sr(series, result, seg, uids, SITE, CREATED)
+    summary.save_as(folder / "sr-summary.dcm", enforce_file_format=True)
+    return hd.sr.srread(folder / "sr.dcm"), hd.sr.srread(folder / "sr-summary.dcm"), hd.seg.segread(folder / "seg.dcm")
+
+
+def summary_of(series: CTSeries, result: AnalysisResult, folder: Path) -> SR:
+    """Only the summary SR of ``result`` (written and read back)."""
+    return written(series, result, folder)[1]
 
 
 @pytest.fixture(scope="module")
 def graded(case: Case, tmp_path_factory: pytest.TempPathFactory) -> Graded:
     series, liver = case
     result = make_result(series, liver)
-    sr, seg = written(series, result, tmp_path_factory.mktemp("out"))
-    return series, result, sr, seg
+    circles, summary, seg = written(series, result, tmp_path_factory.mktemp("out"))
+    return series, result, circles, summary, seg
 
 
-def _report(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementReport:
+def _report(sr: SR) -> hd.sr.MeasurementReport:
     return cast(hd.sr.MeasurementReport, sr.content)
 
 
@@ -73,37 +82,59 @@ def _circle_source_uid(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluatio
     return str(group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
 
 
+def _by_label(result: AnalysisResult) -> list[RoiMeasurement]:
+    return sorted(result.rois, key=lambda r: r.label)
+
+
 def _by_sop_uid(series: CTSeries) -> dict[str, int]:
     return {ds.SOPInstanceUID: k for k, ds in enumerate(series.datasets)}
 
 
+def _children(item: Dataset, relationship: str, code_value: str) -> list[Dataset]:
+    return [child for child in item.get("ContentSequence", []) if child.RelationshipType == relationship
+            and child.ConceptNameCodeSequence[0].CodeValue == code_value]  # fmt: skip
+
+
 def test_each_roi_is_a_circle_group_on_its_source_slice(graded: Graded) -> None:
-    series, result, sr, _ = graded
+    series, result, circles, _, _ = graded
     uids = output_uids(result)
-    groups = _report(sr).get_planar_roi_measurement_groups()
+    groups = _report(circles).get_planar_roi_measurement_groups()
     assert len(groups) == 3
-    for roi, group in zip(sorted(result.rois, key=lambda r: r.label), groups):
+    for roi, group in zip(_by_label(result), groups):
         assert group.tracking_identifier == roi_tracking_id(roi.label)
         assert group.tracking_uid == uids.tracking(roi_tracking_id(roi.label))
         assert group.roi.graphic_type == hd.sr.GraphicTypeValues.CIRCLE
         k = _by_sop_uid(series)[_circle_source_uid(group)]
         assert k == roi.slice_index  # the circles were placed on source slices
-        assert [_code(site.value) for site in group.finding_sites] == [("10200004", "SCT")]
-        mean, sd, area = group.get_measurements()
+        assert group.finding_sites == []  # on the NUMs only
+        mean, area = group.get_measurements()
         assert (_code(mean.name), _code(mean.unit), _code(mean.derivation)) == (
             ("112031", "DCM"), ("[hnsf'U]", "UCUM"), ("373098007", "SCT"))
+        assert [_code(site.value) for site in mean.finding_sites] == [("10200004", "SCT")]
         assert mean.value == pytest.approx(roi.mean_hu, abs=0.01)
-        assert (_code(sd.name), _code(sd.derivation)) == (("112031", "DCM"), _code(codes.STANDARD_DEVIATION))
-        assert sd.value == pytest.approx(roi.sd_hu, abs=0.01)
-        assert (_code(area.name), _code(area.unit)) == (("42798000", "SCT"), ("mm2", "UCUM"))
+        (area_site,) = area.finding_sites
+        assert (_code(area.name), _code(area.unit), _code(area_site.value)) == (
+            ("42798000", "SCT"), ("mm2", "UCUM"), ("10200004", "SCT"))
         assert area.value == pytest.approx(roi.area_mm2, abs=0.1)
 
 
+def test_roi_sd_is_a_statistical_property_of_the_mean_not_a_second_attenuation(graded: Graded) -> None:
+    """OHIF labels every group-level NUM; an SD with the mean's concept name read as a second mean."""
+    _, result, circles, _, _ = graded
+    for roi, group in zip(_by_label(result), _report(circles).get_planar_roi_measurement_groups()):
+        numbers = [item for item in group[0].ContentSequence if item.ValueType == "NUM"]
+        assert [item.ConceptNameCodeSequence[0].CodeValue for item in numbers] == ["112031", "42798000"]
+        (sd,) = _children(numbers[0], "HAS PROPERTIES", codes.STANDARD_DEVIATION.value)
+        assert sd.ValueType == "NUM"
+        assert sd.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "[hnsf'U]"
+        assert float(sd.MeasuredValueSequence[0].NumericValue) == pytest.approx(roi.sd_hu, abs=0.01)
+
+
 def test_sr_circles_coincide_with_the_seg_roi_pixels(graded: Graded) -> None:
-    series, result, sr, seg = graded
+    series, result, circles, _, seg = graded
     numbers = roi_segment_numbers(result)
     positions = _by_sop_uid(series)
-    for roi, group in zip(sorted(result.rois, key=lambda r: r.label), _report(sr).get_planar_roi_measurement_groups()):
+    for roi, group in zip(_by_label(result), _report(circles).get_planar_roi_measurement_groups()):
         source_uid = _circle_source_uid(group)
         (centre, perimeter) = group.roi.value
         pixels = seg.get_pixels_by_source_instance(
@@ -119,14 +150,26 @@ def test_sr_circles_coincide_with_the_seg_roi_pixels(graded: Graded) -> None:
         assert radius_px == pytest.approx(np.sqrt(len(rows) / np.pi), abs=0.5)
 
 
-def test_liver_group_references_the_seg_liver_segment(graded: Graded) -> None:
-    _, result, sr, seg = graded
-    (group,) = _report(sr).get_volumetric_roi_measurement_groups()
-    (segment,) = [item for item in group.referenced_segment if item.ValueType == "IMAGE"
-                  and item.ConceptNameCodeSequence[0].CodeMeaning == "Referenced Segment"]
-    reference = segment.ReferencedSOPSequence[0]
+def test_circle_sr_holds_only_groups_with_an_image_region(graded: Graded) -> None:
+    """OHIF 3.13 crashes on a 126000 measurement group without an image region."""
+    _, _, circles, _, _ = graded
+    report = _report(circles)
+    assert report.get_volumetric_roi_measurement_groups() == []
+    assert report.get_image_measurement_groups() == []
+    assert len(report.get_planar_roi_measurement_groups()) == 3
+
+
+def test_liver_group_references_the_seg_liver_segment_and_the_source_series(graded: Graded) -> None:
+    series, result, _, summary, seg = graded
+    (group,) = _report(summary).get_volumetric_roi_measurement_groups()
+    images = [item for item in group[0].ContentSequence if item.ValueType == "IMAGE"]
+    assert [item.ConceptNameCodeSequence[0].CodeMeaning for item in images] == ["Referenced Segment"]
+    reference = images[0].ReferencedSOPSequence[0]
     assert (reference.ReferencedSOPInstanceUID, reference.ReferencedSegmentNumber) == (
         seg.SOPInstanceUID, LIVER_SEGMENT)
+    (source,) = [item for item in group[0].ContentSequence if item.ValueType == "UIDREF"
+                 and item.ConceptNameCodeSequence[0].CodeMeaning == "Source Series for Segmentation"]
+    assert source.UID == series.series_uid
     mean, volume = group.get_measurements()
     assert (_code(mean.name), _code(mean.derivation), _code(mean.method)) == (
         ("112031", "DCM"), ("373098007", "SCT"), _code(codes.DL_VOLUMETRIC))
@@ -149,7 +192,12 @@ def _text_values(group: Template, code_value: str) -> list[str]:
     return found
 
 
-def _grade_group(sr: hd.sr.Comprehensive3DSR) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _measurement_groups(sr: SR) -> list[Dataset]:
+    (measurements,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return list(measurements.ContentSequence)
+
+
+def _grade_group(sr: SR) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     (group,) = _report(sr).get_image_measurement_groups()
     assert group.tracking_identifier == GRADE_TRACKING_ID
     return group
@@ -163,6 +211,19 @@ def _texts(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> dict[str, list
     return texts
 
 
+def test_summary_sr_puts_the_grade_group_first_and_the_liver_second(graded: Graded) -> None:
+    """OHIF shows the summary as a text page in content order: the grade must be on top."""
+    _, _, _, summary, _ = graded
+    tracking_identifier = "112039"
+    identifiers = [
+        next(item.TextValue for item in group.ContentSequence
+             if item.ConceptNameCodeSequence[0].CodeValue == tracking_identifier)
+        for group in _measurement_groups(summary)
+    ]  # fmt: skip
+    assert identifiers == [GRADE_TRACKING_ID, "liverfat liver"]
+    assert _report(summary).get_planar_roi_measurement_groups() == []
+
+
 @pytest.mark.parametrize(
     ("liver_hu", "grade", "value"),
     [(25.0, Grade.MODERATE_TO_SEVERE, codes.PRESENT), (60.0, Grade.NONE_OR_MILD, codes.ABSENT)],
@@ -173,8 +234,7 @@ def test_grade_is_coded_with_threshold_and_readable_text(
     series, liver = phantom_series(tmp_path / "ct", liver_hu=liver_hu)
     result = make_result(series, liver)
     assert result.grade is grade
-    sr, _ = written(series, result, tmp_path)
-    group = _grade_group(sr)
+    group = _grade_group(summary_of(series, result, tmp_path))
     assert _code(group.finding_type) == ("197321007", "SCT")
     (evaluation,) = [
         item for item in group[0].ContentSequence
@@ -197,8 +257,7 @@ def test_grade_is_coded_with_threshold_and_readable_text(
 def test_withheld_grade_is_undetermined_with_reasons_as_text(case: Case, tmp_path: Path) -> None:
     series, liver = case
     result = not_graded(series, liver)
-    sr, _ = written(series, result, tmp_path)
-    group = _grade_group(sr)
+    group = _grade_group(summary_of(series, result, tmp_path))
     (evaluation,) = group.get_qualitative_evaluations()
     assert _code(evaluation.value) == _code(codes.UNDETERMINED)
     assert all(_code(m.method) != _code(codes.DL_PARENCHYMAL) for m in group.get_measurements())
@@ -207,54 +266,82 @@ def test_withheld_grade_is_undetermined_with_reasons_as_text(case: Case, tmp_pat
     assert texts["Comment"] == [f"image_suggests_contrast: {result.reasons[0].message}"]
 
 
-def test_observer_library_and_evidence_reference_this_node_the_roi_slices_and_the_seg(graded: Graded) -> None:
-    series, result, sr, seg = graded
-    (observer,) = _report(sr).get_observer_contexts(observer_type=dcm_codes.DCM.Device)
-    attributes = observer.observer_identifying_attributes
-    assert (attributes.uid, attributes.name) == ("2.25.1234", "LIVERFAT-TEST")
-    root = sr.ContentSequence
-    (library,) = [item for item in root if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
-    listed = {entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-              for group in library.ContentSequence for entry in group.ContentSequence
-              if "ReferencedSOPSequence" in entry}
-    assert listed == {series.datasets[roi.slice_index].SOPInstanceUID for roi in result.rois}
-    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
-    assert sr.SeriesDescription == "liverfat steatosis report"
-    assert sr.StudyInstanceUID == series.datasets[0].StudyInstanceUID
-    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.LIVERFAT_SCHEME
-    evidence = {
+def _library(sr: SR) -> set[str]:
+    (library,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    return {entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for group in library.ContentSequence for entry in group.ContentSequence
+            if "ReferencedSOPSequence" in entry}  # fmt: skip
+
+
+def _evidence(sr: SR) -> set[str]:
+    return {
         instance.ReferencedSOPInstanceUID
         for study in sr.CurrentRequestedProcedureEvidenceSequence
         for referenced in study.ReferencedSeriesSequence
         for instance in referenced.ReferencedSOPSequence
     }
-    assert evidence == {ds.SOPInstanceUID for ds in series.datasets} | {seg.SOPInstanceUID}
 
 
-def _num_items(items: list[Dataset]) -> list[Dataset]:
-    found = []
-    for item in items:
-        if item.ValueType == "NUM":
-            found.append(item)
-        found.extend(_num_items(list(item.get("ContentSequence", []))))
-    return found
+def test_both_reports_name_this_node_the_roi_slices_and_their_evidence(graded: Graded) -> None:
+    series, result, circles, summary, seg = graded
+    roi_slices = {series.datasets[roi.slice_index].SOPInstanceUID for roi in result.rois}
+    ct = {ds.SOPInstanceUID for ds in series.datasets}
+    for sr, evidence in ((circles, ct), (summary, ct | {seg.SOPInstanceUID})):
+        (observer,) = _report(sr).get_observer_contexts(observer_type=dcm_codes.DCM.Device)
+        attributes = observer.observer_identifying_attributes
+        assert (attributes.uid, attributes.name) == ("2.25.1234", "LIVERFAT-TEST")
+        assert _library(sr) == roi_slices
+        assert _evidence(sr) == evidence
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+        assert sr.StudyInstanceUID == series.datasets[0].StudyInstanceUID
+        assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == codes.LIVERFAT_SCHEME
+        assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
 
-def test_every_num_item_has_children_as_ohif_expects(graded: Graded) -> None:
-    _, _, sr, _ = graded
-    (measurements,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
-    numbers = _num_items(list(measurements.ContentSequence))
-    assert len(numbers) == 3 * 3 + 2 + 3
+def test_circle_report_is_an_imaging_measurement_report_and_the_summary_is_not(graded: Graded) -> None:
+    """OHIF draws a 126000 report's circles and shows a report with any other title as text."""
+    _, _, circles, summary, _ = graded
+    title = circles.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("126000", "DCM")
+    title = summary.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
+        "18748-4", "LN", "Diagnostic Imaging Report")
+    assert (circles.SeriesNumber, circles.SeriesDescription) == (9902, "liverfat ROI measurements")
+    assert (summary.SeriesNumber, summary.SeriesDescription) == (9904, "liverfat steatosis summary")
+    assert circles.SeriesInstanceUID != summary.SeriesInstanceUID
+    assert circles.SOPInstanceUID != summary.SOPInstanceUID
+
+
+def _group_numbers(sr: SR) -> list[Dataset]:
+    return [item for group in _measurement_groups(sr) for item in group.ContentSequence if item.ValueType == "NUM"]
+
+
+def test_every_group_level_num_item_has_children_as_ohif_expects(graded: Graded) -> None:
+    """OHIF reads each measurement's ContentSequence without checking that it exists."""
+    _, _, circles, summary, _ = graded
+    numbers = _group_numbers(circles) + _group_numbers(summary)
+    assert len(numbers) == 3 * 2 + 3 + 2
     assert all(len(item.get("ContentSequence", [])) > 0 for item in numbers)
 
 
 def test_user_mask_liver_group_names_no_algorithm(case: Case, tmp_path: Path) -> None:
     series, liver = case
     result = replace(make_result(series, liver), model=USER_MASK)
-    sr, _ = written(series, result, tmp_path)
-    (group,) = _report(sr).get_volumetric_roi_measurement_groups()
+    (group,) = _report(summary_of(series, result, tmp_path)).get_volumetric_roi_measurement_groups()
     assert _text_values(group, ALGORITHM_NAME) == []
+
+
+def test_result_without_rois_has_a_summary_without_images_and_no_circle_report(case: Case) -> None:
+    series, liver = case
+    result = replace(not_graded(series, liver), rois=())
+    uids = output_uids(result)
+    with pytest.raises(ValueError, match="no ROIs"):
+        build_circle_sr(series, result, uids, SITE, CREATED)
+    summary = build_summary_sr(series, result, None, uids, SITE, CREATED)
+    assert [item.ConceptNameCodeSequence[0].CodeValue for item in summary.ContentSequence
+            if item.ValueType == "CONTAINER"] == ["126010"]  # no Image Library  # fmt: skip
+    (group,) = _measurement_groups(summary)
+    assert [item for item in group.ContentSequence if item.ValueType == "IMAGE"] == []
 
 
 def test_place_circle_uses_half_pixel_image_coordinates_on_the_nearest_slice(case: Case) -> None:
@@ -276,5 +363,5 @@ def test_warnings_of_a_graded_result_are_listed_as_comments(case: Case, tmp_path
     series, liver = case
     warning = Finding(Reason.ROI_ON_VESSEL, "ROI 2 mean 20 HU above the other two")
     result = replace(make_result(series, liver), warnings=(warning,))
-    sr, _ = written(series, result, tmp_path)
-    assert _texts(_grade_group(sr))["Comment"] == ["roi_on_vessel: ROI 2 mean 20 HU above the other two"]
+    group = _grade_group(summary_of(series, result, tmp_path))
+    assert _texts(group)["Comment"] == ["roi_on_vessel: ROI 2 mean 20 HU above the other two"]

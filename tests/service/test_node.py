@@ -32,7 +32,7 @@ from tests.service.test_sender import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("require_dcmtk")]
 
-RESULT_FILES = 3  # SEG, SR, key image
+RESULT_FILES = 4  # SEG, circle SR, summary SR, key image
 PATIENT = ("PHANTOM^LIVER", "PHANTOM-001")  # tests/phantom.py SeriesHeader defaults
 
 

@@ -1,5 +1,5 @@
 """End to end with a real Orthanc: storescu a CT into Orthanc, its Lua routes the series to the node,
-the node sends SEG + SR + key image back, and they are found in the same study through Orthanc's REST API.
+the node sends SEG + two SRs + key image back, and they are found in the same study through Orthanc's REST API.
 
 Orthanc, the node and every client run in one private network namespace (``tests/orthanc.py``).
 """
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 AUTOROUTE = REPO / "deploy" / "orthanc" / "autoroute.lua"
 NODE_PORT = 11112  # inside the private namespace every port is free
-RESULT_MODALITIES = ["OT", "SEG", "SR"]  # key image, SEG, SR
+RESULT_COUNTS = {"OT": 1, "SEG": 1, "SR": 2}  # key image, SEG, circle SR + summary SR
 _DOWNLOAD = (
     "import sys, urllib.request\n"
     "with urllib.request.urlopen(sys.argv[1], timeout=30) as answer, open(sys.argv[2], 'wb') as out:\n"
@@ -70,7 +70,7 @@ def results_in_study(orthanc: OrthancServer, study_uid: str) -> dict[str, list[s
 
 def all_results_arrived(orthanc: OrthancServer, study_uid: str) -> dict[str, list[str]] | None:
     found = results_in_study(orthanc, study_uid)
-    return found if all(modality in found for modality in RESULT_MODALITIES) else None
+    return found if all(len(found.get(modality, [])) >= n for modality, n in RESULT_COUNTS.items()) else None
 
 
 def fetch(orthanc: OrthancServer, instance_id: str, target: Path) -> Dataset:
@@ -98,11 +98,12 @@ def method_values(sr: Dataset) -> dict[str, float]:
 
 def check_one_set_of_results(orthanc: OrthancServer, study_uid: str, tmp_path: Path, expected_hu: float,
                              tolerance_hu: float) -> Dataset:  # fmt: skip
-    """Exactly one SEG, one SR and one key image in the study; the SR's DL-parenchymal near ``expected_hu``."""
-    found = wait_for(lambda: all_results_arrived(orthanc, study_uid), 120, "SEG, SR and key image in Orthanc")
-    assert {modality: len(found[modality]) for modality in RESULT_MODALITIES} == {"OT": 1, "SEG": 1, "SR": 1}
-    sr = fetch(orthanc, found["SR"][0], tmp_path / "sr.dcm")
-    assert sr.StudyInstanceUID == study_uid
+    """Exactly one SEG, two SRs and one key image in the study; the summary SR's DL-parenchymal near ``expected_hu``."""
+    found = wait_for(lambda: all_results_arrived(orthanc, study_uid), 120, "SEG, SRs and key image in Orthanc")
+    assert {modality: len(found[modality]) for modality in RESULT_COUNTS} == RESULT_COUNTS
+    reports = [fetch(orthanc, instance, tmp_path / f"sr{i}.dcm") for i, instance in enumerate(found["SR"])]
+    assert all(report.StudyInstanceUID == study_uid for report in reports)
+    (sr,) = [report for report in reports if "DL-PARENCHYMAL" in method_values(report)]  # the summary SR
     values = method_values(sr)
     assert values["DL-PARENCHYMAL"] == pytest.approx(expected_hu, abs=tolerance_hu)
     return sr

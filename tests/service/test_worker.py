@@ -48,7 +48,7 @@ def test_eligible_series_is_measured_and_seg_sr_key_image_are_queued(tmp_path: P
     assert done.parenchymal_hu == pytest.approx(PHANTOM_LIVER_HU, abs=3.0)
     assert done.processing_s is not None and done.processing_s > 0
     sends = spool.due_sends()
-    assert sorted(s.path.name for s in sends) == ["keyimage.dcm", "seg.dcm", "sr.dcm"]
+    assert sorted(s.path.name for s in sends) == ["keyimage.dcm", "seg.dcm", "sr-summary.dcm", "sr.dcm"]
     assert all(s.destination == "PACS@127.0.0.1:104" and s.path.is_file() for s in sends)
     sop_classes = {pydicom.dcmread(s.path, stop_before_pixels=True).SOPClassUID for s in sends}
     assert {s.sop_class_uid for s in sends} == sop_classes
@@ -78,6 +78,7 @@ def test_ineligible_series_gets_a_not_applicable_sr_when_configured(tmp_path: Pa
     process_job(job, spool, config, ModelCache(PhantomLiverBackend.loader()))
     assert spool.job(job.id).state is JobState.REJECTED
     [send] = spool.due_sends()
+    assert send.path.name == "sr-summary.dcm"
     sr = pydicom.dcmread(send.path)
     assert sr.Modality == "SR" and sr.StudyInstanceUID == pydicom.dcmread(spool.job_files(job)[0]).StudyInstanceUID
     texts = [item.TextValue for item in _content_items(sr) if item.ValueType == "TEXT"]
