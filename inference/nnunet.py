@@ -237,8 +237,8 @@ def inspect_model_folder(
     (``auto``, ``LPS`` or ``RAS``; see the module docstring).
     """
     folder = _trained_model_folder(Path(path).expanduser())
-    dataset_json = _read_json(folder / DATASET_JSON)
-    plans = _read_json(folder / PLANS_JSON)
+    dataset_json = read_json_object(folder / DATASET_JSON)
+    plans = read_json_object(folder / PLANS_JSON)
     channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
     if len(channels) != 1:
         raise LiverfatError(
@@ -495,11 +495,12 @@ def _checkpoint_header(checkpoint: Path) -> tuple[str, str]:
         ) from error
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, reason: Reason = Reason.BACKEND_UNAVAILABLE) -> dict[str, Any]:
+    """A model folder's JSON file, which must hold an object; anything else is ``reason``."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise LiverfatError(Reason.BACKEND_UNAVAILABLE, f"cannot read {path}: {error}") from error
+        raise LiverfatError(reason, f"cannot read {path}: {error}") from error
     if not isinstance(content, dict):
-        raise LiverfatError(Reason.BACKEND_UNAVAILABLE, f"{path} holds {type(content).__name__}, expected an object")
+        raise LiverfatError(reason, f"{path} holds {type(content).__name__}, expected an object")
     return content

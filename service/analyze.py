@@ -20,6 +20,7 @@ from typing import Any
 import SimpleITK as sitk
 
 from liverfat import __version__
+from liverfat.files import durable_write
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.read import discover, load_series, read_mask, read_nifti
@@ -232,9 +233,7 @@ def write_results_csv(path: Path, reports: Sequence[SeriesReport]) -> None:
 
 
 def write_json_atomically(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    durable_write(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 def _skipped_json(skipped: SkippedFile) -> dict[str, Any]:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
-import os
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.files import durable_write
 
 SCHEMA_VERSION = 1
 DB_NAME = "index.sqlite"
@@ -520,37 +519,6 @@ def _queue_outputs(db: sqlite3.Connection, job_id: int, outputs: Sequence[Output
                 (job_id, destination, output.path, output.sop_class_uid, output.sop_instance_uid,
                  output.transfer_syntax_uid, OutboxState.PENDING, now, now),
             )  # fmt: skip
-
-
-def durable_write(target: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``target`` so that after return it survives a crash or power loss.
-
-    Temporary file in ``tmp_dir`` (same file system), fsync, rename over ``target``, fsync
-    of the folder that holds the new name (and of its parent when the folder is new).
-    """
-    folder = target.parent
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(folder.parent)
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def file_name(uid: str) -> str:
