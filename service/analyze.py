@@ -18,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
-
 from liverfat import __version__
-from liverfat.files import durable_write
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
+from liverfat.dicom_io.outputs import write_outputs
 from liverfat.dicom_io.read import discover, load_series, read_mask, read_nifti
 from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
+from liverfat.files import durable_write
 from liverfat.inference.backend import Backend
 from liverfat.inference.pipeline import AnalysisConfig, analyze
 from liverfat.result import AnalysisResult, Grade, ModelInfo
+
 
 log = logging.getLogger(__name__)
 
@@ -179,18 +180,9 @@ def _finish(result: AnalysisResult, outcome: Outcome, options: AnalyzeOptions, *
                         str(mask_path), useCompression=True)  # fmt: skip
         outputs.append(mask_path)
     if series is not None and series.is_dicom and options.write_dicom:
-        outputs += write_dicom_outputs(series, result, series_dir)
+        outputs += write_outputs(series, result, series_dir)
     log.info("series %s: %s, grade %s", result.series_uid, outcome.value, result.grade.value)
     return SeriesReport(result.series_uid, outcome, result, tuple(outputs))
-
-
-def write_dicom_outputs(series: CTSeries, result: AnalysisResult, series_dir: Path) -> list[Path]:
-    """SEG, SR and key image, once the DICOM writers exist (issue 4)."""
-    try:
-        from liverfat.dicom_io.outputs import write_outputs
-    except ImportError:
-        return []
-    return write_outputs(series, result, series_dir)
 
 
 def not_analysed(series_uid: str, study_uid: str | None, reasons: Sequence[Finding],
