@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import SimpleITK as sitk
+
 from liverfat import __version__
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
@@ -28,7 +29,6 @@ from liverfat.files import durable_write
 from liverfat.inference.backend import Backend
 from liverfat.inference.pipeline import AnalysisConfig, analyze
 from liverfat.result import AnalysisResult, Grade, ModelInfo
-
 
 log = logging.getLogger(__name__)
 
