@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from liverfat.dicom_io.volume import Volume
 
@@ -78,23 +79,34 @@ def mask_to_grid(mask: Volume, reference: Volume) -> Volume:
     boundary lies, which keeps a mask round trip through another grid close to the identity
     (tests: Dice > 0.98).
 
-    Returns bool for a bool mask, otherwise the input's dtype (0 = background).
+    Labels are non-negative integers (0 = background). Only the part of ``reference`` the
+    labels can reach is computed: a liver is a tenth of a chest CT's voxels, an ROI a few
+    hundred. Returns bool for a bool mask, otherwise the input's dtype.
     """
-    labels = np.unique(mask.array[mask.array != 0])
-    best_label = np.zeros(reference.array.shape, dtype=mask.array.dtype)
-    best_weight = np.zeros(reference.array.shape, dtype=np.float32)
-    total_weight = np.zeros(reference.array.shape, dtype=np.float32)
-    for label in labels:
-        reached = _resample_indicator(mask, mask.array == label, reference)
-        if reached is None:
-            continue
-        box, weight = reached
-        better = weight > best_weight[box]
-        best_label[box][better] = label
-        best_weight[box][better] = weight[better]
-        total_weight[box] += weight
-    best_label[best_weight < 1.0 - total_weight - _TIE_TOLERANCE] = 0
-    return reference.with_array(best_label)
+    reached = []
+    for label, source_box in _label_boxes(mask.array):
+        weights = _resample_indicator(mask, mask.array[source_box] == label, source_box, reference)
+        if weights is not None:
+            reached.append((label, *weights))
+    result = np.zeros(reference.array.shape, dtype=mask.array.dtype)
+    if not reached:
+        return reference.with_array(result)
+    union = tuple(slice(min(box[a].start for _, box, _ in reached), max(box[a].stop for _, box, _ in reached))
+                  for a in range(3))  # fmt: skip
+    shape = tuple(s.stop - s.start for s in union)
+    best_label = np.zeros(shape, dtype=mask.array.dtype)
+    best_weight = np.zeros(shape, dtype=np.float32)
+    total_weight = np.zeros(shape, dtype=np.float32)
+    for label, box, weight in reached:
+        local = tuple(slice(b.start - u.start, b.stop - u.start) for b, u in zip(box, union, strict=True))
+        better = weight > best_weight[local]
+        best_label[local][better] = label
+        best_weight[local][better] = weight[better]
+        total_weight[local] += weight
+    total_weight += best_weight  # background weight 1 - total: the label wins when best >= 1 - total
+    best_label[total_weight < 1.0 - _TIE_TOLERANCE] = 0
+    result[union] = best_label
+    return reference.with_array(result)
 
 
 def mask_to_source(mask: Volume, source: Volume) -> Volume:
@@ -108,16 +120,13 @@ def mask_to_source(mask: Volume, source: Volume) -> Volume:
 
 
 def _resample_indicator(
-    mask: Volume, indicator: np.ndarray, reference: Volume
+    mask: Volume, indicator: np.ndarray, source_box: tuple[slice, slice, slice], reference: Volume
 ) -> tuple[tuple[slice, slice, slice], np.ndarray] | None:
     """Linear weights of one label on the part of ``reference`` its bounding box can reach.
 
-    None when the label lies wholly outside ``reference``.
-
-    Only the label's bounding box (plus one empty voxel, which the interpolation reads as
-    outside anyway) is resampled: an ROI is a few hundred voxels of a volume of millions.
+    ``indicator`` is the label's 0/1 crop ``source_box`` of ``mask``. None when the label lies
+    wholly outside ``reference``.
     """
-    source_box = _bounding_box(indicator, margin=1)
     low = [source_box[2 - axis].start for axis in range(3)]  # (i, j, k)
     high = [source_box[2 - axis].stop - 1 for axis in range(3)]
     corners = mask.to_lps(list(itertools.product(*zip(low, high, strict=True))))
@@ -127,7 +136,7 @@ def _resample_indicator(
     if np.any(last < first):
         return None
     box = (slice(first[2], last[2] + 1), slice(first[1], last[1] + 1), slice(first[0], last[0] + 1))
-    crop = Volume(indicator[source_box].astype(np.float32), mask.spacing, tuple(mask.to_lps(low)), mask.direction)
+    crop = Volume(indicator.astype(np.float32), mask.spacing, tuple(mask.to_lps(low)), mask.direction)
     resampler = sitk.ResampleImageFilter()
     resampler.SetSize(tuple(int(n) for n in last - first + 1))
     resampler.SetOutputSpacing(reference.spacing)
@@ -139,12 +148,18 @@ def _resample_indicator(
     return box, sitk.GetArrayFromImage(resampler.Execute(crop.to_sitk()))
 
 
-def _bounding_box(indicator: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """Index slices (k, j, i) of the non-zero voxels, widened by ``margin`` within the array."""
-    bounds = []
-    for axis in range(3):
-        present = np.flatnonzero(np.any(indicator, axis=tuple(a for a in range(3) if a != axis)))
-        start = max(int(present[0]) - margin, 0)
-        stop = min(int(present[-1]) + margin + 1, indicator.shape[axis])
-        bounds.append(slice(start, stop))
-    return bounds[0], bounds[1], bounds[2]
+def _label_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, slice, slice]]]:
+    """Each label present with its bounding box (k, j, i), widened by one voxel within the array.
+
+    The empty margin is read by the interpolation as outside anyway; it keeps the label's edge
+    voxels from being the crop's border.
+    """
+    if labels.dtype != np.bool_ and labels.size and labels.min() < 0:
+        raise ValueError(f"mask labels must be non-negative, found {labels.min()}")
+    found = ndimage.find_objects(labels.view(np.uint8) if labels.dtype == np.bool_ else labels)
+    boxes = []
+    for index, box in enumerate(found):
+        if box is not None:
+            widened = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, labels.shape))
+            boxes.append((index + 1, (widened[0], widened[1], widened[2])))
+    return boxes
