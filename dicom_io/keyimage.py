@@ -34,7 +34,7 @@ from liverfat.dicom_io.uids import OutputUids, creation_kwargs, stamp_instance_c
 from liverfat.result import AnalysisResult, Grade
 
 if TYPE_CHECKING:
-    from liverfat.dicom_io.outputs import OutputSettings
+    from liverfat.dicom_io.site import OutputSettings
 
 logger = logging.getLogger(__name__)
 

@@ -8,13 +8,11 @@ settings (see ``uids.py``), so writing the same result twice gives the same inst
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from pydicom import Dataset
 from pydicom.charset import python_encoding
 from pydicom.valuerep import PersonName
@@ -22,9 +20,11 @@ from pydicom.valuerep import PersonName
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.keyimage import build_key_image
 from liverfat.dicom_io.seg import build_seg, checked_masks
-from liverfat.dicom_io.series import CTSeries
+from liverfat.dicom_io.series import CTSeries, SeriesFiles
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr
 from liverfat.dicom_io.uids import output_uids
+from liverfat.dicom_io.volume import Volume
 from liverfat.result import AnalysisResult
 
 logger = logging.getLogger(__name__)
@@ -37,50 +37,6 @@ KEY_IMAGE_FILE = "keyimage.dcm"
 UTF8_CHARACTER_SET = "ISO_IR 192"
 _DEFAULT_REPERTOIRE = ("", "ISO_IR 6")
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
-
-DEFAULT_DISCLAIMER = (
-    "For research / decision support only. Not a diagnosis: "
-    "a radiologist must review the images and the measurement regions."
-)
-
-
-@dataclass(frozen=True)
-class OutputSettings:
-    """What a site configures about its outputs (text, identity of this node, series numbers).
-
-    ``station_name`` doubles as the device observer's name in the SR; use the node's AE
-    title. ``device_uid`` identifies this node as the SR's device observer; when None it
-    is derived from ``station_name``, so it stays the same across restarts.
-    """
-
-    disclaimer: str = DEFAULT_DISCLAIMER
-    manufacturer: str = "liverfat"
-    model_name: str = "liverfat"
-    station_name: str = "LIVERFAT"
-    device_serial_number: str = "1"
-    device_uid: str | None = None
-    institution_name: str | None = None
-    institutional_department_name: str | None = None
-    seg_series_number: int = 9901
-    sr_series_number: int = 9902
-    keyimage_series_number: int = 9903
-    sr_summary_series_number: int = 9904
-
-    def __post_init__(self) -> None:
-        limits = {"station_name": 16, "manufacturer": 64, "model_name": 64, "device_serial_number": 64,
-                  "institution_name": 64, "institutional_department_name": 64}
-        for name, limit in limits.items():
-            value = getattr(self, name)
-            if value is not None and not 0 < len(value) <= limit:
-                raise ValueError(f"output setting {name}={value!r} must have 1 to {limit} characters")
-        for name in ("seg_series_number", "sr_series_number", "keyimage_series_number", "sr_summary_series_number"):
-            if not 0 < getattr(self, name) < 2**31:
-                raise ValueError(f"output setting {name}={getattr(self, name)} must be a positive integer below 2**31")
-
-    def digest(self) -> str:
-        """SHA-256 of every setting: a changed disclaimer or identity gives new UIDs."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-
 
 def write_outputs(
     series: CTSeries,
@@ -139,6 +95,30 @@ def write_outputs(
     written.append(_save(build_summary_sr(series, result, seg, uids, site, created), out_dir / SR_SUMMARY_FILE))
     written.append(_save(build_key_image(series, result, uids, site, created), out_dir / KEY_IMAGE_FILE))
     return written
+
+
+def write_not_applicable_sr(
+    files: SeriesFiles,
+    result: AnalysisResult,
+    out_dir: Path,
+    *,
+    site: OutputSettings = OutputSettings(),
+    created_at: datetime | None = None,
+) -> Path:
+    """The short "not applicable" SR of a rejected series: its reasons, no measurement, from headers only.
+
+    It is the summary SR (``sr-summary.dcm``, shown as text by OHIF) of a result without ROIs
+    or SEG. ``build_summary_sr`` reads only the source datasets of a ``CTSeries`` (evidence,
+    patient and study), so the headers with a one-voxel placeholder volume are enough. Its
+    UIDs are derived from the result like every other output, so a rewrite gives the same SR.
+    """
+    placeholder = Volume(np.zeros((1, 1, 1), dtype=np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    series = CTSeries(volume=placeholder, series_uid=files.series_uid, study_uid=result.study_uid,
+                      datasets=files.headers, source_files=files.files)  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = build_summary_sr(series, result, None, output_uids(result, site.digest()), site,
+                               created_at or datetime.now())  # fmt: skip
+    return _save(summary, out_dir / SR_SUMMARY_FILE)
 
 
 def fit_character_set(dataset: Dataset) -> None:

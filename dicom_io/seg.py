@@ -36,7 +36,7 @@ from liverfat.dicom_io.uids import OutputUids, creation_kwargs, frame_of_referen
 from liverfat.result import USER_MASK, AnalysisResult, Masks
 
 if TYPE_CHECKING:
-    from liverfat.dicom_io.outputs import OutputSettings
+    from liverfat.dicom_io.site import OutputSettings
 
 logger = logging.getLogger(__name__)
 

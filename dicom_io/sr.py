@@ -82,7 +82,7 @@ from liverfat.dicom_io.uids import OutputUids, creation_kwargs, derived_uid, sta
 from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement
 
 if TYPE_CHECKING:
-    from liverfat.dicom_io.outputs import OutputSettings
+    from liverfat.dicom_io.site import OutputSettings
 
 logger = logging.getLogger(__name__)
 

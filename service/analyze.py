@@ -11,8 +11,9 @@ import csv
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,10 @@ import SimpleITK as sitk
 from liverfat import __version__
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
-from liverfat.dicom_io.outputs import write_outputs
+from liverfat.dicom_io.outputs import write_not_applicable_sr, write_outputs
 from liverfat.dicom_io.read import discover, load_series, read_mask, read_nifti
 from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.files import durable_write
 from liverfat.inference.backend import Backend
 from liverfat.inference.pipeline import AnalysisConfig, analyze
@@ -57,8 +59,10 @@ class AnalyzeOptions:
     force: bool = False
     save_mask: bool = False
     write_dicom: bool = True
+    not_applicable_sr: bool = False  # a rejected series gets the short "not applicable" summary SR
     policy: EligibilityPolicy = field(default_factory=EligibilityPolicy)
     config: AnalysisConfig = field(default_factory=AnalysisConfig)
+    site: OutputSettings = field(default_factory=OutputSettings)
 
 
 @dataclass(frozen=True)
@@ -132,57 +136,78 @@ class ModelCache:
 
 
 def analyze_dicom_series(files: SeriesFiles, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
-    """Eligibility from the headers, then (if eligible or forced) the full analysis of one series."""
+    """Eligibility from the headers, then (if eligible or forced) the full analysis of one series.
+
+    A rejected series gets the "not applicable" SR when ``options.not_applicable_sr`` asks for it.
+    """
+    report = _analyze_dicom(files, options, models)
+    if report.outcome is Outcome.REJECTED and options.not_applicable_sr and options.write_dicom:
+        folder = report.outputs[0].parent
+        summary = write_not_applicable_sr(files, report.result, folder, site=options.site)
+        report = replace(report, outputs=(*report.outputs, summary))
+    return report
+
+
+def _analyze_dicom(files: SeriesFiles, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
     decision = check_eligibility(files.headers, options.policy)
     study_uid = str(files.headers[0].get("StudyInstanceUID", "")) or None
     if not decision.eligible and not options.force:
         result = not_analysed(files.series_uid, study_uid, decision.findings, options)
         return _finish(result, Outcome.REJECTED, options, series=None)
+    started = time.perf_counter()
     try:
         series = load_series(files)
     except LiverfatError as error:
         result = not_analysed(files.series_uid, study_uid, (*decision.findings, error.finding), options)
-        return _finish(result, Outcome.REJECTED, options, series=None, eligible=decision.eligible)
-    return _analyze_loaded(series, decision.eligible, decision.findings, options, models)
+        return _finish(result, Outcome.REJECTED, options, series=None)
+    load_s = time.perf_counter() - started
+    return _analyze_loaded(series, decision.eligible, decision.findings, options, models, {"load": load_s})
 
 
 def analyze_nifti(path: Path, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
     """A NIfTI volume has no headers to check: it is analysed, with a warning that says so."""
+    started = time.perf_counter()
     try:
         series = read_nifti(path)
     except LiverfatError as error:
         result = not_analysed(path.name, None, (error.finding,), options)
         return _finish(result, Outcome.REJECTED, options, series=None)
-    return _analyze_loaded(series, True, (no_headers_finding(path),), options, models)
+    load_s = time.perf_counter() - started
+    return _analyze_loaded(series, True, (no_headers_finding(path),), options, models, {"load": load_s})
 
 
 def _analyze_loaded(series: CTSeries, eligible: bool, reasons: Sequence[Finding], options: AnalyzeOptions,
-                    models: ModelCache) -> SeriesReport:  # fmt: skip
+                    models: ModelCache, timings: dict[str, float]) -> SeriesReport:  # fmt: skip
     try:
         liver: Backend | Any = read_mask(options.mask, series.volume) if options.mask else models.get()
         result = analyze(series, liver, eligible=eligible, reasons=reasons, config=options.config)
     except LiverfatError as error:
         outcome = Outcome.FAILED if error.reason is Reason.BACKEND_UNAVAILABLE else Outcome.REJECTED
         result = not_analysed(series.series_uid, series.study_uid, (*reasons, error.finding), options)
-        return _finish(result, outcome, options, series=None, eligible=eligible)
+        return _finish(result, outcome, options, series=None)
+    result = replace(result, timings_s={**timings, **result.timings_s})
     return _finish(result, Outcome.PROCESSED, options, series=series)
 
 
-def _finish(result: AnalysisResult, outcome: Outcome, options: AnalyzeOptions, *, series: CTSeries | None,
-            eligible: bool | None = None) -> SeriesReport:  # fmt: skip
+def _finish(result: AnalysisResult, outcome: Outcome, options: AnalyzeOptions, *, series: CTSeries | None) -> SeriesReport:
+    """Write the series' files; ``result.json`` last, with the time the others took as ``timings_s.write``."""
     series_dir = options.out_dir / safe_folder_name(result.series_uid)
     series_dir.mkdir(parents=True, exist_ok=True)
-    outputs = [series_dir / "result.json"]
-    write_json_atomically(outputs[0], {**result.to_json(), "status": outcome.value})
+    started = time.perf_counter()
+    outputs: list[Path] = []
     if series is not None and options.save_mask and result.source_masks is not None:
         mask_path = series_dir / "liver_mask.nii.gz"
         sitk.WriteImage(result.source_masks.liver.with_array(result.source_masks.liver.array.astype("uint8")).to_sitk(),
                         str(mask_path), useCompression=True)  # fmt: skip
         outputs.append(mask_path)
     if series is not None and series.is_dicom and options.write_dicom:
-        outputs += write_outputs(series, result, series_dir)
+        outputs += write_outputs(series, result, series_dir, site=options.site)
+    if series is not None:
+        result = replace(result, timings_s={**result.timings_s, "write": time.perf_counter() - started})
+    result_json = series_dir / "result.json"
+    write_json_atomically(result_json, {**result.to_json(), "status": outcome.value})
     log.info("series %s: %s, grade %s", result.series_uid, outcome.value, result.grade.value)
-    return SeriesReport(result.series_uid, outcome, result, tuple(outputs))
+    return SeriesReport(result.series_uid, outcome, result, (result_json, *outputs))
 
 
 def not_analysed(series_uid: str, study_uid: str | None, reasons: Sequence[Finding],

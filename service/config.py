@@ -10,6 +10,7 @@ Layout (every section and key is optional; ``deploy/liverfat.example.toml`` list
     [eligibility] passed to ``EligibilityPolicy.from_mapping``
     [analysis]    passed to ``AnalysisConfig.from_mapping`` (roi_mode, working_spacing_mm)
     [grading]     passed to ``GradingConfig.from_mapping`` (threshold_hu, ...)
+    [outputs]     institution_name, institutional_department_name, disclaimer
     [send]        destinations, max_attempts, first_delay_s, backoff_factor, max_delay_s, timeout_s
     [http]        host, port
     [tls]         enabled, certificate, private_key, ca_certificates, require_client_certificate,
@@ -33,6 +34,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from liverfat.dicom_io.eligibility import EligibilityPolicy
 from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.dicom_io.site import DEFAULT_DISCLAIMER, OutputSettings
 from liverfat.inference.pipeline import AnalysisConfig
 
 ENV_PREFIX = "LIVERFAT_"
@@ -119,6 +121,15 @@ class WorkerSection:
 
 
 @dataclass(frozen=True)
+class OutputsSection:
+    """What the SEG, SRs and key image say about the site (the station name is ``[node] ae_title``)."""
+
+    institution_name: str | None = None
+    institutional_department_name: str | None = None
+    disclaimer: str = DEFAULT_DISCLAIMER
+
+
+@dataclass(frozen=True)
 class SendSection:
     destinations: tuple[Destination, ...] = ()
     max_attempts: int = 50  # with the delays below: about 7.5 hours of retrying
@@ -162,6 +173,7 @@ class NodeConfig:
     eligibility: Mapping[str, Any] = field(default_factory=dict)
     analysis: Mapping[str, Any] = field(default_factory=dict)
     grading: Mapping[str, Any] = field(default_factory=dict)
+    outputs: OutputsSection = field(default_factory=OutputsSection)
     send: SendSection = field(default_factory=SendSection)
     http: HttpSection = field(default_factory=HttpSection)
     tls: TlsSection = field(default_factory=TlsSection)
@@ -171,7 +183,7 @@ class NodeConfig:
 
 SECTIONS: dict[str, type] = {
     "node": NodeSection, "spool": SpoolSection, "series": SeriesSection, "model": ModelSection,
-    "worker": WorkerSection, "send": SendSection, "http": HttpSection, "tls": TlsSection, "log": LogSection,
+    "worker": WorkerSection, "outputs": OutputsSection, "send": SendSection, "http": HttpSection, "tls": TlsSection, "log": LogSection,
 }  # fmt: skip
 
 
@@ -352,6 +364,10 @@ def _validate(config: NodeConfig) -> None:
     problems += [f"{where} must be one of {', '.join(allowed)}, got {value!r}" for where, value, allowed in choices
                  if value not in allowed]  # fmt: skip
     problems += _tls_problems(config.tls)
+    try:
+        output_settings(config)
+    except ValueError as error:
+        problems.append(f"[outputs] {error}")
     problems += _pass_through_problems(config)
     if problems:
         source = config.source or "the embedded defaults"
@@ -388,6 +404,14 @@ def analysis_config(config: NodeConfig) -> AnalysisConfig:
     if "grading" in config.analysis:
         raise ValueError("grading settings belong in the [grading] section, not in [analysis]")
     return AnalysisConfig.from_mapping({**config.analysis, "grading": config.grading})
+
+
+def output_settings(config: NodeConfig) -> OutputSettings:
+    """``[outputs]``, with this node's AE title as station name and device observer."""
+    outputs = config.outputs
+    return OutputSettings(station_name=config.node.ae_title.strip(), institution_name=outputs.institution_name,
+                          institutional_department_name=outputs.institutional_department_name,
+                          disclaimer=outputs.disclaimer)  # fmt: skip
 
 
 def _invalid(message: str) -> LiverfatError:

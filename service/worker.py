@@ -17,25 +17,17 @@ import signal
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import datetime
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
-import numpy as np
 from pydicom.filereader import read_file_meta_info
 
 from liverfat.dicom_io.errors import LiverfatError
-from liverfat.dicom_io.outputs import SR_SUMMARY_FILE, OutputSettings
 from liverfat.dicom_io.read import discover
-from liverfat.dicom_io.series import CTSeries, SeriesFiles
-from liverfat.dicom_io.sr import build_summary_sr
-from liverfat.dicom_io.uids import output_uids
-from liverfat.dicom_io.volume import Volume
 from liverfat.inference.backend import Backend
 from liverfat.service.analyze import AnalyzeOptions, BackendLoader, ModelCache, Outcome, analyze_dicom_series
-from liverfat.service.config import NodeConfig, analysis_config, eligibility_policy
+from liverfat.service.config import NodeConfig, analysis_config, eligibility_policy, output_settings
 from liverfat.service.logs import configure_logging
-from liverfat.result import AnalysisResult
 from liverfat.service.spool import Job, JobResult, JobState, OutputFile, Spool
 
 log = logging.getLogger(__name__)
@@ -112,14 +104,12 @@ def _analyze(job: Job, spool: Spool, config: NodeConfig, models: ModelCache) -> 
         reasons = tuple(skipped.finding.to_json() for skipped in found.skipped)
         return JobResult(JobState.REJECTED, reasons=reasons, error="no readable CT instance in the series")
     options = AnalyzeOptions(out_dir=spool.results_dir / str(job.id), policy=eligibility_policy(config),
-                             config=analysis_config(config))  # fmt: skip
+                             config=analysis_config(config), site=output_settings(config),
+                             not_applicable_sr=config.worker.ineligible_result == "sr")  # fmt: skip
     report = analyze_dicom_series(matching[0], options, models)
     result = report.result
-    written = list(report.outputs)
-    if report.outcome is Outcome.REJECTED and config.worker.ineligible_result == "sr":
-        written.append(write_not_applicable_sr(matching[0], result, written[0].parent))
-    dicom_files = [path for path in written if path.suffix == ".dcm"]
-    _fsync_files(written)
+    dicom_files = [path for path in report.outputs if path.suffix == ".dcm"]
+    _fsync_files(report.outputs)
     return JobResult(
         state=STATES[report.outcome],
         grade=result.grade.value,
@@ -129,27 +119,6 @@ def _analyze(job: Job, spool: Spool, config: NodeConfig, models: ModelCache) -> 
         outputs=tuple(_output_file(path, spool.root) for path in dicom_files),
         error="; ".join(f.message for f in result.reasons) if report.outcome is Outcome.FAILED else None,
     )
-
-
-def write_not_applicable_sr(files: SeriesFiles, result: AnalysisResult, out_dir: Path) -> Path:
-    """The short "not applicable" SR of a rejected series: its reasons, no measurement, from headers only.
-
-    It is the summary SR (``sr-summary.dcm``, shown as text by OHIF) of a result without ROIs
-    or SEG. ``build_summary_sr`` reads only the source datasets of a ``CTSeries`` (for
-    evidence, patient and study), so a headers-only series with a one-voxel placeholder
-    volume is enough. Its UIDs are derived from the result like every other output, so a
-    rewrite gives the same SR.
-    """
-    site = OutputSettings()
-    series = CTSeries(volume=Volume(np.zeros((1, 1, 1), dtype=np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)),
-                      series_uid=files.series_uid, study_uid=result.study_uid, datasets=files.headers,
-                      source_files=files.files)  # fmt: skip
-    sr = build_summary_sr(series, result, None, output_uids(result, site.digest()), site, datetime.now())
-    path = out_dir / SR_SUMMARY_FILE
-    partial = path.with_name(path.name + ".partial")
-    sr.save_as(partial, enforce_file_format=True)
-    partial.replace(path)
-    return path
 
 
 def _output_file(path: Path, root: Path) -> OutputFile:

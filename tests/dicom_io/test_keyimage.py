@@ -20,7 +20,7 @@ from liverfat.dicom_io.keyimage import (
     render_key_image,
     text_block,
 )
-from liverfat.dicom_io.outputs import OutputSettings
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.seg import LIVER_RGB, roi_rgb
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.sr import grade_sentence

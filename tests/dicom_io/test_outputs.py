@@ -12,7 +12,8 @@ import pydicom
 import pytest
 
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
-from liverfat.dicom_io.outputs import OutputSettings, write_outputs
+from liverfat.dicom_io.outputs import write_outputs
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.series import CTSeries
 from liverfat.result import AnalysisResult, Grade, Masks
 from tests.dicom_io.output_cases import (

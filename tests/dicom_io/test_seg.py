@@ -12,7 +12,7 @@ import pytest
 
 from liverfat.dicom_io import codes
 from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.dicom_io.outputs import OutputSettings
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.seg import LIVER_RGB, build_seg, roi_rgb, roi_tracking_id, source_headers
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.uids import frame_of_reference_fallback, output_uids

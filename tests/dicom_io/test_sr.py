@@ -20,7 +20,7 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from liverfat.dicom_io import codes
 from liverfat.dicom_io.errors import Finding, Reason
-from liverfat.dicom_io.outputs import OutputSettings
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.seg import LIVER_SEGMENT, build_seg, roi_segment_numbers, roi_tracking_id
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.sr import GRADE_TRACKING_ID, build_circle_sr, build_summary_sr, grade_sentence, place_circle

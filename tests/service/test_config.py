@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.service.config import Caller, Destination, check_ae_title, load_config
+from liverfat.service.config import Caller, Destination, check_ae_title, load_config, output_settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "liverfat.example.toml"
 
@@ -64,6 +64,7 @@ def test_environment_overrides_every_section(tmp_path: Path) -> None:
         "LIVERFAT_SEND_DESTINATIONS": "A@h1:104,B@h2:11112",
         "LIVERFAT_GRADING_THRESHOLD_HU": "38.5",
         "LIVERFAT_ELIGIBILITY_REQUIRE_CHEST_EVIDENCE": "false",
+        "LIVERFAT_OUTPUTS_INSTITUTION_NAME": "Clinique du Lac",
         "LIVERFAT_SOMETHING_ELSE": "ignored: not a section of the node's configuration",
         "LIVERFAT_MODEL_CACHE": "/models: read by the weights loader, not a [model] key",
         "PATH": "/usr/bin",
@@ -74,6 +75,8 @@ def test_environment_overrides_every_section(tmp_path: Path) -> None:
     assert config.send.destinations == (Destination("A", "h1", 104), Destination("B", "h2", 11112))
     assert config.grading == {"threshold_hu": 38.5}
     assert config.eligibility == {"require_chest_evidence": False}
+    site = output_settings(config)
+    assert site.institution_name == "Clinique du Lac" and site.station_name == "ENVNODE"
 
 
 @pytest.mark.parametrize(
@@ -91,6 +94,7 @@ def test_environment_overrides_every_section(tmp_path: Path) -> None:
         ("[model]\ndevice = 'tpu'\n", {}, "device must be one of"),
         ("[worker]\nineligible_result = 'pdf'\n", {}, "ineligible_result must be one of"),
         ("[tls]\nenabled = true\n", {}, "certificate is required"),
+        ("[outputs]\ninstitution_name = '" + "X" * 65 + "'\n", {}, "\\[outputs\\] output setting institution_name.*1 to 64"),
         ("[grading]\nthreshold = 40\n", {}, "\\[analysis\\].*unknown grading setting"),
         ("[eligibility]\nmax_slice_thickness_mm = -1\n", {}, "\\[eligibility\\].*must be > 0"),
         ("[node\n", {}, "cannot read configuration"),

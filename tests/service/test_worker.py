@@ -11,7 +11,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from liverfat.service.analyze import ModelCache
-from liverfat.service.config import Destination, NodeConfig, SendSection, WorkerSection
+from liverfat.service.config import Destination, NodeConfig, NodeSection, OutputsSection, SendSection, WorkerSection
 from liverfat.service.spool import InstanceInfo, Job, JobState, Spool
 from liverfat.service.worker import ModelLoader, process_job
 from tests.phantom import SeriesHeader
@@ -52,6 +52,20 @@ def test_eligible_series_is_measured_and_seg_sr_key_image_are_queued(tmp_path: P
     assert all(s.destination == "PACS@127.0.0.1:104" and s.path.is_file() for s in sends)
     sop_classes = {pydicom.dcmread(s.path, stop_before_pixels=True).SOPClassUID for s in sends}
     assert {s.sop_class_uid for s in sends} == sop_classes
+    stages = {"discover", "load", "resample", "segment", "rois", "measure", "grade", "masks", "write"}
+    assert set(done.timings) == stages and all(seconds >= 0 for seconds in done.timings.values())
+
+
+def test_outputs_carry_the_node_ae_title_and_the_site_texts(tmp_path: Path) -> None:
+    site = OutputsSection(institution_name="Hôpital Général", institutional_department_name="Radiologie")
+    config = replace(with_destination(tmp_path), node=NodeSection(ae_title="FATNODE"), outputs=site)
+    spool, job = spool_series(config, phantom_series(tmp_path / "ct"))
+    process_job(job, spool, config, ModelCache(PhantomLiverBackend.loader()))
+    for send in spool.due_sends():
+        dataset = pydicom.dcmread(send.path, stop_before_pixels=True)
+        assert dataset.StationName == "FATNODE", send.path.name
+        assert dataset.InstitutionName == "Hôpital Général", send.path.name
+        assert dataset.InstitutionalDepartmentName == "Radiologie", send.path.name
 
 
 def test_header_ineligible_series_is_rejected_without_its_pixels_being_read(tmp_path: Path) -> None:
