@@ -8,7 +8,8 @@ A model is named in one of three ways:
 - ``"default"``: the built-in liver network (:mod:`liverfat.inference.default_backend`);
 - a path to an nnU-Net v2 trained-model folder (``dataset.json``, ``plans.json``,
   ``fold_N/checkpoint_final.pth``), for example TotalSegmentator's;
-- the name of a folder in liverfat's model store, ``<store>/<name>/``, by default
+- the name of a folder in liverfat's model store, ``<store>/<name>/``, by default the ``nnunet``
+  folder of the model cache: ``$LIVERFAT_MODEL_CACHE/nnunet/<name>/`` or
   ``~/.cache/liverfat/models/nnunet/<name>/``.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.inference.weights import model_cache_dir
 
 if TYPE_CHECKING:
     import torch
@@ -53,13 +55,13 @@ ORIENTATION_RAS = "RAS"
 NNUNET_ORIENTATIONS: tuple[str, ...] = (ORIENTATION_AUTO, ORIENTATION_LPS, ORIENTATION_RAS)
 """Voxel order an nnU-Net model was trained on; ``auto`` follows the reader in its plans."""
 
-MODEL_STORE_RELATIVE = Path(".cache") / "liverfat" / "models" / "nnunet"
-"""The model store below the user's home folder, unless a store is given explicitly."""
+MODEL_STORE_FOLDER = "nnunet"
+"""The model store's folder in the model cache, unless a store is given explicitly."""
 
 
 def default_model_store() -> Path:
-    """The folder that holds named nnU-Net models: ``~/.cache/liverfat/models/nnunet``."""
-    return Path.home() / MODEL_STORE_RELATIVE
+    """The folder that holds named nnU-Net models: ``nnunet`` in the model cache (see ``weights``)."""
+    return model_cache_dir() / MODEL_STORE_FOLDER
 
 
 def store_models(store: Path | None = None) -> list[str]:

@@ -20,7 +20,7 @@ def add_models_commands(subparsers: Any) -> None:
     fetch.set_defaults(command=cmd_fetch)
 
     listing = commands.add_parser("list", help="the built-in models and the nnU-Net models in the store")
-    listing.add_argument("--store", type=Path, help="model store (default: ~/.cache/liverfat/models/nnunet)")
+    listing.add_argument("--store", type=Path, help="model store (default: $LIVERFAT_MODEL_CACHE/nnunet or ~/.cache/liverfat/models/nnunet)")
     listing.set_defaults(command=cmd_list)
 
     import_v1 = commands.add_parser(
@@ -28,7 +28,7 @@ def add_models_commands(subparsers: Any) -> None:
     )
     import_v1.add_argument("source", type=Path, metavar="FOLDER_OR_ZIP")
     import_v1.add_argument("--name", help="name in the model store (default: seed-task521)")
-    import_v1.add_argument("--store", type=Path, help="model store (default: ~/.cache/liverfat/models/nnunet)")
+    import_v1.add_argument("--store", type=Path, help="model store (default: $LIVERFAT_MODEL_CACHE/nnunet or ~/.cache/liverfat/models/nnunet)")
     import_v1.set_defaults(command=cmd_import_nnunet_v1)
 
 

@@ -12,6 +12,7 @@ import torch
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.inference.backend import Backend
 from liverfat.inference.models import (
+    default_model_store,
     describe_backend,
     load_backend,
     resolve_device,
@@ -54,6 +55,17 @@ def test_load_backend_by_name_looks_in_the_model_store(store: Path) -> None:
 
     assert isinstance(backend, NnUNetBackend)
     assert backend.folder.path == store / "tiny"
+
+
+def test_the_default_model_store_follows_the_model_cache(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One variable moves everything the node reads models from (weights and named models)."""
+    cache = store.parent / "cache"
+    (cache / "nnunet").mkdir(parents=True, exist_ok=True)
+    if not (cache / "nnunet" / "tiny").exists():
+        (cache / "nnunet" / "tiny").symlink_to(store / "tiny")
+    monkeypatch.setenv("LIVERFAT_MODEL_CACHE", str(cache))
+    assert default_model_store() == cache / "nnunet"
+    assert store_models() == ["tiny"]
 
 
 def test_store_lists_only_folders_holding_a_model(store: Path, tmp_path: Path) -> None:
