@@ -2,10 +2,13 @@
 "series complete" to "results stored in Orthanc", per stage.
 
 1. Receive rate: dcmtk's storescu sends one phantom series (512 x 512 slices) to dcmtk's
-   ``/usr/bin/storescp`` and to the node (a real ``liverfat`` node process, its worker idle),
-   alternately, ``--repeat`` times each; the figure is instances per second of the storescu
-   run, best of the repeats, and the ratio node / storescp. The node's answer includes an
-   fsync of every file and a SQLite commit; storescp syncs nothing.
+   ``/usr/bin/storescp``, to a bare pynetdicom SCP (the node's AE settings, a C-STORE handler
+   that stores nothing: the ceiling with pynetdicom) and to the node (a real ``liverfat`` node
+   process, its worker idle), in turn, ``--repeat`` times each; the figure is instances per
+   second of the storescu run, best of the repeats, and the ratios of the node to the other two.
+   The node's answer includes an fsync of every file and a SQLite commit; storescp syncs
+   nothing. The durability floor, timed between the runs: ``durable_write`` of one
+   instance-size file (temp file, fsync, rename, folder fsync), median ms per instance.
 2. Pipeline: a real Orthanc (private network namespace, ``tests/orthanc.py``) auto-routes the
    same series to the node with the deploy/ Lua script; the node runs ``--model`` and sends
    SEG, SR and key image back. Stages come from the node's spool (job and outbox times, the
@@ -35,11 +38,16 @@ from typing import Any
 import numpy as np
 import pydicom
 import pynetdicom
+from pynetdicom import evt
+from pynetdicom.events import Event
 
 # Run as a script, Python puts bench/ on sys.path; the phantom, Orthanc and node helpers live in tests/.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from liverfat import __version__  # noqa: E402
+from liverfat.files import durable_write  # noqa: E402
+from liverfat.service.config import NodeSection  # noqa: E402
+from liverfat.service.scp import StoreStatus, make_ae  # noqa: E402
 from liverfat.service.spool import Job  # noqa: E402
 from tests.orthanc import orthanc_server  # noqa: E402
 from tests.phantom import Grid, Phantom, SeriesHeader, write_series  # noqa: E402
@@ -77,18 +85,39 @@ def storescu_seconds(folder: Path, port: int, called: str) -> float:
     return elapsed
 
 
-def time_storescp(series: Path, work: Path, port: int) -> float:
-    out = work / "storescp-out"
-    out.mkdir()
-    server = subprocess.Popen([STORESCP, "-aet", "STORESCP", "-od", str(out), str(port)], env=DCMTK_ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+def time_scp_process(command: list[str], series: Path, port: int, called: str) -> float:
+    """storescu's time to send ``series`` to the SCP that ``command`` starts (and that is stopped after)."""
+    server = subprocess.Popen(command, env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: _port_open(port), 10, "storescp to listen")
-        return storescu_seconds(series, port, "STORESCP")
+        wait_for(lambda: _port_open(port), 30, f"the {called} SCP to listen")
+        return storescu_seconds(series, port, called)
     finally:
         server.terminate()
         server.wait(10)
+
+
+def time_storescp(series: Path, work: Path, port: int) -> float:
+    out = work / "storescp-out"
+    out.mkdir()
+    try:
+        return time_scp_process([STORESCP, "-aet", "STORESCP", "-od", str(out), str(port)], series, port, "STORESCP")
+    finally:
         shutil.rmtree(out)
+
+
+def time_bare_pynetdicom(series: Path, work: Path, port: int) -> float:
+    command = [sys.executable, str(Path(__file__).resolve()), "--serve-bare-scp", str(port)]
+    return time_scp_process(command, series, port, NodeSection().ae_title)
+
+
+def serve_bare_scp(port: int) -> None:
+    """The ceiling with pynetdicom: the node's AE settings, and a C-STORE handler that only answers Success."""
+    ae = make_ae(NodeSection(host="127.0.0.1", port=port))
+    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, _store_nothing)])
+
+
+def _store_nothing(event: Event) -> int:
+    return int(StoreStatus.SUCCESS)
 
 
 def time_node(series: Path, work: Path, port: int) -> float:
@@ -113,19 +142,45 @@ def _port_open(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
-def receive_rates(series: Path, count: int, work: Path, repeat: int) -> dict[str, Any]:
+def durable_write_seconds(data: bytes, folder: Path, count: int) -> list[float]:
+    """``count`` durable writes of ``data`` into a spool-like folder (temporary files beside it), one time each."""
+    (folder / "tmp").mkdir(parents=True)
+    seconds = []
+    for i in range(count):
+        started = time.perf_counter()
+        durable_write(folder / "instances" / f"{i}.dcm", data, folder / "tmp")
+        seconds.append(time.perf_counter() - started)
+    shutil.rmtree(folder)
+    return seconds
+
+
+RECEIVERS = {  # name in the JSON: (label, timing)
+    "storescp": ("dcmtk storescp", time_storescp),
+    "bare_pynetdicom": ("bare pynetdicom SCP", time_bare_pynetdicom),
+    "node": ("liverfat node", time_node),
+}
+
+
+def receive_rates(series: Path, files: list[Path], work: Path, repeat: int) -> dict[str, Any]:
     from tests.service.conftest import free_port
 
-    times: dict[str, list[float]] = {"storescp": [], "node": []}
-    for _ in range(repeat):  # interleaved, so drift in machine load hits both alike
-        times["storescp"].append(time_storescp(series, work, free_port()))
-        times["node"].append(time_node(series, work, free_port()))
+    count = len(files)
+    times: dict[str, list[float]] = {name: [] for name in RECEIVERS}
+    writes: list[float] = []
+    for _ in range(repeat):  # interleaved, so drift in machine load hits all alike
+        for name, (_, time_receiver) in RECEIVERS.items():
+            times[name].append(time_receiver(series, work, free_port()))
+        writes += durable_write_seconds(files[0].read_bytes(), work / "durable-writes", count)
     best = {name: count / min(values) for name, values in times.items()}
     return {
         "instances": count,
         "best_instances_per_s": {name: round(rate, 1) for name, rate in best.items()},
         "median_instances_per_s": {name: round(count / statistics.median(v), 1) for name, v in times.items()},
+        "best_ms_per_instance": {name: round(1000 / rate, 2) for name, rate in best.items()},
         "ratio_node_to_storescp": round(best["node"] / best["storescp"], 2),
+        "ratio_node_to_bare_pynetdicom": round(best["node"] / best["bare_pynetdicom"], 2),
+        "durable_write_ms_median": round(statistics.median(writes) * 1000, 2),
+        "durable_writes": len(writes),
     }
 
 
@@ -194,12 +249,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="'default', another model name, or 'phantom' (no network)")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the receive rate (no Orthanc needed)")
     parser.add_argument("--json", type=Path, help="also write the figures and versions here")
+    parser.add_argument("--serve-bare-scp", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the bench's own child
     args = parser.parse_args(argv)
+    if args.serve_bare_scp is not None:
+        serve_bare_scp(args.serve_bare_scp)
+        return 0
 
     with tempfile.TemporaryDirectory(prefix="liverfat-bench-node-") as tmp:
         work = Path(tmp)
         files = write_phantom(work / "series", args.slices)
-        receive = receive_rates(work / "series", len(files), work, args.repeat)
+        receive = receive_rates(work / "series", files, work, args.repeat)
         pipeline = None if args.skip_pipeline else pipeline_stages(files, work, args.model)
 
     result = {
@@ -210,12 +269,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": {"liverfat": __version__, "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__,
                      "python": platform.python_version()},  # fmt: skip
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU",
-        "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine slows both
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine slows all
     }
-    rates = receive["best_instances_per_s"]
-    print(f"receive, dcmtk storescp: {rates['storescp']:.1f} instances/s (best of {args.repeat})")
-    print(f"receive, liverfat node:  {rates['node']:.1f} instances/s (best of {args.repeat})")
-    print(f"ratio node / storescp:   {receive['ratio_node_to_storescp']:.2f} (load average {os.getloadavg()[0]:.1f})")
+    rates, ms = receive["best_instances_per_s"], receive["best_ms_per_instance"]
+    for name, (label, _) in RECEIVERS.items():
+        print(f"receive, {label + ':':<21} {rates[name]:7.1f} instances/s = {ms[name]:5.2f} ms each "
+              f"(best of {args.repeat})")  # fmt: skip
+    load = os.getloadavg()[0]
+    print(f"ratio node / storescp:        {receive['ratio_node_to_storescp']:.2f} (load average {load:.1f})")
+    print(f"ratio node / bare pynetdicom: {receive['ratio_node_to_bare_pynetdicom']:.2f}: the node adds "
+          f"{ms['node'] - ms['bare_pynetdicom']:.2f} ms per instance, of which the durability floor (durable_write "
+          f"of one instance, median of {receive['durable_writes']}) is {receive['durable_write_ms_median']:.2f} ms")
     if pipeline is not None:
         print(f"pipeline with model {pipeline['model']!r}: grade {pipeline['grade']}, "
               f"DL-parenchymal {pipeline['parenchymal_hu']} HU")  # fmt: skip

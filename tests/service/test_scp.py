@@ -10,17 +10,28 @@ import ssl
 import subprocess
 from collections.abc import Iterator
 from dataclasses import replace
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, MRImageStorage
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MRImageStorage,
+)
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.service.config import Caller, NodeConfig, SeriesSection, TlsSection
-from liverfat.service.scp import StorageSCP, StoreStatus, refuse_caller
+from liverfat.service.scp import StorageSCP, StoreStatus, index_uids, part10_header, refuse_caller
 from liverfat.service.spool import JobState, Spool
 from tests.service.conftest import ECHOSCU, dcmtk, node_config, small_series, storescu
 
@@ -44,9 +55,10 @@ def node(tmp_path: Path) -> Iterator[tuple[StorageSCP, Spool]]:
 
 
 def associate(scp: StorageSCP, calling: str = "TESTSCU", contexts: tuple[str, ...] = (CTImageStorage,),
-              tls: ssl.SSLContext | None = None) -> Association:  # fmt: skip
+              tls: ssl.SSLContext | None = None, transfer_syntax: str | None = None) -> Association:  # fmt: skip
+    """An association from a pynetdicom SCU; ``transfer_syntax`` proposes only that one (default: pynetdicom's)."""
     ae = AE(ae_title=calling)
-    assoc = ae.associate("127.0.0.1", scp.port, contexts=[build_context(c) for c in contexts],
+    assoc = ae.associate("127.0.0.1", scp.port, contexts=[build_context(c, transfer_syntax) for c in contexts],
                          ae_title=scp.config.node.ae_title, tls_args=(tls, "localhost") if tls else None)  # fmt: skip
     return assoc
 
@@ -84,6 +96,45 @@ def test_each_success_means_the_instance_is_already_on_disk_and_indexed(node: tu
         return ds.SOPInstanceUID, ds.PixelData
 
     assert {content(p) for p in independent.job_files(job)} == {content(p) for p in files}
+
+
+@pytest.mark.parametrize("sop_instance_uid", ["1.2.3", "1.2.34"])  # odd and even lengths
+def test_the_file_header_is_the_one_pynetdicom_writes(sop_instance_uid: str) -> None:
+    meta = create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance_uid,
+                            transfer_syntax=ImplicitVRLittleEndian)  # fmt: skip
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+    assert part10_header(CTImageStorage, sop_instance_uid, ImplicitVRLittleEndian) == expected
+
+
+@pytest.mark.parametrize("transfer_syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                                             DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian])  # fmt: skip
+def test_index_uids_are_read_in_every_uncompressed_transfer_syntax(transfer_syntax: UID) -> None:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID = CTImageStorage, "9.1", "9.2", "9.3"
+    ds.InstanceNumber = 1  # (0020,0013): after the UIDs, where reading stops
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
+    encoded = BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    raw = encoded.getvalue()
+    data_set = raw[144 + int.from_bytes(raw[140:144], "little") :]  # after preamble, prefix and file meta group
+    assert index_uids(data_set, transfer_syntax) == ("9.2", "9.3")
+
+
+def test_a_deflated_instance_is_stored_as_sent(node: tuple[StorageSCP, Spool], tmp_path: Path) -> None:
+    scp, spool = node
+    [path] = small_series(tmp_path / "series", slices=1)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    assoc = associate(scp, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    status = assoc.send_c_store(tmp_path / "deflated.dcm")
+    assoc.release()
+    assert status.Status == StoreStatus.SUCCESS
+    [stored] = spool.job_files(spool.jobs()[0])
+    received = pydicom.dcmread(stored)
+    assert received.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert received.SeriesInstanceUID == ds.SeriesInstanceUID and received.PixelData == ds.PixelData
 
 
 def test_storescu_series_lands_as_one_received_series(node: tuple[StorageSCP, Spool], tmp_path: Path) -> None:
