@@ -3,7 +3,7 @@
 Layout (every section and key is optional; ``deploy/liverfat.example.toml`` lists them all)::
 
     [node]        ae_title, host, port, allowed_callers, max_associations, network_timeout_s
-    [spool]       dir, min_free_disk_mb
+    [spool]       dir, min_free_disk_mb, keep_days
     [series]      stable_seconds, complete_on_release
     [model]       name, device
     [worker]      max_attempts, shutdown_grace_s, ineligible_result
@@ -99,6 +99,7 @@ class NodeSection:
 class SpoolSection:
     dir: Path = Path("liverfat-spool")
     min_free_disk_mb: int = 500  # below this, C-STORE answers 0xA700 Out of Resources
+    keep_days: float = 7.0  # received CT and results of a finished series are deleted after this; 0: never
 
 
 @dataclass(frozen=True)
@@ -350,7 +351,8 @@ def _validate(config: NodeConfig) -> None:
     }  # fmt: skip
     problems += [f"{where} must be greater than 0, got {value}" for where, value in positive.items() if value <= 0]
     not_negative = {
-        "[spool] min_free_disk_mb": config.spool.min_free_disk_mb, "[send] first_delay_s": config.send.first_delay_s,
+        "[spool] min_free_disk_mb": config.spool.min_free_disk_mb, "[spool] keep_days": config.spool.keep_days,
+        "[send] first_delay_s": config.send.first_delay_s,
         "[worker] shutdown_grace_s": config.worker.shutdown_grace_s,
     }  # fmt: skip
     problems += [f"{where} must not be negative, got {value}" for where, value in not_negative.items() if value < 0]

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from multiprocessing.context import SpawnProcess
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.5  # series clock and worker watch
 RESTART_DELAY_S = (1.0, 60.0)  # worker restart backoff: first delay, cap
+RETENTION_INTERVAL_S = 600.0  # how often expired series are looked for ([spool] keep_days)
 WORKER_STEADY_S = 60.0  # a worker that lived this long resets the restart backoff
 LOCK_FILE = "node.lock"
 
@@ -56,6 +58,7 @@ class Node:
         self._worker_started_at = 0.0
         self._restart_delay_s = RESTART_DELAY_S[0]
         self._restart_at: float | None = None
+        self._retention_at = 0.0  # monotonic time of the next retention pass
         self._lock_file: TextIO | None = None
         self.spool: Spool | None = None
         self.scp: StorageSCP | None = None
@@ -99,6 +102,23 @@ class Node:
                      self.config.series.stable_seconds)  # fmt: skip
             self._worker_wake.set()
         self._watch_worker()
+        if self.config.spool.keep_days > 0 and time.monotonic() >= self._retention_at:
+            self._retention_at = time.monotonic() + RETENTION_INTERVAL_S
+            self._purge_expired(now)
+
+    def _purge_expired(self, now: float | None) -> None:
+        """One retention pass; a failure is logged and retried at the next pass, the node keeps serving."""
+        assert self.spool is not None
+        keep_days = self.config.spool.keep_days
+        try:
+            purged = self.spool.purge_expired(keep_days, now)
+        except (OSError, sqlite3.Error) as error:
+            log.error("retention: could not delete expired series ([spool] keep_days = %g): %s", keep_days, error)
+            return
+        if purged.series:
+            log.info("retention: deleted %d series ended more than %g days ago ([spool] keep_days): %d instance "
+                     "file(s), %d result folder(s), %d MiB", purged.series, keep_days, purged.instances,
+                     purged.result_folders, purged.bytes_freed // 2**20)  # fmt: skip
 
     def stop(self) -> None:
         """Stop receiving, finish or park the series in hand, stop sending; idempotent."""

@@ -3,7 +3,7 @@
 Layout under the spool folder::
 
     index.sqlite            instances, jobs (one row per series version) and outbox
-    instances/<series>/     one file per received instance (written atomically)
+    instances/<series>/     one file per received instance (written atomically, a new name per reception)
     results/<job id>/       what the worker wrote for one series version
     tmp/                    partial writes; emptied at start
 
@@ -11,6 +11,15 @@ A job is one *version* of a series. Instances arriving while its job is ``receiv
 ``complete`` join it; an instance that arrives once processing has started opens the next
 version, which is processed again with every instance of the series held so far.
 Every state change is one SQLite transaction; the schema version is ``PRAGMA user_version``.
+
+Retention (:meth:`Spool.purge_expired`): a series expires ``keep_days`` after both its last
+instance arrived (duplicates count: a sender still cares) and its last version ended, once none
+of its results waits to be sent. Its instance files and index rows, and its result folders, are
+deleted; its job rows stay, for ``liverfat status`` and the metrics. Two rules make a purge safe
+against an association storing into the same series at the same moment: a duplicate is answered
+only after its series has been marked active in a transaction, and the purge re-checks expiry in
+its own transaction; every reception writes a new file name, so a purge deletes only files that
+no index row will point at again.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import secrets
 import shutil
 import sqlite3
 import threading
@@ -35,6 +45,7 @@ from liverfat.files import durable_write
 SCHEMA_VERSION = 1
 DB_NAME = "index.sqlite"
 BUSY_TIMEOUT_S = 30.0
+SECONDS_PER_DAY = 86400.0
 PROCESSING_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 SCHEMA = """
@@ -103,6 +114,7 @@ class JobState(StrEnum):
 
 
 OPEN_STATES = (JobState.RECEIVED, JobState.COMPLETE)  # new instances still join these
+ENDED_STATES = (JobState.DONE, JobState.REJECTED, JobState.FAILED)
 
 
 class OutboxState(StrEnum):
@@ -204,6 +216,16 @@ class Send:
 
 
 @dataclass(frozen=True)
+class Purged:
+    """What one retention pass deleted."""
+
+    series: int = 0
+    instances: int = 0
+    result_folders: int = 0
+    bytes_freed: int = 0
+
+
+@dataclass(frozen=True)
 class SpoolCounts:
     jobs: Mapping[JobState, int]
     outbox: Mapping[OutboxState, int]
@@ -281,20 +303,31 @@ class Spool:
         configured minimum or the disk is full, ``SPOOL_WRITE_FAILED`` on any other failure.
         Nothing is indexed (and no file is left) when it raises.
         """
+        now = time.time() if now is None else now
         if self.has_instance(info.sop_instance_uid):
-            return StoreOutcome.DUPLICATE
+            try:
+                with self.transaction() as db:
+                    held = _mark_duplicate(db, info.sop_instance_uid, now)
+            except sqlite3.Error as error:
+                raise _write_error(f"cannot record a duplicate in {self.root / DB_NAME}", error) from error
+            if held:
+                return StoreOutcome.DUPLICATE
         self._check_free_space(len(data))
-        relative = Path("instances") / file_name(info.series_uid) / f"{file_name(info.sop_instance_uid)}.dcm"
+        name = f"{file_name(info.sop_instance_uid)}.{secrets.token_hex(4)}.dcm"  # new per reception: see retention
+        relative = Path("instances") / file_name(info.series_uid) / name
         target = self.root / relative
         try:
             durable_write(target, data, self.tmp_dir)
         except OSError as error:
             raise _write_error(f"cannot write instance to {target}", error) from error
         try:
-            return self._index_instance(info, relative, len(data), time.time() if now is None else now)
+            outcome = self._index_instance(info, relative, len(data), now)
         except sqlite3.Error as error:
             target.unlink(missing_ok=True)
             raise _write_error(f"cannot index instance in {self.root / DB_NAME}", error) from error
+        if outcome is StoreOutcome.DUPLICATE:
+            target.unlink(missing_ok=True)  # a concurrent association stored it first: this copy is not indexed
+        return outcome
 
     def _check_free_space(self, size: int) -> None:
         free = shutil.disk_usage(self.root).free
@@ -305,7 +338,7 @@ class Spool:
 
     def _index_instance(self, info: InstanceInfo, relative: Path, size: int, now: float) -> StoreOutcome:
         with self.transaction() as db:
-            if db.execute("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (info.sop_instance_uid,)).fetchone():
+            if _mark_duplicate(db, info.sop_instance_uid, now):
                 return StoreOutcome.DUPLICATE  # a concurrent association stored it first
             job_id = self._open_job(db, info, now)
             db.execute("UPDATE jobs SET n_instances = n_instances + 1, last_instance_at = ? WHERE id = ?",
@@ -429,6 +462,33 @@ class Spool:
             path.unlink(missing_ok=True)
         return len(leftovers)
 
+    # -- retention ------------------------------------------------------------------------
+
+    def purge_expired(self, keep_days: float, now: float | None = None) -> Purged:
+        """Delete the instance files and results of every expired series (see the module docstring)."""
+        cutoff = (time.time() if now is None else now) - keep_days * SECONDS_PER_DAY
+        series = instances = folders = freed = 0
+        for row in self.query(_EXPIRED_SQL.format(where=""), (cutoff, cutoff, OutboxState.PENDING)):
+            with self.transaction() as db:  # again under the write lock: an instance may just have arrived
+                if not db.execute(_EXPIRED_SQL.format(where="WHERE j.series_uid = ?"),
+                                  (row["series_uid"], cutoff, cutoff, OutboxState.PENDING)).fetchone():  # fmt: skip
+                    continue
+                paths = [r["path"] for r in db.execute("SELECT path FROM instances WHERE series_uid = ?",
+                                                       (row["series_uid"],))]  # fmt: skip
+                job_ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE series_uid = ?", (row["series_uid"],))]
+                db.execute("DELETE FROM instances WHERE series_uid = ?", (row["series_uid"],))
+                db.execute("UPDATE jobs SET outputs = '[]' WHERE series_uid = ?", (row["series_uid"],))
+            series += 1
+            instances += len(paths)
+            freed += sum(_remove(self.root / path) for path in paths)
+            for job_id in job_ids:
+                folder = self.results_dir / str(job_id)
+                if folder.is_dir():
+                    freed += sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+                    shutil.rmtree(folder)
+                    folders += 1
+        return Purged(series, instances, folders, freed)
+
     # -- reading --------------------------------------------------------------------------
 
     def job(self, job_id: int) -> Job:
@@ -451,7 +511,7 @@ class Spool:
         return SpoolCounts(
             jobs={state: int(jobs.get(state, 0)) for state in JobState},
             outbox={state: int(next((r["n"] for r in outbox if r["state"] == state), 0)) for state in OutboxState},
-            instances=int(self.query("SELECT COUNT(*) AS n FROM instances")[0]["n"]),
+            instances=int(self.query("SELECT COALESCE(SUM(n_instances), 0) AS n FROM jobs")[0]["n"]),
             send_failures=int(sum(row["failures"] or 0 for row in outbox)),
             processing_count=int(timing[0]),
             processing_sum_s=float(timing[1]),
@@ -519,6 +579,37 @@ def _queue_outputs(db: sqlite3.Connection, job_id: int, outputs: Sequence[Output
                 (job_id, destination, output.path, output.sop_class_uid, output.sop_instance_uid,
                  output.transfer_syntax_uid, OutboxState.PENDING, now, now),
             )  # fmt: skip
+
+
+# Series whose every version ended (a job failed by recover() has no finished_at) and whose last instance
+# arrived before the cut-off, with nothing left to
+# send and something left to delete. Parameters: cut-off (finished), cut-off (arrived), pending state.
+_EXPIRED_SQL = (
+    "SELECT j.series_uid FROM jobs j {where} GROUP BY j.series_uid "
+    f"HAVING SUM(j.state NOT IN ({', '.join(repr(str(s)) for s in ENDED_STATES)})) = 0 "
+    "AND MAX(COALESCE(j.finished_at, j.started_at, j.last_instance_at)) < ? AND MAX(j.last_instance_at) < ? "
+    "AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs p ON p.id = o.job_id "
+    "                WHERE p.series_uid = j.series_uid AND o.state = ?) "
+    "AND (EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = j.series_uid) OR MAX(j.outputs != '[]'))"
+)
+
+
+def _mark_duplicate(db: sqlite3.Connection, sop_instance_uid: str, now: float) -> bool:
+    """Whether the instance is held; if it is, its series counts as active now (retention waits for it)."""
+    cursor = db.execute("UPDATE jobs SET last_instance_at = MAX(last_instance_at, ?) "
+                        "WHERE id = (SELECT job_id FROM instances WHERE sop_instance_uid = ?)",
+                        (now, sop_instance_uid))  # fmt: skip
+    return cursor.rowcount > 0
+
+
+def _remove(path: Path) -> int:
+    """Delete one file; its size, or 0 when it was already gone."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def file_name(uid: str) -> str:

@@ -94,6 +94,7 @@ def test_environment_overrides_every_section(tmp_path: Path) -> None:
         ("[model]\ndevice = 'tpu'\n", {}, "device must be one of"),
         ("[worker]\nineligible_result = 'pdf'\n", {}, "ineligible_result must be one of"),
         ("[tls]\nenabled = true\n", {}, "certificate is required"),
+        ("[spool]\nkeep_days = -1\n", {}, "keep_days must not be negative"),
         ("[outputs]\ninstitution_name = '" + "X" * 65 + "'\n", {}, "\\[outputs\\] output setting institution_name.*1 to 64"),
         ("[grading]\nthreshold = 40\n", {}, "\\[analysis\\].*unknown grading setting"),
         ("[eligibility]\nmax_slice_thickness_mm = -1\n", {}, "\\[eligibility\\].*must be > 0"),

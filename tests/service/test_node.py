@@ -240,3 +240,25 @@ def test_serve_on_embedded_defaults_starts_and_says_loudly_that_nothing_is_sent(
     text = log.read_text()
     assert "NO DESTINATION CONFIGURED" in text and "embedded defaults" in text
     assert (tmp_path / "liverfat-spool" / "index.sqlite").is_file()
+
+
+def test_retention_deletes_the_series_files_once_its_results_are_sent(tmp_path: Path, receiver: Receiver) -> None:
+    """keep_days of about a second; a retention pass runs at every start, then every 10 minutes."""
+    node = make_node(tmp_path, receiver, spool={"keep_days": 1e-5})
+    node.start()
+    try:
+        phantom_series(tmp_path / "ct")
+        send_series(node, tmp_path / "ct")
+        wait_for(lambda: unique_results(receiver) == RESULT_FILES, 90, "SEG, SR and key image at the destination")
+    finally:
+        assert node.terminate() == 0
+    spool_dir = Path(node.config.spool.dir)
+    assert list((spool_dir / "instances").rglob("*.dcm")) and list((spool_dir / "results").iterdir())
+    time.sleep(1.0)
+    node.start()
+    try:
+        wait_for(lambda: "retention: deleted 1 series" in node.run_log(), 30, "the retention pass")
+        assert list((spool_dir / "instances").rglob("*.dcm")) == [] and list((spool_dir / "results").iterdir()) == []
+        assert only_job(node).state is JobState.DONE  # the history stays
+    finally:
+        assert node.terminate() == 0

@@ -16,6 +16,7 @@ from liverfat.service.spool import (
     JobState,
     OutboxState,
     OutputFile,
+    Purged,
     Spool,
     StoreOutcome,
     file_name,
@@ -178,3 +179,67 @@ def test_non_conformant_uids_become_distinct_safe_file_names() -> None:
     names = {file_name(uid) for uid in ("1.2/3", "1.2\\3", "1.2 3", "..")}
     assert len(names) == 4
     assert all("/" not in n and "\\" not in n and not n.startswith(".") for n in names)
+
+
+DAY = 86400.0
+
+
+def ended_series_with_results(spool: Spool, destinations: list[str]) -> int:
+    """A series received at t=100, processed and finished at t=300, its results written into results/<job>."""
+    job_id = finished_job_with_outputs(spool, destinations)
+    folder = spool.results_dir / str(job_id) / SERIES  # as the worker writes them
+    folder.mkdir(parents=True)
+    for name in ("seg", "sr"):
+        (folder / f"{name}.dcm").write_bytes(b"result")
+    return job_id
+
+
+def test_retention_deletes_files_of_series_ended_more_than_keep_days_ago(spool: Spool) -> None:
+    job_id = ended_series_with_results(spool, destinations=[])
+    [instance_file] = spool.job_files(spool.job(job_id))
+    assert spool.purge_expired(keep_days=7, now=300.0 + 7 * DAY - 1) == Purged()
+    purged = spool.purge_expired(keep_days=7, now=300.0 + 7 * DAY + 1)
+    assert (purged.series, purged.instances, purged.result_folders) == (1, 1, 1)
+    assert not instance_file.exists() and not (spool.results_dir / str(job_id)).exists()
+    job = spool.job(job_id)
+    assert job.state is JobState.DONE and job.grade == "none-or-mild" and job.outputs == ()  # history stays
+    assert spool.counts().instances == 1  # a counter: received instances, not instances held
+    assert spool.purge_expired(keep_days=7, now=300.0 + 30 * DAY) == Purged()
+    with pytest.raises(LiverfatError, match="no result to send"):
+        spool.requeue_series(SERIES, ["A@h:1"])
+
+
+def test_retention_keeps_series_with_results_still_to_send_or_a_version_still_open(spool: Spool) -> None:
+    ended_series_with_results(spool, destinations=["A@h:1"])  # both results still pending
+    later = 300.0 + 30 * DAY
+    assert spool.purge_expired(keep_days=7, now=later) == Purged()
+    for send in spool.due_sends(now=later):
+        spool.mark_sent(send.id)
+    spool.store_instance(b"b", info("1.2"), now=400.0)  # a new version, still receiving
+    assert spool.purge_expired(keep_days=7, now=later) == Purged()
+
+
+def test_a_duplicate_keeps_its_series_from_expiring_and_a_later_copy_is_stored_anew(spool: Spool) -> None:
+    """The race a purge must not lose: a sender re-sends an instance of an old series just before the purge."""
+    job_id = ended_series_with_results(spool, destinations=[])
+    resent_at = 300.0 + 10 * DAY
+    assert spool.store_instance(b"a", info("1.1"), now=resent_at) is StoreOutcome.DUPLICATE
+    assert spool.purge_expired(keep_days=7, now=resent_at + 1) == Purged()  # "already held" stays true
+    assert spool.job_files(spool.job(job_id))[0].read_bytes() == b"a"
+    assert spool.purge_expired(keep_days=7, now=resent_at + 7 * DAY + 1).series == 1
+    assert spool.store_instance(b"a again", info("1.1"), now=resent_at + 8 * DAY) is StoreOutcome.STORED
+    newest = spool.jobs()[0]
+    assert newest.version == 2 and [f.read_bytes() for f in spool.job_files(newest)] == [b"a again"]
+
+
+def test_every_reception_gets_its_own_file_and_a_lost_race_leaves_no_file(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    [held] = spool.job_files(spool.jobs()[0])
+    assert held.name.startswith("1.1.") and held.suffix == ".dcm"
+    # a second association that checked before the first one indexed: it writes its copy, then loses
+    monkeypatch.setattr(spool, "has_instance", lambda sop_instance_uid: False)
+    assert spool.store_instance(b"a", info("1.1"), now=101.0) is StoreOutcome.DUPLICATE
+    assert [p.name for p in held.parent.iterdir()] == [held.name]
+    assert spool.jobs()[0].last_instance_at == 101.0
