@@ -204,16 +204,11 @@ def build_key_image(
         series_number=site.keyimage_series_number,
         sop_instance_uid=uids.instance("keyimage"),
         instance_number=1,
-        manufacturer=site.manufacturer,
+        **site.equipment_kwargs(result.software_version),
         pixel_spacing=(row_spacing / scale, column_spacing / scale),  # type: ignore[arg-type]  # annotated as ints
         patient_orientation=patient_orientation(source),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=SERIES_DESCRIPTION,
-        manufacturer_model_name=site.model_name,
-        software_versions=result.software_version,
-        device_serial_number=site.device_serial_number,
-        institution_name=site.institution_name,
-        institutional_department_name=site.institutional_department_name,
         **creation_kwargs(created),
     )
     image.BurnedInAnnotation = "NO"

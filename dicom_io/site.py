@@ -49,6 +49,17 @@ class OutputSettings:
             if not 0 < getattr(self, name) < 2**31:
                 raise ValueError(f"output setting {name}={getattr(self, name)} must be a positive integer below 2**31")
 
+    def equipment_kwargs(self, software_version: str) -> dict[str, str | None]:
+        """The General Equipment attributes every output carries, as highdicom's keyword arguments."""
+        return {
+            "manufacturer": self.manufacturer,
+            "manufacturer_model_name": self.model_name,
+            "software_versions": software_version,
+            "device_serial_number": self.device_serial_number,
+            "institution_name": self.institution_name,
+            "institutional_department_name": self.institutional_department_name,
+        }
+
     def digest(self) -> str:
         """SHA-256 of every setting: a changed disclaimer or identity gives new UIDs."""
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()

@@ -365,16 +365,11 @@ def _comprehensive_sr(
         series_number=document.series_number,
         sop_instance_uid=uids.instance(document.role),
         instance_number=1,
-        manufacturer=site.manufacturer,
+        **site.equipment_kwargs(result.software_version),
         is_complete=True,
         is_final=True,
         is_verified=False,
-        institution_name=site.institution_name,
-        institutional_department_name=site.institutional_department_name,
         series_description=document.series_description,
-        manufacturer_model_name=site.model_name,
-        software_versions=result.software_version,
-        device_serial_number=site.device_serial_number,
         coding_schemes=[
             CodingSchemeIdentificationItem(designator=codes.LIVERFAT_SCHEME, name=codes.LIVERFAT_SCHEME_NAME)
         ],
