@@ -14,7 +14,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -63,8 +62,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
     models = ModelCache(loader)
     try:
         backend = models.get()
-        log.info("model loaded: %s %s on %s (%d CPU threads)", backend.info.name, backend.info.version,
-                 backend.info.device, _cpu_threads())  # fmt: skip
+        log.info("model loaded: %s %s on %s", backend.info.name, backend.info.version, backend.info.device)
     except LiverfatError as error:
         log.error("cannot load model %r: %s; series will fail until this is fixed", config.model.name, error.message)
     while not terminated and not stop.is_set() and _parent_alive():
@@ -143,12 +141,6 @@ def _fsync_files(paths: Sequence[Path]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _cpu_threads() -> int:
-    """torch's intra-op threads (the CPU work of a segmentation); 1 when torch is not loaded."""
-    torch = sys.modules.get("torch")
-    return int(torch.get_num_threads()) if torch is not None else 1
 
 
 def _die_with_parent() -> None:
