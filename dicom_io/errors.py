@@ -44,6 +44,9 @@ class Reason(StrEnum):
     NO_HEADERS = "no_headers"
     ROI_NOT_PLACED = "roi_not_placed"
     UNSUPPORTED_MULTIFRAME = "unsupported_multiframe"
+    NOT_CT_IMAGE = "not_ct_image"  # the pixels are not a CT's (a label map, a mask, a photo)
+    REGION_FROM_IMAGE = "region_from_image"  # headers silent on the body part; the image decided
+    ROI_REPLACED = "roi_replaced"  # a seed ROI failed its checks and another took its place
     # node (service)
     CONFIG_INVALID = "config_invalid"
     SPOOL_FULL = "spool_full"

@@ -24,7 +24,7 @@ from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.volume import Volume
 from liverfat.inference.attenuation import measure
 from liverfat.inference.backend import Backend
-from liverfat.inference.grading import GradingConfig, grade
+from liverfat.inference.grading import GradingConfig, grade, is_borderline
 from liverfat.inference.roi import RoiMode, place_rois
 from liverfat.result import USER_MASK, AnalysisResult, Grade, Masks, ModelInfo
 
@@ -133,6 +133,10 @@ def analyze(
         model=model,
         software_version=__version__,
         timings_s=timings,
+        graded_hu=measurement.parenchymal_hu,
+        grade_basis="the seed's three ROIs" if measurement.parenchymal_hu is not None else "",
+        borderline=verdict is not Grade.NOT_GRADED and is_borderline(measurement.parenchymal_hu, config.grading),
+        borderline_margin_hu=config.grading.borderline_margin_hu,
         working_masks=Masks(mask, placement.labels),
         source_masks=source_masks,
     )

@@ -22,6 +22,14 @@ class Grade(StrEnum):
     NOT_GRADED = "not-graded"
 
 
+class RoiRule(StrEnum):
+    """How an ROI was placed: the seed's rule, or a replacement for a seed ROI that failed its checks."""
+
+    SEED = "seed"  # the published placement on slice v-2, v or v+2
+    NEXT_SLICE = "next-slice"  # the seed's rule on the nearest slice whose ROI passes the checks
+    SHIFTED = "shifted"  # the seed's slice, centre moved away from the vessel inside the liver
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """Which segmentation produced the liver mask."""
@@ -52,6 +60,7 @@ class RoiMeasurement:
     mean_hu: float
     sd_hu: float
     inside_liver_fraction: float
+    rule: RoiRule = RoiRule.SEED
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +74,7 @@ class RoiMeasurement:
             "mean_hu": round(self.mean_hu, 2),
             "sd_hu": round(self.sd_hu, 2),
             "inside_liver_fraction": round(self.inside_liver_fraction, 4),
+            "rule": self.rule.value,
         }
 
 
@@ -95,6 +105,12 @@ class AnalysisResult:
     model: ModelInfo
     software_version: str
     timings_s: dict[str, float] = field(default_factory=dict)
+    # The value the grade rests on: DL-parenchymal of ``rois`` (which may hold replacements for
+    # seed ROIs that failed their checks); ``parenchymal_hu`` stays the seed-exact figure.
+    graded_hu: float | None = None
+    grade_basis: str = ""  # why the grade rests on ``graded_hu``, in words
+    borderline: bool = False  # graded_hu within borderline_margin_hu of the threshold: look
+    borderline_margin_hu: float = 0.0
     working_masks: Masks | None = None  # on the 0.7 x 0.7 x 2.5 mm grid
     source_masks: Masks | None = None  # on the source series' own grid
 
@@ -110,6 +126,10 @@ class AnalysisResult:
             "grade": self.grade.value,
             "threshold_hu": self.threshold_hu,
             "parenchymal_hu": rounded(self.parenchymal_hu),
+            "graded_hu": rounded(self.graded_hu),
+            "grade_basis": self.grade_basis,
+            "borderline": self.borderline,
+            "borderline_margin_hu": self.borderline_margin_hu,
             "volumetric_hu": rounded(self.volumetric_hu),
             "axial_hu": rounded(self.axial_hu),
             "liver_volume_ml": rounded(self.liver_volume_ml),
