@@ -35,8 +35,9 @@ from liverfat.result import AnalysisResult, Grade, ModelInfo
 log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
-    "series_uid", "study_uid", "status", "eligible", "grade", "parenchymal_hu", "volumetric_hu",
-    "axial_hu", "liver_volume_ml", "threshold_hu", "model", "reasons", "warnings",
+    "series_uid", "study_uid", "status", "eligible", "grade", "borderline", "graded_hu", "parenchymal_hu",
+    "volumetric_hu", "axial_hu", "liver_volume_ml", "threshold_hu", "borderline_margin_hu", "model", "reasons",
+    "warnings",
 )  # fmt: skip
 
 NOT_RUN = ModelInfo(name="none", version="n/a")
