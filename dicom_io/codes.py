@@ -6,31 +6,51 @@ themselves; they import it from here, so a reviewer can check the vocabulary in 
 Choices that are ours (the standard offers more than one way):
 
 - **Grade.** The method answers one binary question: is there *moderate-to-severe*
-  hepatic steatosis (DL-parenchymal attenuation below the threshold)? It cannot tell
-  "no steatosis" from "mild steatosis", so neither SCT "Mild" nor SCT "Absent" alone
-  would be truthful for the negative answer. We post-coordinate the question instead:
-  the qualitative evaluation's concept name is SCT 197321007 "Steatosis of liver",
-  qualified (HAS CONCEPT MOD) by SCT 246112005 "Severity" = SCT 371924009 "Moderate to
-  severe"; its value is SCT 52101004 "Present" or SCT 272519000 "Absent", or
-  SCT 373068000 "Undetermined" when the grade is withheld. 197321007 is the SNOMED CT
-  disorder "Steatosis of liver" (synonym "Fatty liver"); it is not in pydicom's code
-  dictionary, so it is spelled out here.
+  hepatic steatosis (graded DL-parenchymal attenuation below the threshold)? It cannot
+  tell "no steatosis" from "mild steatosis", so a liver above the threshold must not be
+  coded "steatosis absent" (and never "absent" beside a severity "moderate to severe",
+  which reads as a contradiction). The qualitative evaluation therefore names the
+  method's question itself, ``99LIVERFAT MODSEV-STEATOSIS`` "Moderate-to-severe hepatic
+  steatosis" (no SNOMED CT concept for "moderate to severe steatosis of liver" exists;
+  the post-coordinated SCT form needs a severity modifier beside a negative value), and
+  answers it with SNOMED CT qualifier values: SCT 52101004 "Present" (below the
+  threshold), SCT 260415000 "Not detected" (not below it: moderate-to-severe steatosis
+  not shown, mild steatosis not excluded; 260415000 is not in pydicom's dictionary) or
+  SCT 373068000 "Undetermined" (grade withheld). The measurement group's finding type
+  stays the standard SCT 197321007 "Steatosis of liver" (synonym "Fatty liver"; also
+  not in pydicom's dictionary), so a reader that knows no private code still finds the
+  topic.
+- **Borderline.** When the graded value lies within the method's mean absolute error
+  (``borderline_margin_hu``) of the threshold, a second qualitative evaluation says so:
+  DCM 111012 "Certainty of Finding" = SCT 42425007 "Equivocal" (the DCM concept is the
+  certainty of a CAD finding, which is what this is; "Equivocal" is SNOMED CT's
+  qualifier for a result that neither confirms nor excludes). It is absent otherwise.
 - **Threshold.** DCM 112032 "Threshold Attenuation Coefficient", in [hnsf'U].
 - **Which mean.** Every liver attenuation is DCM 112031 "Attenuation Coefficient",
   derivation SCT 373098007 "Mean" (or SCT 386136009 "Standard Deviation"); which of
   the published estimates it is (DL-parenchymal, DL-volumetric, DL-axial) is carried as
   the measurement method, in our own private coding scheme ``99LIVERFAT`` (declared in
   each SR's Coding Scheme Identification Sequence), because no standard code exists.
-- **Summary report title.** LN 18748-4 "Diagnostic Imaging Report" (CID 7000) for the
-  summary SR, not DCM 126000: TID 1500's title comes from CID 7021, which is extensible,
-  and OHIF renders a report with any title but 126000 as readable text (see ``sr.py``).
+- **Summary report title.** ``99LIVERFAT AUTO-MEAS-REPORT`` "Automated Liver
+  Attenuation Measurement". TID 1500 row 1 takes its title from DCID 7021 "Measurement
+  Report Document Title", which is *extensible* (PS3.16, version 20141110), so 126000 is
+  not required. Its only general member, DCM 126000 "Imaging Measurement Report", makes
+  OHIF treat the document as editable measurements: it shows no TEXT or CODE item and
+  crashes on a group without an image region (see ``sr.py``); 126001-126003 are for
+  oncology, DCE-MR and PET. The LOINC titles of CID 7000 ("Diagnostic Imaging Report",
+  "CT Chest Report") name a physician's signed diagnostic report, which this machine
+  result is not. So the title says what the document is, in our declared scheme; with
+  PreliminaryFlag PRELIMINARY and VerificationFlag UNVERIFIED (``sr.py``).
+- **Graded value with replaced ROIs.** When a seed ROI failed its checks and was
+  replaced, the graded value is not the published DL-parenchymal; it is coded with
+  method ``99LIVERFAT DL-PAR-REPLACED`` beside the seed-exact DL-parenchymal.
 - **ROI segments.** SCT 309825002 "Spatial and Relational Concept" / NCIt C94970
   "Reference Region" (CID 7150 / CID 7196), anatomic region Liver: a sampling region
   inside the liver, not an anatomical structure of its own.
 
 References
 ----------
-PS3.16 CID 7000, 7021, 7150, 7151, 7162, 7181, 7196, 7464, 7469, 218, 226, 100;
+PS3.16 CID 7000, 7021, 6048, 7150, 7151, 7162, 7181, 7196, 7464, 7469, 218, 226, 100;
 TID 1500, 1501, 1410, 1411, 300, 310, 311.
 """
 
@@ -62,13 +82,13 @@ HOUNSFIELD_UNIT = CodedConcept.from_code(codes.UCUM.HounsfieldUnit)
 SQUARE_MILLIMETER = CodedConcept.from_code(codes.UCUM.SquareMillimeter)
 MILLILITER = CodedConcept(value="ml", scheme_designator="UCUM", meaning="milliliter")
 
-# --- the grade (qualitative evaluation) ---------------------------------------------
+# --- the grade (qualitative evaluations) --------------------------------------------
 STEATOSIS_OF_LIVER = CodedConcept(value="197321007", scheme_designator="SCT", meaning="Steatosis of liver")
-SEVERITY = CodedConcept.from_code(codes.SCT.Severity)
-MODERATE_TO_SEVERE = CodedConcept.from_code(codes.SCT.ModerateToSevere)
 PRESENT = CodedConcept.from_code(codes.SCT.Present)
-ABSENT = CodedConcept.from_code(codes.SCT.Absent)
+NOT_DETECTED = CodedConcept(value="260415000", scheme_designator="SCT", meaning="Not detected")
 UNDETERMINED = CodedConcept.from_code(codes.SCT.Undetermined)
+CERTAINTY_OF_FINDING = CodedConcept.from_code(codes.DCM.CertaintyOfFinding)
+EQUIVOCAL = CodedConcept.from_code(codes.SCT.Equivocal)
 
 # --- free-text items ------------------------------------------------------------------
 SUMMARY = CodedConcept.from_code(codes.DCM.Summary)
@@ -76,12 +96,19 @@ COMMENT = CodedConcept.from_code(codes.DCM.Comment)
 
 # --- report frame ---------------------------------------------------------------------
 IMAGING_MEASUREMENT_REPORT = CodedConcept.from_code(codes.DCM.ImagingMeasurementReport)
-DIAGNOSTIC_IMAGING_REPORT = CodedConcept.from_code(codes.LN.DiagnosticImagingReport)
 CT_UNSPECIFIED_BODY_REGION = CodedConcept.from_code(codes.LN.CTUnspecifiedBodyRegion)
 
 # --- our private coding scheme: which published liver-attenuation estimate ----------
 LIVERFAT_SCHEME = "99LIVERFAT"
 LIVERFAT_SCHEME_NAME = "liverfat measurement methods"
+# the summary SR's title (see the module docstring)
+AUTOMATED_MEASUREMENT_REPORT = CodedConcept(
+    value="AUTO-MEAS-REPORT", scheme_designator=LIVERFAT_SCHEME, meaning="Automated Liver Attenuation Measurement"
+)
+# the question the grade answers (see the module docstring)
+MODERATE_TO_SEVERE_STEATOSIS = CodedConcept(
+    value="MODSEV-STEATOSIS", scheme_designator=LIVERFAT_SCHEME, meaning="Moderate-to-severe hepatic steatosis"
+)
 DL_PARENCHYMAL = CodedConcept(
     value="DL-PARENCHYMAL", scheme_designator=LIVERFAT_SCHEME, meaning="DL-parenchymal (mean of three ROIs)"
 )
@@ -90,4 +117,9 @@ DL_VOLUMETRIC = CodedConcept(
 )
 DL_AXIAL = CodedConcept(
     value="DL-AXIAL", scheme_designator=LIVERFAT_SCHEME, meaning="DL-axial (mean over largest liver slice)"
+)
+DL_PARENCHYMAL_REPLACED = CodedConcept(
+    value="DL-PAR-REPLACED",
+    scheme_designator=LIVERFAT_SCHEME,
+    meaning="DL-parenchymal with replaced ROIs (graded value)",
 )

@@ -10,7 +10,13 @@ One segment per ROI rather than one for all three: OHIF (and 3D Slicer) list eve
 segment by its label with its own colour and visibility toggle, and OHIF jumps to a
 segment's slices when it is clicked, so a radiologist can go to each circle and check
 it on its own slice. Each ROI segment carries the same tracking identifier and UID as
-its planar measurement group in the SR, which links the two objects.
+its planar measurement group in the SR, which links the two objects. A ROI that replaced
+a seed ROI which failed its checks says so in its label and tracking identifier
+("Liver ROI 2 (next slice)"); its tracking UID stays that of ROI 2.
+
+The SEG carries the site's disclaimer in Content Description (0070,0081), which is LO:
+at most 64 characters, so a longer disclaimer is cut to its first sentence, or at a word
+boundary with "...", to fit (``content_description``).
 
 Frames that are empty are omitted (highdicom's default). The source images passed to
 highdicom are the slices that hold any segment, in the series' own slice order (any
@@ -33,7 +39,7 @@ from liverfat.dicom_io import codes
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.uids import OutputUids, creation_kwargs, frame_of_reference_fallback, stamp_instance_creation
-from liverfat.result import USER_MASK, AnalysisResult, Masks
+from liverfat.result import USER_MASK, AnalysisResult, Masks, RoiMeasurement, RoiRule
 
 if TYPE_CHECKING:
     from liverfat.dicom_io.site import OutputSettings
@@ -50,11 +56,38 @@ LIVER_RGB = (235, 140, 52)
 ROI_RGB = ((0, 215, 255), (90, 255, 90), (255, 95, 230))
 
 _PIXEL_DATA_TAG = 0x7FE00010
+CONTENT_DESCRIPTION_MAX_CHARS = 64  # (0070,0081) Content Description is LO
+
+#: How a replaced ROI is named, after its number; a seed ROI has no suffix.
+RULE_WORDS = {RoiRule.SEED: "", RoiRule.NEXT_SLICE: "next slice", RoiRule.SHIFTED: "shifted"}
+
+
+def roi_name(roi: RoiMeasurement) -> str:
+    """``ROI 2``, or ``ROI 2 (next slice)`` / ``ROI 2 (shifted)`` for a replacement of a seed ROI."""
+    words = RULE_WORDS[roi.rule]
+    return f"ROI {roi.label} ({words})" if words else f"ROI {roi.label}"
 
 
 def roi_tracking_id(label: int) -> str:
-    """Tracking identifier of ROI ``label`` (shared by its SEG segment and SR group)."""
+    """Base tracking identifier of ROI ``label``; its tracking UID is derived from this."""
     return f"liverfat liver ROI {label}"
+
+
+def roi_tracking_label(roi: RoiMeasurement) -> str:
+    """Tracking identifier of ``roi`` as written (SEG segment and SR group): says if it is a replacement."""
+    return f"liverfat liver {roi_name(roi)}"
+
+
+def content_description(disclaimer: str, limit: int = CONTENT_DESCRIPTION_MAX_CHARS) -> str:
+    """The disclaimer fitted to an LO value: whole, else its first sentence, else cut at a word with "..."."""
+    text = " ".join(disclaimer.split())
+    if len(text) <= limit:
+        return text
+    first = text.split(". ")[0].rstrip(".") + "."
+    if len(first) <= limit:
+        return first
+    cut = text[: limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:")
+    return f"{cut}..."
 
 
 def roi_rgb(label: int) -> tuple[int, int, int]:
@@ -142,16 +175,18 @@ def segment_descriptions(result: AnalysisResult, uids: OutputUids) -> list[hd.se
         )
     ]
     roi_algorithm = _algorithm(ROI_ALGORITHM_NAME, result.software_version, codes.MORPHOLOGICAL_OPERATIONS)
+    by_label = {roi.label: roi for roi in result.rois}
     for label, number in roi_segment_numbers(result).items():
+        roi = by_label[label]
         descriptions.append(
             hd.seg.SegmentDescription(
                 segment_number=number,
-                segment_label=f"Liver ROI {label}",
+                segment_label=f"Liver {roi_name(roi)}",
                 segmented_property_category=codes.SPATIAL_AND_RELATIONAL_CONCEPT,
                 segmented_property_type=codes.REFERENCE_REGION,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=roi_algorithm,
-                tracking_id=roi_tracking_id(label),
+                tracking_id=roi_tracking_label(roi),
                 tracking_uid=uids.tracking(roi_tracking_id(label)),
                 anatomic_regions=[codes.LIVER],
                 display_color=hd.color.CIELabColor.from_rgb(*roi_rgb(label)),
@@ -207,7 +242,7 @@ def build_seg(
         instance_number=1,
         **site.equipment_kwargs(result.software_version),
         content_label="LIVER",
-        content_description="liverfat liver mask and parenchymal ROIs",
+        content_description=content_description(site.disclaimer),
         series_description=SERIES_DESCRIPTION,
         omit_empty_frames=True,
         **creation_kwargs(created),

@@ -14,22 +14,32 @@ Circle SR (``build_circle_sr``, ``sr.dcm``), title DCM 126000 "Imaging Measureme
             HAS PROPERTIES Standard Deviation [hnsf'U]   (TID 310/311 statistical property)
           Area [mm2], finding site Liver
 
-Summary SR (``build_summary_sr``, ``sr-summary.dcm``), title LN 18748-4 "Diagnostic Imaging Report"::
+Summary SR (``build_summary_sr``, ``sr-summary.dcm``), title 99LIVERFAT AUTO-MEAS-REPORT
+"Automated Liver Attenuation Measurement"::
 
-    Diagnostic Imaging Report
+    Automated Liver Attenuation Measurement
       Language, observation context, procedure reported
       Image Library (the ROI slices, when there are ROIs)
       Imaging Measurements
         Measurement Group "liverfat steatosis"      (TID 1501; first, so a text view opens on the grade)
-          finding Steatosis of liver, finding site Liver, algorithm (grading, threshold)
-          Attenuation Coefficient, Mean, method DL-parenchymal (and DL-axial)
+          finding Steatosis of liver, finding site Liver, algorithm (grading, threshold, margin)
+          Attenuation Coefficient, Mean, method DL-parenchymal: the graded value; when replaced
+            ROIs make it differ, method "DL-parenchymal with replaced ROIs" and then the seed-exact
+            DL-parenchymal (when measured); DL-axial
           Threshold Attenuation Coefficient [hnsf'U]
-          Steatosis of liver (severity moderate to severe): Present / Absent / Undetermined
-          source images: the ROI slices
-          TEXT Summary: the grade in words; TEXT Comment: each reason when withheld, each warning
+          Moderate-to-severe hepatic steatosis: Present / Not detected / Undetermined
+          Certainty of Finding: Equivocal              (only when the graded value is borderline)
+          TEXT Summary: the grade in words; TEXT Comment: the site's disclaimer, then the
+            grade's basis (when replaced ROIs changed the value), each reason when withheld,
+            each warning
         Measurement Group "liverfat liver"          (TID 1411, when a SEG was written)
           Referenced Segment: SEG segment 1 (liver), source series (not every slice)
           Attenuation Coefficient, Mean, method DL-volumetric; Volume [ml]
+
+Both documents are machine results that no one has signed: PreliminaryFlag PRELIMINARY
+(highdicom's ``is_final=False``; PS3.3 C.17.2: "the content is not final", which holds
+until a radiologist has reviewed it), VerificationFlag UNVERIFIED, CompletionFlag
+COMPLETE (nothing more will be added to this instance).
 
 Why two documents, and why these encodings (OHIF v3.13, ``extensions/cornerstone-dicom-sr``):
 
@@ -52,12 +62,17 @@ Why two documents, and why these encodings (OHIF v3.13, ``extensions/cornerstone
   group cites the source *series* (``SourceSeriesForSegmentation``) instead of every slice,
   which OHIF would print as one "[IMAGE is not supported]" line per slice.
 - The summary's title: TID 1500 row 1 takes its title from DCID 7021 "Measurement Report
-  Document Title", an *extensible* context group (PS3.16, version 20141110), so a title
-  outside its four DCM codes is conformant. We use LN 18748-4 "Diagnostic Imaging
-  Report" (CID 7000 "Diagnostic Imaging Report Document Title"), the generic title of an
-  imaging report. The document stays a TID 1500 Measurement Report (built by highdicom's
-  ``MeasurementReport``, read back by ``hd.sr.srread`` as one), so every TID 1500 reader
-  still finds the measurements by their codes; only OHIF's display depends on the title.
+  Document Title", an *extensible* context group, so a title outside its four DCM codes is
+  conformant; 126000 (its only general title) is what makes OHIF hide text, and the LOINC
+  titles of CID 7000 name a physician's diagnostic report. The title is therefore our own
+  "Automated Liver Attenuation Measurement" (see ``codes.py``). The document stays a TID 1500
+  Measurement Report (built by highdicom's ``MeasurementReport``, read back by
+  ``hd.sr.srread`` as one), so every TID 1500 reader still finds the measurements by their
+  codes; only OHIF's display depends on the title.
+- The grade group cites no source images of its own (they are in the Image Library):
+  OHIF prints each as "[IMAGE is not supported]" ahead of the Summary sentence.
+- Replaced ROIs keep their number and say so in their tracking identifier, e.g.
+  "liverfat liver ROI 2 (next slice)" (the same text as the SEG segment's).
 - OHIF reads the Image Library of a 126000 report unconditionally, so the circle SR
   always has one.
 """
@@ -65,6 +80,7 @@ Why two documents, and why these encodings (OHIF v3.13, ``extensions/cornerstone
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -77,9 +93,16 @@ from pydicom.sr.codedict import codes as dcm_codes
 
 from liverfat.dicom_io import codes
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.seg import LIVER_SEGMENT, LIVER_TRACKING_ID, ROI_ALGORITHM_NAME, roi_tracking_id
+from liverfat.dicom_io.seg import (
+    LIVER_SEGMENT,
+    LIVER_TRACKING_ID,
+    ROI_ALGORITHM_NAME,
+    roi_name,
+    roi_tracking_id,
+    roi_tracking_label,
+)
 from liverfat.dicom_io.uids import OutputUids, creation_kwargs, derived_uid, stamp_instance_creation
-from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement
+from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement, RoiRule
 
 if TYPE_CHECKING:
     from liverfat.dicom_io.site import OutputSettings
@@ -95,9 +118,13 @@ GRADING_ALGORITHM_NAME = "liverfat DL-parenchymal grading"
 
 _GRADE_VALUE = {
     Grade.MODERATE_TO_SEVERE: codes.PRESENT,
-    Grade.NONE_OR_MILD: codes.ABSENT,
+    Grade.NONE_OR_MILD: codes.NOT_DETECTED,
     Grade.NOT_GRADED: codes.UNDETERMINED,
 }
+# "(0018,0050)", and the ", see (0018,0050)" the eligibility messages end with
+_TAG = r"\([0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)"
+_SEE_TAGS = re.compile(rf"[,;]?\s*see {_TAG}(?:,\s*{_TAG})*")
+_TAGS = re.compile(rf"\s*{_TAG}(?:,\s*{_TAG})*")
 
 _Group = (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -200,9 +227,10 @@ def _roi_group(
         graphic_data=circle.graphic_data,
         source_image=hd.sr.SourceImageForRegion.from_source_image(series.datasets[circle.slice_index]),
     )
-    tracking_id = roi_tracking_id(roi.label)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(identifier=tracking_id, uid=uids.tracking(tracking_id)),
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            identifier=roi_tracking_label(roi), uid=uids.tracking(roi_tracking_id(roi.label))
+        ),
         referenced_region=region,
         algorithm_id=algorithm,
         measurements=[
@@ -246,48 +274,110 @@ def _liver_group(
     )
 
 
+def without_tags(message: str) -> str:
+    """``message`` without DICOM tag numbers: what a radiologist reads (the SR comments keep them)."""
+    text = re.sub(r"\(\s*\)", "", _TAGS.sub("", _SEE_TAGS.sub("", message)))
+    return re.sub(r"\s+([,;:.)])", r"\1", re.sub(r"\s{2,}", " ", text)).strip()
+
+
+def graded_value(result: AnalysisResult) -> float | None:
+    """The value the grade rests on: ``graded_hu``, or the seed-exact DL-parenchymal when unset."""
+    return result.graded_hu if result.graded_hu is not None else result.parenchymal_hu
+
+
+def graded_value_differs(result: AnalysisResult) -> bool:
+    """Whether replaced ROIs made the graded value differ from the seed-exact DL-parenchymal (at 0.01 HU)."""
+    graded = graded_value(result)
+    if graded is None:
+        return False
+    return result.parenchymal_hu is None or round(graded, 2) != round(result.parenchymal_hu, 2)
+
+
+def replaced_rois(result: AnalysisResult) -> list[RoiMeasurement]:
+    return [roi for roi in sorted(result.rois, key=lambda r: r.label) if roi.rule is not RoiRule.SEED]
+
+
 def grade_sentence(result: AnalysisResult) -> str:
-    """The grade in words, as a radiologist reads it (SR Summary text and key image)."""
+    """The grade in words, as a radiologist reads it (SR Summary text and key image headline).
+
+    The graded value first; the borderline warning when it lies within the method's error of
+    the threshold; the seed-exact DL-parenchymal and the grade's basis when replaced ROIs made
+    the graded value differ. No DICOM tag numbers.
+    """
     threshold = f"{result.threshold_hu:g} HU"
-    if result.grade is Grade.NOT_GRADED or result.parenchymal_hu is None:
-        reasons = "; ".join(finding.message for finding in result.reasons) or "no reason recorded"
+    graded = graded_value(result)
+    if result.grade is Grade.NOT_GRADED or graded is None:
+        reasons = "; ".join(without_tags(finding.message) for finding in result.reasons) or "no reason recorded"
         return f"Not graded: {reasons}"
-    measured = f"DL-parenchymal liver attenuation {result.parenchymal_hu:.1f} HU"
+    differs = graded_value_differs(result)
+    name = "liver attenuation of the graded ROIs" if differs else "DL-parenchymal liver attenuation"
     if result.grade is Grade.MODERATE_TO_SEVERE:
-        return f"Moderate-to-severe hepatic steatosis: {measured} (< {threshold})"
-    return f"No moderate-to-severe hepatic steatosis: {measured} (threshold < {threshold})"
-
-
-def grade_evaluation(grade: Grade) -> hd.sr.QualitativeEvaluation:
-    """"Steatosis of liver" qualified by severity "Moderate to severe": Present/Absent/Undetermined."""
-    evaluation = hd.sr.QualitativeEvaluation(name=codes.STEATOSIS_OF_LIVER, value=_GRADE_VALUE[grade])
-    evaluation[0].ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.CodeContentItem(
-                name=codes.SEVERITY,
-                value=codes.MODERATE_TO_SEVERE,
-                relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
-            )
-        ]
-    )
-    return evaluation
-
-
-def _grade_group(
-    result: AnalysisResult, sources: list[Dataset], uids: OutputUids
-) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    measurements = []
-    if result.parenchymal_hu is not None:
-        measurements.append(
-            _hu(
-                codes.ATTENUATION_COEFFICIENT, result.parenchymal_hu, derivation=codes.MEAN, method=codes.DL_PARENCHYMAL
-            )
+        sentence = f"Moderate-to-severe hepatic steatosis: {name} {graded:.1f} HU (< {threshold})"
+    else:
+        sentence = (
+            f"Moderate-to-severe hepatic steatosis not shown: {name} {graded:.1f} HU "
+            f"(threshold < {threshold}; mild steatosis not excluded)"
         )
+    if result.borderline:
+        sentence += (
+            f", within {result.borderline_margin_hu:g} HU of the {threshold} threshold: borderline, review the image"
+        )
+    if differs:
+        replaced = ", ".join(roi_name(roi) for roi in replaced_rois(result))
+        basis = result.grade_basis or (f"replaced {replaced}" if replaced else "replaced ROIs")
+        seed = "not measured" if result.parenchymal_hu is None else f"{result.parenchymal_hu:.1f} HU"
+        sentence += f"; graded on {basis}; seed-exact DL-parenchymal {seed}"
+    return sentence
+
+
+def grade_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:
+    """"Moderate-to-severe hepatic steatosis": Present / Not detected / Undetermined; then
+    "Certainty of Finding": Equivocal when the graded value is borderline."""
+    evaluations = [hd.sr.QualitativeEvaluation(name=codes.MODERATE_TO_SEVERE_STEATOSIS, value=_GRADE_VALUE[result.grade])]
+    if result.borderline and result.grade is not Grade.NOT_GRADED:
+        evaluations.append(hd.sr.QualitativeEvaluation(name=codes.CERTAINTY_OF_FINDING, value=codes.EQUIVOCAL))
+    return evaluations
+
+
+def _grade_measurements(result: AnalysisResult) -> list[hd.sr.Measurement]:
+    """The graded value, the seed-exact DL-parenchymal when it differs, DL-axial and the threshold."""
+    measurements = []
+    graded = graded_value(result)
+    if graded is not None and result.grade is not Grade.NOT_GRADED:
+        differs = graded_value_differs(result)
+        method = codes.DL_PARENCHYMAL_REPLACED if differs else codes.DL_PARENCHYMAL
+        measurements.append(_hu(codes.ATTENUATION_COEFFICIENT, graded, derivation=codes.MEAN, method=method))
+        if differs and result.parenchymal_hu is not None:
+            measurements.append(
+                _hu(codes.ATTENUATION_COEFFICIENT, result.parenchymal_hu, derivation=codes.MEAN,
+                    method=codes.DL_PARENCHYMAL)
+            )  # fmt: skip
     if result.axial_hu is not None:
         measurements.append(
             _hu(codes.ATTENUATION_COEFFICIENT, result.axial_hu, derivation=codes.MEAN, method=codes.DL_AXIAL)
         )
     measurements.append(_hu(codes.THRESHOLD_ATTENUATION_COEFFICIENT, result.threshold_hu))
+    return measurements
+
+
+def _grade_texts(result: AnalysisResult, site: OutputSettings) -> list[tuple[hd.sr.CodedConcept, str]]:
+    """Summary sentence, the site's disclaimer, the grade's basis, reasons and warnings."""
+    texts = [(codes.SUMMARY, grade_sentence(result))]
+    if site.disclaimer.strip():
+        texts.append((codes.COMMENT, site.disclaimer))
+    if result.grade is not Grade.NOT_GRADED and graded_value_differs(result) and result.grade_basis:
+        texts.append((codes.COMMENT, f"Grade basis: {result.grade_basis}"))
+    findings = (*(result.reasons if result.grade is Grade.NOT_GRADED else ()), *result.warnings)
+    texts += [(codes.COMMENT, f"{finding.code.value}: {finding.message}") for finding in findings]
+    return texts
+
+
+def _grade_group(
+    result: AnalysisResult, uids: OutputUids, site: OutputSettings
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    parameters = [f"threshold_hu={result.threshold_hu:g}"]
+    if result.borderline_margin_hu:
+        parameters.append(f"borderline_margin_hu={result.borderline_margin_hu:g}")
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             identifier=GRADE_TRACKING_ID, uid=uids.tracking(GRADE_TRACKING_ID)
@@ -295,18 +385,12 @@ def _grade_group(
         finding_type=codes.STEATOSIS_OF_LIVER,
         finding_sites=[hd.sr.FindingSite(codes.LIVER)],
         algorithm_id=hd.sr.AlgorithmIdentification(
-            name=GRADING_ALGORITHM_NAME,
-            version=result.software_version,
-            parameters=[f"threshold_hu={result.threshold_hu:g}"],
+            name=GRADING_ALGORITHM_NAME, version=result.software_version, parameters=parameters
         ),
-        measurements=measurements,
-        qualitative_evaluations=[grade_evaluation(result.grade)],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds) for ds in sources] or None,
+        measurements=_grade_measurements(result),
+        qualitative_evaluations=grade_evaluations(result),
     )
-    texts = [(codes.SUMMARY, grade_sentence(result))]
-    findings = (*(result.reasons if result.grade is Grade.NOT_GRADED else ()), *result.warnings)
-    texts += [(codes.COMMENT, f"{finding.code.value}: {finding.message}") for finding in findings]
-    for name, text in texts:
+    for name, text in _grade_texts(result, site):
         group[0].ContentSequence.append(
             hd.sr.TextContentItem(name=name, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
         )
@@ -367,8 +451,8 @@ def _comprehensive_sr(
         instance_number=1,
         **site.equipment_kwargs(result.software_version),
         is_complete=True,
-        is_final=True,
-        is_verified=False,
+        is_final=False,  # PreliminaryFlag PRELIMINARY: a machine result awaiting a radiologist's review
+        is_verified=False,  # VerificationFlag UNVERIFIED: no one has signed it
         series_description=document.series_description,
         coding_schemes=[
             CodingSchemeIdentificationItem(designator=codes.LIVERFAT_SCHEME, name=codes.LIVERFAT_SCHEME_NAME)
@@ -419,7 +503,7 @@ def build_summary_sr(
     site: OutputSettings,
     created: datetime,
 ) -> hd.sr.Comprehensive3DSR:
-    """The grade, DL-parenchymal/-axial, threshold and reasons, then the liver group (if ``seg``).
+    """The grade, graded value, DL-axial, threshold, disclaimer and reasons, then the liver group (if ``seg``).
 
     Written for every result, graded or not; OHIF shows it as a text page (see the
     module docstring for the title). ``seg`` (when written) is referenced by the liver
@@ -427,12 +511,12 @@ def build_summary_sr(
     works for a result without ROIs (the "not applicable" report of a rejected series).
     """
     sources = _roi_slices(series, result)
-    groups: list[_Group] = [_grade_group(result, sources, uids)]
+    groups: list[_Group] = [_grade_group(result, uids, site)]
     if seg is not None:
         groups.append(_liver_group(series, result, seg, uids))
     document = _Document(
         role=SUMMARY_SR_ROLE,
-        title=codes.DIAGNOSTIC_IMAGING_REPORT,
+        title=codes.AUTOMATED_MEASUREMENT_REPORT,
         series_number=site.sr_summary_series_number,
         series_description=SUMMARY_SERIES_DESCRIPTION,
         groups=groups,

@@ -20,12 +20,13 @@ from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.dicom_io.read import discover, load_series
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.volume import Volume
-from liverfat.result import AnalysisResult, Grade, Masks, ModelInfo, RoiMeasurement
+from liverfat.result import AnalysisResult, Grade, Masks, ModelInfo, RoiMeasurement, RoiRule
 from tests.phantom import Grid, Phantom, write_series
 
 ROI_RADIUS_MM = 8.0
 MEDIAL_SHIFT_MM = 21.0
 THRESHOLD_HU = 40.0
+BORDERLINE_MARGIN_HU = 2.41
 TEST_MODEL = ModelInfo(name="test-model", version="0.0-test", checksum="sha256:0", device="cpu")
 SOFTWARE_VERSION = "0.1.0-test"
 SMALL_GRID = Grid(rows=160, columns=160, pixel_spacing_mm=2.2, slice_positions_mm=tuple(np.arange(-50.0, 50.1, 2.5)))
@@ -134,6 +135,7 @@ def make_result(
     if grade is None:
         grade = Grade.MODERATE_TO_SEVERE if parenchymal < THRESHOLD_HU else Grade.NONE_OR_MILD
     withheld = grade is Grade.NOT_GRADED
+    graded = None if withheld else parenchymal
     voxel_ml = float(np.prod(series.volume.spacing)) / 1000.0
     geometry = series.volume
     return AnalysisResult(
@@ -143,7 +145,11 @@ def make_result(
         reasons=reasons,
         grade=grade,
         threshold_hu=THRESHOLD_HU,
-        parenchymal_hu=None if withheld else parenchymal,
+        parenchymal_hu=graded,
+        graded_hu=graded,
+        grade_basis="" if withheld else "the seed's three ROIs",
+        borderline=graded is not None and abs(graded - THRESHOLD_HU) < BORDERLINE_MARGIN_HU,
+        borderline_margin_hu=BORDERLINE_MARGIN_HU,
         volumetric_hu=float(hu[liver].mean()),
         axial_hu=float(hu[largest][liver[largest]].mean()),
         liver_volume_ml=float(liver.sum() * voxel_ml),
@@ -160,6 +166,29 @@ def not_graded(series: CTSeries, liver: np.ndarray) -> AnalysisResult:
     """A result whose grade was withheld, with its reason."""
     reason = Finding(Reason.IMAGE_SUGGESTS_CONTRAST, "aorta 180 HU suggests contrast enhancement (limit 100 HU)")
     return make_result(series, liver, reasons=(reason,), grade=Grade.NOT_GRADED)
+
+
+def borderline(result: AnalysisResult, graded_hu: float) -> AnalysisResult:
+    """``result`` graded on ``graded_hu`` (the seed's ROIs), flagged borderline as the pipeline would."""
+    grade = Grade.MODERATE_TO_SEVERE if graded_hu < THRESHOLD_HU else Grade.NONE_OR_MILD
+    return replace(result, grade=grade, parenchymal_hu=graded_hu, graded_hu=graded_hu,
+                   borderline=abs(graded_hu - THRESHOLD_HU) < BORDERLINE_MARGIN_HU)  # fmt: skip
+
+
+def with_replaced_roi(result: AnalysisResult, label: int = 2, rule: RoiRule = RoiRule.NEXT_SLICE,
+                      shift_hu: float = -6.0) -> AnalysisResult:  # fmt: skip
+    """``result`` whose ROI ``label`` replaced a seed ROI that failed its checks.
+
+    The seed-exact DL-parenchymal stays; the graded value moves by ``shift_hu`` (the replaced
+    ROI's share of it), as when the seed ROI lay on a vessel.
+    """
+    assert result.graded_hu is not None
+    rois = tuple(replace(roi, rule=rule) if roi.label == label else roi for roi in result.rois)
+    graded = result.graded_hu + shift_hu
+    grade = Grade.MODERATE_TO_SEVERE if graded < THRESHOLD_HU else Grade.NONE_OR_MILD
+    return replace(result, rois=rois, graded_hu=graded, grade=grade,
+                   grade_basis=f"ROI {label} replaced ({rule.value}): the seed ROI lay on a vessel",
+                   borderline=abs(graded - THRESHOLD_HU) < BORDERLINE_MARGIN_HU)  # fmt: skip
 
 
 def ircadb_series(shared_data: Path) -> tuple[CTSeries, np.ndarray]:

@@ -17,12 +17,14 @@ from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.series import CTSeries
 from liverfat.result import AnalysisResult, Grade, Masks
 from tests.dicom_io.output_cases import (
+    borderline,
     dciodvfy_available,
     dciodvfy_errors,
     ircadb_series,
     make_result,
     not_graded,
     phantom_series,
+    with_replaced_roi,
 )
 
 CREATED = datetime(2024, 5, 6, 7, 8, 9)
@@ -106,6 +108,56 @@ def test_real_series_outputs_have_no_dciodvfy_errors_and_the_seg_round_trips(sha
     np.testing.assert_array_equal(masks.astype(bool), liver)
 
 
+VARIANTS = {
+    "present": lambda series, liver, r: borderline(r, 30.0),
+    "not shown": lambda series, liver, r: r,
+    "undetermined": lambda series, liver, r: not_graded(series, liver),
+    "borderline": lambda series, liver, r: borderline(r, 41.3),
+    "replaced ROI": lambda series, liver, r: with_replaced_roi(borderline(r, 43.0)),
+}
+VALUES = {"present": "52101004", "not shown": "260415000", "undetermined": "373068000", "borderline": "260415000",
+          "replaced ROI": "52101004"}  # fmt: skip
+
+
+def _summary_codes(sr: pydicom.Dataset) -> dict[str, str]:
+    (measurements,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return {item.ConceptNameCodeSequence[0].CodeValue: item.ConceptCodeSequence[0].CodeValue
+            for item in measurements.ContentSequence[0].ContentSequence
+            if item.ValueType == "CODE" and item.RelationshipType == "CONTAINS"}  # fmt: skip
+
+
+def _summary_texts(sr: pydicom.Dataset) -> list[str]:
+    (measurements,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "126010"]
+    return [item.TextValue for item in measurements.ContentSequence[0].ContentSequence if item.ValueType == "TEXT"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_kind_of_answer_is_valid_flagged_preliminary_and_carries_the_disclaimer(
+    case: tuple[CTSeries, np.ndarray, AnalysisResult], tmp_path: Path, variant: str
+) -> None:
+    series, liver, result = case
+    shown = VARIANTS[variant](series, liver, result)
+    site = OutputSettings(disclaimer="Research use only. Not a diagnosis.")
+    paths = {path.name: path for path in write_outputs(series, shown, tmp_path, site=site, created_at=CREATED)}
+    assert list(paths) == list(FILES)
+    if dciodvfy_available():
+        for path in paths.values():
+            assert dciodvfy_errors(path) == [], path.name
+    seg = pydicom.dcmread(paths["seg.dcm"], stop_before_pixels=True)
+    assert seg.ContentDescription == site.disclaimer
+    for name in ("sr.dcm", "sr-summary.dcm"):
+        sr = pydicom.dcmread(paths[name])
+        assert (sr.PreliminaryFlag, sr.VerificationFlag) == ("PRELIMINARY", "UNVERIFIED"), name
+    summary = pydicom.dcmread(paths["sr-summary.dcm"])
+    assert _summary_codes(summary).get("MODSEV-STEATOSIS") == VALUES[variant]
+    assert ("111012" in _summary_codes(summary)) is shown.borderline is (variant == "borderline")
+    assert site.disclaimer in _summary_texts(summary)
+    circles = pydicom.dcmread(paths["sr.dcm"])
+    identifiers = [item.TextValue for item in circles.ContentSequence[-1].ContentSequence[1].ContentSequence
+                   if item.ConceptNameCodeSequence[0].CodeValue == "112039"]  # fmt: skip
+    assert identifiers == [("liverfat liver ROI 2 (next slice)" if variant == "replaced ROI" else "liverfat liver ROI 2")]
+
+
 def test_writing_the_same_result_twice_gives_identical_files(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], written: list[Path], tmp_path: Path
 ) -> None:
@@ -136,6 +188,8 @@ def _changed_masks(result: AnalysisResult) -> AnalysisResult:
     "change",
     [
         pytest.param(lambda r: replace(r, parenchymal_hu=r.parenchymal_hu + 0.1), id="parenchymal HU"),
+        pytest.param(lambda r: replace(r, graded_hu=r.graded_hu + 0.1), id="graded HU"),
+        pytest.param(lambda r: replace(r, borderline=True), id="borderline"),
         pytest.param(lambda r: replace(r, grade=Grade.NOT_GRADED), id="grade"),
         pytest.param(_changed_masks, id="one mask voxel"),
         pytest.param(lambda r: replace(r, software_version="9.9.9"), id="software version"),

@@ -12,12 +12,26 @@ import pytest
 
 from liverfat.dicom_io import codes
 from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.dicom_io.site import OutputSettings
-from liverfat.dicom_io.seg import LIVER_RGB, build_seg, roi_rgb, roi_tracking_id, source_headers
+from liverfat.dicom_io.seg import (
+    LIVER_RGB,
+    build_seg,
+    content_description,
+    roi_rgb,
+    roi_tracking_id,
+    source_headers,
+)
 from liverfat.dicom_io.series import CTSeries
+from liverfat.dicom_io.site import DEFAULT_DISCLAIMER, OutputSettings
 from liverfat.dicom_io.uids import frame_of_reference_fallback, output_uids
-from liverfat.result import USER_MASK, AnalysisResult, Masks
-from tests.dicom_io.output_cases import make_result, phantom_series, reversed_series
+from liverfat.result import USER_MASK, AnalysisResult, Masks, RoiRule
+from tests.dicom_io.output_cases import (
+    dciodvfy_available,
+    dciodvfy_errors,
+    make_result,
+    phantom_series,
+    reversed_series,
+    with_replaced_roi,
+)
 
 SITE = OutputSettings()
 CREATED = datetime(2024, 5, 6, 7, 8, 9)
@@ -171,3 +185,48 @@ def test_empty_liver_mask_is_refused(case: tuple[CTSeries, AnalysisResult]) -> N
     with pytest.raises(LiverfatError) as caught:
         build_seg(series, no_liver, output_uids(no_liver), SITE, CREATED)
     assert caught.value.reason is Reason.NO_LIVER
+
+
+def test_replaced_roi_segment_says_so_and_keeps_its_tracking_uid(
+    case: tuple[CTSeries, AnalysisResult], tmp_path: Path
+) -> None:
+    series, result = case
+    replaced = with_replaced_roi(result, label=2, rule=RoiRule.NEXT_SLICE)
+    seg = _built(series, replaced, tmp_path / "seg.dcm")
+    _, *rois = seg.SegmentSequence
+    assert [segment.SegmentLabel for segment in rois] == ["Liver ROI 1", "Liver ROI 2 (next slice)", "Liver ROI 3"]
+    assert [segment.TrackingID for segment in rois] == [
+        "liverfat liver ROI 1", "liverfat liver ROI 2 (next slice)", "liverfat liver ROI 3"]
+    uids = output_uids(replaced)
+    assert [segment.TrackingUID for segment in rois] == [uids.tracking(roi_tracking_id(n)) for n in (1, 2, 3)]
+
+
+def test_seg_carries_the_disclaimer_in_its_content_description(
+    case: tuple[CTSeries, AnalysisResult], tmp_path: Path
+) -> None:
+    series, result = case
+    short = OutputSettings(disclaimer="Research use only; not a diagnosis.")
+    seg = write_and_read(build_seg(series, result, output_uids(result), short, CREATED), tmp_path / "short.dcm")
+    assert seg.ContentDescription == "Research use only; not a diagnosis."
+    seg = write_and_read(build_seg(series, result, output_uids(result), SITE, CREATED), tmp_path / "default.dcm")
+    assert len(DEFAULT_DISCLAIMER) > 64
+    assert seg.ContentDescription == "For research / decision support only."
+    if dciodvfy_available():
+        assert dciodvfy_errors(tmp_path / "default.dcm") == []
+
+
+@pytest.mark.parametrize(
+    ("disclaimer", "expected"),
+    [
+        ("Research only.", "Research only."),
+        (DEFAULT_DISCLAIMER, "For research / decision support only."),
+        ("Investigational device, limited by law to investigational use; every result must be reviewed",
+         "Investigational device, limited by law to investigational..."),
+        ("x" * 80, "x" * 61 + "..."),
+        ("  Spaces\n and   newlines  ", "Spaces and newlines"),
+    ],
+)  # fmt: skip
+def test_content_description_fits_the_disclaimer_into_64_characters(disclaimer: str, expected: str) -> None:
+    fitted = content_description(disclaimer)
+    assert fitted == expected
+    assert len(fitted) <= 64

@@ -2,6 +2,10 @@
 
 The circle SR (title Imaging Measurement Report) holds only the ROI circles, which OHIF draws;
 the summary SR (another title, which OHIF shows as text) holds the grade first, then the liver.
+Both are preliminary and unverified machine results; the summary carries the site's disclaimer,
+codes what the method says (moderate-to-severe steatosis present / not detected / undetermined),
+flags a borderline value, and shows the graded value beside the seed-exact one when replaced
+ROIs made them differ.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.seg import LIVER_SEGMENT, build_seg, roi_segment_numbers, roi_tracking_id
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.sr import GRADE_TRACKING_ID, build_circle_sr, build_summary_sr, grade_sentence, place_circle
+from liverfat.dicom_io.sr import (
+    GRADE_TRACKING_ID,
+    build_circle_sr,
+    build_summary_sr,
+    grade_sentence,
+    place_circle,
+    without_tags,
+)
 from liverfat.dicom_io.uids import output_uids
-from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement
-from tests.dicom_io.output_cases import make_result, not_graded, phantom_series
+from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement, RoiRule
+from tests.dicom_io.output_cases import borderline, make_result, not_graded, phantom_series, with_replaced_roi
 
 ALGORITHM_NAME = "111001"
 ALGORITHM_VERSION = "111003"
@@ -224,46 +235,173 @@ def test_summary_sr_puts_the_grade_group_first_and_the_liver_second(graded: Grad
     assert _report(summary).get_planar_roi_measurement_groups() == []
 
 
+def _evaluations(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> dict[tuple[str, str], tuple[str, str]]:
+    """Concept -> value of every qualitative evaluation (group-level CONTAINS CODE item but the finding type)."""
+    return {
+        (item.ConceptNameCodeSequence[0].CodeValue, item.ConceptNameCodeSequence[0].CodingSchemeDesignator): (
+            item.ConceptCodeSequence[0].CodeValue, item.ConceptCodeSequence[0].CodingSchemeDesignator)
+        for item in group[0].ContentSequence
+        if item.ValueType == "CODE" and item.RelationshipType == "CONTAINS"
+        and item.ConceptNameCodeSequence[0].CodeValue != "121071"
+    }  # fmt: skip
+
+
+QUESTION = ("MODSEV-STEATOSIS", "99LIVERFAT")
+CERTAINTY = ("111012", "DCM")
+
+
 @pytest.mark.parametrize(
-    ("liver_hu", "grade", "value"),
-    [(25.0, Grade.MODERATE_TO_SEVERE, codes.PRESENT), (60.0, Grade.NONE_OR_MILD, codes.ABSENT)],
+    ("liver_hu", "grade", "value", "words"),
+    [
+        (25.0, Grade.MODERATE_TO_SEVERE, ("52101004", "SCT"), "Moderate-to-severe hepatic steatosis: "),
+        (60.0, Grade.NONE_OR_MILD, ("260415000", "SCT"), "Moderate-to-severe hepatic steatosis not shown: "),
+    ],
 )
-def test_grade_is_coded_with_threshold_and_readable_text(
-    tmp_path: Path, liver_hu: float, grade: Grade, value: hd.sr.CodedConcept
+def test_grade_is_coded_as_what_the_method_says_with_threshold_and_readable_text(
+    tmp_path: Path, liver_hu: float, grade: Grade, value: tuple[str, str], words: str
 ) -> None:
+    """Present below the threshold, Not detected above it (never "Absent": mild is not excluded)."""
     series, liver = phantom_series(tmp_path / "ct", liver_hu=liver_hu)
     result = make_result(series, liver)
-    assert result.grade is grade
+    assert result.grade is grade and not result.borderline
     group = _grade_group(summary_of(series, result, tmp_path))
     assert _code(group.finding_type) == ("197321007", "SCT")
-    (evaluation,) = [
-        item for item in group[0].ContentSequence
-        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == codes.STEATOSIS_OF_LIVER.value
-    ]
-    assert evaluation.ConceptCodeSequence[0].CodeValue == value.value
-    (modifier,) = evaluation.ContentSequence
-    assert (modifier.RelationshipType, modifier.ConceptNameCodeSequence[0].CodeValue,
-            modifier.ConceptCodeSequence[0].CodeValue) == ("HAS CONCEPT MOD", "246112005", "371924009")
+    assert _evaluations(group) == {QUESTION: value}  # no borderline flag, no severity beside a negative
+    (evaluation,) = [item for item in group[0].ContentSequence
+                     if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == QUESTION[0]]
+    assert evaluation.ConceptNameCodeSequence[0].CodeMeaning == "Moderate-to-severe hepatic steatosis"
+    assert "ContentSequence" not in evaluation
     parenchymal, axial, threshold = group.get_measurements()
     assert _code(parenchymal.method) == _code(codes.DL_PARENCHYMAL)
-    assert parenchymal.value == pytest.approx(result.parenchymal_hu, abs=0.01)
+    assert parenchymal.value == pytest.approx(result.graded_hu, abs=0.01)
     assert _code(axial.method) == _code(codes.DL_AXIAL)
     assert (_code(threshold.name), _code(threshold.unit), threshold.value) == (
         ("112032", "DCM"), ("[hnsf'U]", "UCUM"), 40.0)
-    assert _texts(group)["Summary"] == [grade_sentence(result)]
-    assert {_code(item.value) for item in group.get_qualitative_evaluations()} == {_code(value)}
+    summary = _texts(group)["Summary"]
+    assert summary == [grade_sentence(result)]
+    assert summary[0].startswith(words) and f"{result.graded_hu:.1f} HU" in summary[0]
+    assert "borderline" not in summary[0]
+    assert _text_values(group, "111002") == ["threshold_hu=40", "borderline_margin_hu=2.41"]
+
+
+@pytest.mark.parametrize(("graded_hu", "value"), [(41.3, ("260415000", "SCT")), (38.2, ("52101004", "SCT"))])
+def test_borderline_value_is_coded_equivocal_and_said_in_the_grade_sentence(
+    graded: Graded, tmp_path: Path, graded_hu: float, value: tuple[str, str]
+) -> None:
+    series, result, _, _, _ = graded
+    near = borderline(result, graded_hu)
+    assert near.borderline
+    group = _grade_group(summary_of(series, near, tmp_path))
+    assert _evaluations(group) == {QUESTION: value, CERTAINTY: ("42425007", "SCT")}
+    (sentence,) = _texts(group)["Summary"]
+    assert sentence.endswith(
+        f"{graded_hu:.1f} HU{' (< 40 HU)' if graded_hu < 40 else ' (threshold < 40 HU; mild steatosis not excluded)'}"
+        ", within 2.41 HU of the 40 HU threshold: borderline, review the image"
+    )
+
+
+def test_value_just_outside_the_margin_is_not_borderline(graded: Graded, tmp_path: Path) -> None:
+    series, result, _, _, _ = graded
+    clear = borderline(result, 42.5)
+    assert not clear.borderline
+    group = _grade_group(summary_of(series, clear, tmp_path))
+    assert CERTAINTY not in _evaluations(group)
+    assert "borderline" not in _texts(group)["Summary"][0]
+
+
+def test_replaced_rois_show_the_graded_value_beside_the_seed_exact_one_and_the_basis(
+    graded: Graded, tmp_path: Path
+) -> None:
+    series, result, _, _, _ = graded
+    replaced = with_replaced_roi(borderline(result, 43.0), shift_hu=-6.0)
+    assert replaced.graded_hu == pytest.approx(37.0) and replaced.parenchymal_hu == pytest.approx(43.0)
+    group = _grade_group(summary_of(series, replaced, tmp_path))
+    graded_value, seed_exact, _, _ = group.get_measurements()
+    assert (_code(graded_value.method), graded_value.value) == (_code(codes.DL_PARENCHYMAL_REPLACED), 37.0)
+    assert (_code(seed_exact.method), seed_exact.value) == (_code(codes.DL_PARENCHYMAL), 43.0)
+    assert _evaluations(group) == {QUESTION: ("52101004", "SCT")}  # graded on 37.0 HU
+    texts = _texts(group)
+    assert texts["Summary"][0] == (
+        "Moderate-to-severe hepatic steatosis: liver attenuation of the graded ROIs 37.0 HU (< 40 HU); "
+        f"graded on {replaced.grade_basis}; seed-exact DL-parenchymal 43.0 HU"
+    )
+    assert f"Grade basis: {replaced.grade_basis}" in texts["Comment"]
+
+
+def test_equal_graded_and_seed_values_give_one_dl_parenchymal_and_no_basis(graded: Graded) -> None:
+    _, result, _, summary, _ = graded
+    group = _grade_group(summary)
+    methods = [_code(m.method) for m in group.get_measurements()]
+    assert methods.count(_code(codes.DL_PARENCHYMAL)) == 1
+    assert _code(codes.DL_PARENCHYMAL_REPLACED) not in methods
+    assert not any(text.startswith("Grade basis") for text in _texts(group).get("Comment", []))
+    assert "seed-exact" not in grade_sentence(result)
+
+
+def test_summary_carries_the_sites_disclaimer_right_after_the_grade_sentence(graded: Graded) -> None:
+    _, _, _, summary, _ = graded
+    texts = [item for item in _grade_group(summary)[0].ContentSequence if item.ValueType == "TEXT"
+             and item.ConceptNameCodeSequence[0].CodeValue in (codes.SUMMARY.value, codes.COMMENT.value)]  # fmt: skip
+    assert [item.TextValue for item in texts[:2]] == [texts[0].TextValue, SITE.disclaimer]
+    assert texts[0].ConceptNameCodeSequence[0].CodeMeaning == "Summary"
+
+
+def test_another_disclaimer_is_carried_as_written(case: Case, tmp_path: Path) -> None:
+    series, liver = case
+    result = make_result(series, liver)
+    site = OutputSettings(disclaimer="Nur für Forschung. Keine Diagnose.")
+    uids = output_uids(result)
+    build_summary_sr(series, result, None, uids, site, CREATED).save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    assert site.disclaimer in _texts(_grade_group(cast(SR, hd.sr.srread(tmp_path / "sr.dcm"))))["Comment"]
+
+
+def test_both_reports_are_preliminary_unverified_and_complete(graded: Graded) -> None:
+    """A machine result awaiting a radiologist's review, not a signed final report."""
+    _, _, circles, summary, _ = graded
+    for sr in (circles, summary):
+        assert (sr.PreliminaryFlag, sr.VerificationFlag, sr.CompletionFlag) == ("PRELIMINARY", "UNVERIFIED", "COMPLETE")
+        assert "VerifyingObserverSequence" not in sr
+
+
+def test_grade_sentence_names_no_dicom_tags(case: Case) -> None:
+    series, liver = case
+    reason = Finding(Reason.SLICE_TOO_THICK, "SliceThickness 7.5 mm exceeds the 5 mm limit, see (0018,0050)")
+    result = replace(not_graded(series, liver), reasons=(reason,))
+    assert grade_sentence(result) == "Not graded: SliceThickness 7.5 mm exceeds the 5 mm limit"
+
+
+@pytest.mark.parametrize(
+    ("message", "plain"),
+    [
+        ("ContrastBolusAgentAdministered (0018,9342) is 'YES' in an item, see (0018,0012)",
+         "ContrastBolusAgentAdministered is 'YES' in an item"),
+        ("no header names a region (BodyPartExamined absent; see (0018,0015), (0008,1030)): look at the image",
+         "no header names a region (BodyPartExamined absent): look at the image"),
+        ("aorta 180 HU suggests contrast (limit 100 HU)", "aorta 180 HU suggests contrast (limit 100 HU)"),
+    ],
+)  # fmt: skip
+def test_without_tags_removes_tag_numbers_and_keeps_the_words(message: str, plain: str) -> None:
+    assert without_tags(message) == plain
 
 
 def test_withheld_grade_is_undetermined_with_reasons_as_text(case: Case, tmp_path: Path) -> None:
     series, liver = case
     result = not_graded(series, liver)
     group = _grade_group(summary_of(series, result, tmp_path))
-    (evaluation,) = group.get_qualitative_evaluations()
-    assert _code(evaluation.value) == _code(codes.UNDETERMINED)
-    assert all(_code(m.method) != _code(codes.DL_PARENCHYMAL) for m in group.get_measurements())
+    assert _evaluations(group) == {QUESTION: ("373068000", "SCT")}  # no borderline flag on a withheld grade
+    assert all(_code(m.method) not in (_code(codes.DL_PARENCHYMAL), _code(codes.DL_PARENCHYMAL_REPLACED))
+               for m in group.get_measurements())  # fmt: skip
     texts = _texts(group)
     assert texts["Summary"][0].startswith("Not graded: aorta 180 HU")
-    assert texts["Comment"] == [f"image_suggests_contrast: {result.reasons[0].message}"]
+    assert texts["Comment"] == [SITE.disclaimer, f"image_suggests_contrast: {result.reasons[0].message}"]
+
+
+def test_withheld_grade_stays_undetermined_even_near_the_threshold(case: Case, tmp_path: Path) -> None:
+    series, liver = case
+    result = replace(not_graded(series, liver), graded_hu=40.5, borderline=True)
+    group = _grade_group(summary_of(series, result, tmp_path))
+    assert _evaluations(group) == {QUESTION: ("373068000", "SCT")}
+    assert _texts(group)["Summary"][0].startswith("Not graded:")
 
 
 def _library(sr: SR) -> set[str]:
@@ -298,14 +436,14 @@ def test_both_reports_name_this_node_the_roi_slices_and_their_evidence(graded: G
         assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
 
-def test_circle_report_is_an_imaging_measurement_report_and_the_summary_is_not(graded: Graded) -> None:
+def test_circle_report_is_an_imaging_measurement_report_and_the_summary_an_automated_measurement(graded: Graded) -> None:
     """OHIF draws a 126000 report's circles and shows a report with any other title as text."""
     _, _, circles, summary, _ = graded
     title = circles.ConceptNameCodeSequence[0]
     assert (title.CodeValue, title.CodingSchemeDesignator) == ("126000", "DCM")
     title = summary.ConceptNameCodeSequence[0]
     assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
-        "18748-4", "LN", "Diagnostic Imaging Report")
+        "AUTO-MEAS-REPORT", "99LIVERFAT", "Automated Liver Attenuation Measurement")
     assert (circles.SeriesNumber, circles.SeriesDescription) == (9902, "liverfat ROI measurements")
     assert (summary.SeriesNumber, summary.SeriesDescription) == (9904, "liverfat steatosis summary")
     assert circles.SeriesInstanceUID != summary.SeriesInstanceUID
@@ -364,4 +502,18 @@ def test_warnings_of_a_graded_result_are_listed_as_comments(case: Case, tmp_path
     warning = Finding(Reason.ROI_ON_VESSEL, "ROI 2 mean 20 HU above the other two")
     result = replace(make_result(series, liver), warnings=(warning,))
     group = _grade_group(summary_of(series, result, tmp_path))
-    assert _texts(group)["Comment"] == ["roi_on_vessel: ROI 2 mean 20 HU above the other two"]
+    assert _texts(group)["Comment"] == [SITE.disclaimer, "roi_on_vessel: ROI 2 mean 20 HU above the other two"]
+
+
+@pytest.mark.parametrize(("rule", "suffix"), [(RoiRule.NEXT_SLICE, " (next slice)"), (RoiRule.SHIFTED, " (shifted)")])
+def test_replaced_roi_says_so_in_its_label_and_keeps_its_tracking_uid(
+    graded: Graded, tmp_path: Path, rule: RoiRule, suffix: str
+) -> None:
+    series, result, _, _, _ = graded
+    replaced = with_replaced_roi(result, label=2, rule=rule)
+    circles = written(series, replaced, tmp_path)[0]
+    uids = output_uids(replaced)
+    groups = _report(circles).get_planar_roi_measurement_groups()
+    assert [g.tracking_identifier for g in groups] == [
+        "liverfat liver ROI 1", f"liverfat liver ROI 2{suffix}", "liverfat liver ROI 3"]
+    assert [g.tracking_uid for g in groups] == [uids.tracking(roi_tracking_id(label)) for label in (1, 2, 3)]
