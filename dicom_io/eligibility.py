@@ -17,9 +17,14 @@ Decisions (thresholds, keyword tables and the switches named here live in :class
 - **Chest, not abdominal**: any abdominal region word (ABD, PELVIS, CAP, COLONOSCOPY, WHOLEBODY,
   ...) in BodyPartExamined, AnatomicRegionSequence or a description rejects, even next to CHEST
   (chest-abdomen studies are out of scope). A missing BodyPartExamined is fine when a
-  description says chest, but a series with no anatomical information at all is rejected as
-  NOT_CHEST: the node expects chest CT, and nothing positive says this is one (3D-IRCADb's
-  portal-venous abdomen has exactly such headers); ``require_chest_evidence``.
+  description says chest. A header that names another region (HEAD, NECK, SPINE, KNEE, ...; any
+  BodyPartExamined or AnatomicRegionSequence value counts) and none says chest rejects as
+  NOT_CHEST; ``require_chest_evidence``.
+- **Silent headers** (no header names any body part or region, as in much anonymised research
+  data, e.g. 3D-IRCADb): not rejected from the headers. The decision carries a pending
+  REGION_FROM_IMAGE finding instead, and whoever loads the pixels must decide from the image
+  whether the scan shows the chest and the liver dome (``liverfat.inference.image_checks``);
+  ``region_from_image``. With ``region_from_image = false`` such a series is NOT_CHEST as before.
 - **Contrast**: any sign of contrast rejects, whichever header it comes from; an explicit
   "without contrast" elsewhere never outweighs it, and an empty contrast tag proves nothing.
   Descriptions are tokenised (so PE never matches PELVIS, nor CE CENTER) and negations consume
@@ -94,6 +99,14 @@ ABDOMINAL_KEYWORDS = (
     "COLON", "COLONOGRAPHY", "COLONOSCOPY", "ENTEROGRAPHY", "ENTEROCLYSIS", "BOWEL", "APPENDIX", "SPLEEN",
     "GALLBLADDER", "BILIARY", "MESENTERIC", "WHOLEBODY", "WHOLE BODY", "PARTIALBODY", "TOTAL BODY",
     "TOTALBODY", "TORSO", "TRUNK")
+# Regions that are neither chest nor abdomen: a header naming one of them (and not chest) rejects.
+OTHER_REGION_KEYWORDS = (
+    "HEAD", "BRAIN", "SKULL", "CRANIAL", "CRANIUM", "NECK", "NK", "SINUS", "SINUSES", "FACE", "FACIAL",
+    "ORBIT", "ORBITS", "TEMPORAL BONE", "PETROUS", "MANDIBLE", "MAXILLOFACIAL", "DENTAL", "SPINE", "CSPINE",
+    "TSPINE", "LSPINE", "CERVICAL", "LUMBAR", "SACRUM", "COCCYX", "SHOULDER", "ARM", "HUMERUS", "ELBOW",
+    "FOREARM", "WRIST", "HAND", "HIP", "FEMUR", "THIGH", "KNEE", "LEG", "TIBIA", "ANKLE", "FOOT",
+    "EXTREMITY", "EXTREMITIES", "CARDIAC", "HEART", "CORONARY", "CALCIUM SCORE", "KOPF", "SCHADEL", "HALS",
+    "TETE", "CRANE", "COU", "CABEZA", "CUELLO", "TESTA", "COLLO")
 LOCALIZER_KEYWORDS = (
     "LOCALIZER", "LOCALISER", "SCOUT", "SCOUTVIEW", "TOPOGRAM", "SURVIEW", "SCANOGRAM", "SCANOSCOPE")
 DERIVED_KEYWORDS = (
@@ -193,7 +206,9 @@ class EligibilityPolicy:
     description_tags: tuple[str, ...] = DESCRIPTION_TAGS
     chest_keywords: tuple[str, ...] = CHEST_KEYWORDS
     abdominal_keywords: tuple[str, ...] = ABDOMINAL_KEYWORDS
+    other_region_keywords: tuple[str, ...] = OTHER_REGION_KEYWORDS
     require_chest_evidence: bool = True
+    region_from_image: bool = True
     contrast_keywords: tuple[str, ...] = CONTRAST_KEYWORDS
     mixed_contrast_keywords: tuple[str, ...] = MIXED_CONTRAST_KEYWORDS
     no_contrast_keywords: tuple[str, ...] = NO_CONTRAST_KEYWORDS
@@ -244,17 +259,29 @@ class EligibilityPolicy:
 
 @dataclass(frozen=True)
 class Eligibility:
-    """The decision; ``findings`` lists every reason for rejection (empty when eligible)."""
+    """The decision; ``findings`` lists every reason for rejection (empty when eligible).
+
+    ``pending`` lists what the headers could not decide and the image must: today only
+    ``REGION_FROM_IMAGE`` (no header names a body region). An eligible decision with a pending
+    finding is eligible *from the headers*; the caller that loads the pixels settles it.
+    """
 
     eligible: bool
     findings: tuple[Finding, ...]
+    pending: tuple[Finding, ...] = ()
 
     @property
     def codes(self) -> frozenset[Reason]:
         return frozenset(f.code for f in self.findings)
 
+    @property
+    def region_from_image(self) -> bool:
+        """True when the body region is still to be confirmed from the image."""
+        return any(f.code is Reason.REGION_FROM_IMAGE for f in self.pending)
+
     def to_json(self) -> dict[str, object]:
-        return {"eligible": self.eligible, "findings": [f.to_json() for f in self.findings]}
+        return {"eligible": self.eligible, "findings": [f.to_json() for f in self.findings],
+                "pending": [f.to_json() for f in self.pending]}
 
 
 def check_eligibility(headers: Sequence[Dataset],
@@ -263,11 +290,14 @@ def check_eligibility(headers: Sequence[Dataset],
     if not headers:
         raise ValueError("check_eligibility needs the headers of at least one instance")
     findings = _ct_findings(headers, policy)
+    pending: list[Finding] = []
     if not any(f.code is Reason.NOT_CT for f in findings):
+        anatomy = _anatomy_findings(headers, policy)
+        pending = [f for f in anatomy if f.code is Reason.REGION_FROM_IMAGE]
         findings += (_image_type_findings(headers, policy) + _orientation_findings(headers, policy)
-                     + _thickness_findings(headers, policy) + _anatomy_findings(headers, policy)
+                     + _thickness_findings(headers, policy) + [f for f in anatomy if f not in pending]
                      + _contrast_findings(headers, policy))
-    result = Eligibility(eligible=not findings, findings=tuple(findings))
+    result = Eligibility(eligible=not findings, findings=tuple(findings), pending=tuple(pending))
     logger.debug("eligibility of %s: %s", headers[0].get("SeriesInstanceUID"), result.to_json())
     return result
 
@@ -401,6 +431,7 @@ def _thickness_findings(headers: Sequence[Dataset], policy: EligibilityPolicy) -
 
 
 def _anatomy_findings(headers: Sequence[Dataset], policy: EligibilityPolicy) -> list[Finding]:
+    """ABDOMINAL, NOT_CHEST, or (headers silent on the region) a pending REGION_FROM_IMAGE."""
     sources = [(k, t) for k in ("BodyPartExamined", *policy.description_tags) for t in _texts(headers, k)]
     sources += [("AnatomicRegionSequence", m) for m in _code_meanings(
         headers, "AnatomicRegionSequence", "AnatomicRegionModifierSequence")]
@@ -408,14 +439,22 @@ def _anatomy_findings(headers: Sequence[Dataset], policy: EligibilityPolicy) -> 
                         f"abdomen ({', '.join(hits)}), {_where(keyword)}")
                 for keyword, text in sources if (hits := _words(text, policy.abdominal_keywords))]
     chest = any(_words(text, policy.chest_keywords) for _, text in sources)
-    if not findings and not chest and policy.require_chest_evidence:
-        seen = "; ".join(f"{k} '{t}'" for k, t in sources) or "none of them is present"
-        tags = ", ".join(str(Tag(k)) for k in ("BodyPartExamined", "AnatomicRegionSequence",
-                                                 *policy.description_tags))
-        findings.append(Finding(Reason.NOT_CHEST, f"no body part or description says chest "
-                                f"(expected one of {', '.join(policy.chest_keywords[:4])}, ...): "
-                                f"{seen}; see {tags}"))
-    return findings
+    if findings or chest or not policy.require_chest_evidence:
+        return findings
+    seen = "; ".join(f"{k} '{t}'" for k, t in sources) or "none of them is present"
+    tags = ", ".join(str(Tag(k)) for k in ("BodyPartExamined", "AnatomicRegionSequence", *policy.description_tags))
+    if policy.region_from_image and not _names_a_region(sources, policy):
+        return [Finding(Reason.REGION_FROM_IMAGE, f"no header names a body part or region ({seen}; see "
+                        f"{tags}): the image must show the lungs and the liver dome")]
+    return [Finding(Reason.NOT_CHEST, f"no body part or description says chest "
+                    f"(expected one of {', '.join(policy.chest_keywords[:4])}, ...): {seen}; see {tags}")]
+
+
+def _names_a_region(sources: Sequence[tuple[str, str]], policy: EligibilityPolicy) -> bool:
+    """True when a header names some body region: any BodyPartExamined or AnatomicRegionSequence
+    value, or a description holding one of ``other_region_keywords``."""
+    return any(keyword in ("BodyPartExamined", "AnatomicRegionSequence")
+               or _words(text, policy.other_region_keywords) for keyword, text in sources)
 
 
 def _contrast_findings(headers: Sequence[Dataset], policy: EligibilityPolicy) -> list[Finding]:

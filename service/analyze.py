@@ -29,6 +29,7 @@ from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.files import durable_write
 from liverfat.inference.backend import Backend
+from liverfat.inference.image_checks import not_ct_finding, region_finding
 from liverfat.inference.pipeline import AnalysisConfig, analyze
 from liverfat.result import AnalysisResult, Grade, ModelInfo
 
@@ -89,6 +90,7 @@ def check_inputs(inputs: Sequence[Path], policy: EligibilityPolicy) -> Iterator[
             "files": len(series.files),
             "eligible": decision.eligible,
             "reasons": [f.to_json() for f in decision.findings],
+            "pending": [f.to_json() for f in decision.pending],  # left to the image (analyze decides)
         }
     for path in found.nifti:
         yield {"series_uid": None, "file": str(path), "files": 1, "eligible": None,
@@ -139,7 +141,9 @@ class ModelCache:
 def analyze_dicom_series(files: SeriesFiles, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
     """Eligibility from the headers, then (if eligible or forced) the full analysis of one series.
 
-    A rejected series gets the "not applicable" SR when ``options.not_applicable_sr`` asks for it.
+    Headers that name no body region leave it to the image (``Eligibility.region_from_image``, see
+    ``_check_image``). A rejected series gets the "not applicable" SR when ``options.not_applicable_sr``
+    asks for it.
     """
     report = _analyze_dicom(files, options, models)
     if report.outcome is Outcome.REJECTED and options.not_applicable_sr and options.write_dicom:
@@ -162,7 +166,8 @@ def _analyze_dicom(files: SeriesFiles, options: AnalyzeOptions, models: ModelCac
         result = not_analysed(files.series_uid, study_uid, (*decision.findings, error.finding), options)
         return _finish(result, Outcome.REJECTED, options, series=None)
     load_s = time.perf_counter() - started
-    return _analyze_loaded(series, decision.eligible, decision.findings, options, models, {"load": load_s})
+    return _analyze_loaded(series, decision.eligible, decision.findings, options, models, {"load": load_s},
+                           confirm_region=decision.region_from_image)
 
 
 def analyze_nifti(path: Path, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
@@ -178,7 +183,17 @@ def analyze_nifti(path: Path, options: AnalyzeOptions, models: ModelCache) -> Se
 
 
 def _analyze_loaded(series: CTSeries, eligible: bool, reasons: Sequence[Finding], options: AnalyzeOptions,
-                    models: ModelCache, timings: dict[str, float]) -> SeriesReport:  # fmt: skip
+                    models: ModelCache, timings: dict[str, float], *,
+                    confirm_region: bool = False) -> SeriesReport:  # fmt: skip
+    started = time.perf_counter()
+    series, refusal = _check_image(series, confirm_region)
+    timings = {**timings, "image_checks": time.perf_counter() - started}
+    if refusal is not None:
+        reasons = (*reasons, refusal)
+        if refusal.code is Reason.NOT_CT_IMAGE or not options.force:
+            result = not_analysed(series.series_uid, series.study_uid, reasons, options)
+            return _finish(result, Outcome.REJECTED, options, series=None)
+        eligible = False  # --force: a region the image does not confirm is measured, not graded
     try:
         liver: Backend | Any = read_mask(options.mask, series.volume) if options.mask else models.get()
         result = analyze(series, liver, eligible=eligible, reasons=reasons, config=options.config)
@@ -188,6 +203,22 @@ def _analyze_loaded(series: CTSeries, eligible: bool, reasons: Sequence[Finding]
         return _finish(result, outcome, options, series=None)
     result = replace(result, timings_s={**timings, **result.timings_s})
     return _finish(result, Outcome.PROCESSED, options, series=series)
+
+
+def _check_image(series: CTSeries, confirm_region: bool) -> tuple[CTSeries, Finding | None]:
+    """The pixel checks that run before any model, and the refusal they give, if any.
+
+    Not a CT in HU (a label map, a mask): ``NOT_CT_IMAGE``, whatever ``--force`` says. When the headers
+    left the body region to the image: ``NOT_CHEST`` with the evidence, or the series back with the
+    ``REGION_FROM_IMAGE`` evidence among its warnings.
+    """
+    refusal = not_ct_finding(series.volume)
+    if refusal is not None or not confirm_region:
+        return series, refusal
+    region = region_finding(series.volume)
+    if region.code is Reason.REGION_FROM_IMAGE:
+        return replace(series, warnings=(*series.warnings, region)), None
+    return series, region
 
 
 def _finish(result: AnalysisResult, outcome: Outcome, options: AnalyzeOptions, *, series: CTSeries | None) -> SeriesReport:

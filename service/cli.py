@@ -12,6 +12,7 @@ from pathlib import Path
 from liverfat import __version__
 from liverfat.dicom_io.eligibility import EligibilityPolicy
 from liverfat.dicom_io.errors import LiverfatError
+from liverfat.dicom_io.read import discover
 from liverfat.inference.backend import Backend
 from liverfat.inference.grading import GradingConfig
 from liverfat.inference.pipeline import AnalysisConfig
@@ -92,12 +93,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(_summary_line(report))
     failed = [r for r in reports if r.outcome is Outcome.FAILED]
     if not reports:
-        print("liverfat: no CT series found in the inputs", file=sys.stderr)
+        print("liverfat: no CT series found in the inputs" + _skipped_reasons(args.inputs), file=sys.stderr)
         return 1
     if failed:
         print(f"liverfat: {len(failed)} of {len(reports)} series failed; see result.json in {args.out}", file=sys.stderr)
         return 1
     return 0
+
+
+def _skipped_reasons(inputs: Sequence[Path], limit: int = 5) -> str:
+    """Why the input files were skipped (a DICOM SEG, a non-DICOM file, ...), one line each."""
+    skipped = discover(inputs).skipped  # headers only, and only on this failure path
+    lines = [f"\n  {s.finding.message} [{s.finding.code.value}]" for s in skipped[:limit]]
+    more = [f"\n  ... and {len(skipped) - limit} more"] if len(skipped) > limit else []
+    return "".join(lines + more)
 
 
 def _summary_line(report: SeriesReport) -> str:

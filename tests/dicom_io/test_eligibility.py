@@ -185,12 +185,53 @@ def test_body_part_alone_or_anatomic_region_code_says_chest() -> None:
     assert _codes(_ct(StudyDescription=None, SeriesDescription=None, AnatomicRegionSequence=region)) == set()
 
 
-def test_no_anatomical_information_at_all_is_not_chest_unless_the_policy_allows_it() -> None:
+def test_no_anatomical_information_at_all_leaves_the_region_to_the_image() -> None:
     bare = _ct(StudyDescription=None, SeriesDescription=None)
     result = check_eligibility([bare])
-    assert result.codes == {R.NOT_CHEST}
+    assert result.eligible and result.findings == ()
+    assert result.region_from_image
+    assert [f.code for f in result.pending] == [R.REGION_FROM_IMAGE]
+    assert "no header names a body part" in result.pending[0].message
+    assert "(0018,0015)" in result.pending[0].message  # BodyPartExamined is named for the administrator
+    assert result.to_json()["pending"] == [result.pending[0].to_json()]
+
+
+def test_silent_headers_are_not_chest_when_the_policy_does_not_let_the_image_decide() -> None:
+    bare = _ct(StudyDescription=None, SeriesDescription=None)
+    result = check_eligibility([bare], EligibilityPolicy(region_from_image=False))
+    assert result.codes == {R.NOT_CHEST} and not result.region_from_image
     assert "no body part or description says chest" in result.findings[0].message
-    assert _codes(bare, policy=EligibilityPolicy(require_chest_evidence=False)) == set()
+    relaxed = check_eligibility([bare], EligibilityPolicy(require_chest_evidence=False))
+    assert relaxed.eligible and relaxed.pending == ()
+
+
+@pytest.mark.parametrize("description", ["5/5mm Plain", "STANDARD 2.5MM", "Body 5.0", "ROUTINE", "AXIAL 1.25"])
+def test_descriptions_that_name_no_region_leave_it_to_the_image(description: str) -> None:
+    result = check_eligibility([_ct(StudyDescription=None, SeriesDescription=description)])
+    assert result.eligible and result.region_from_image
+
+
+@pytest.mark.parametrize("attributes", [
+    {"SeriesDescription": "CT HEAD/NK 5.0 B30s"},
+    {"StudyDescription": "CT2 tête, face, sinus"},                    # accents folded: TETE, FACE, SINUS
+    {"ProtocolName": "LUMBAR SPINE ROUTINE"},
+    {"SeriesDescription": "KNEE BONE 1MM"},
+    {"BodyPartExamined": "NECK"},
+    {"BodyPartExamined": "EXTREMITY"},
+    {"BodyPartExamined": "SOMEWHERE"},                                 # any body part value is a statement
+    {"AnatomicRegionSequence": [_item(CodeValue="12738006", CodingSchemeDesignator="SCT", CodeMeaning="Brain")]},
+])
+def test_a_header_naming_another_region_still_rejects_from_the_headers(attributes: dict[str, object]) -> None:
+    result = check_eligibility([_ct(**{"StudyDescription": None, "SeriesDescription": None, **attributes})])
+    assert result.codes == {R.NOT_CHEST}
+    assert not result.region_from_image
+    assert "no body part or description says chest" in result.findings[0].message
+
+
+def test_other_region_keywords_are_configurable() -> None:
+    policy = EligibilityPolicy(other_region_keywords=("HEAD",))
+    assert check_eligibility([_ct(StudyDescription=None, SeriesDescription="KNEE")], policy).region_from_image
+    assert _codes(_ct(StudyDescription=None, SeriesDescription="HEAD"), policy=policy) == {R.NOT_CHEST}
 
 
 @pytest.mark.parametrize("attributes", [
@@ -348,6 +389,7 @@ def test_policy_from_mapping_overrides_values_and_converts_lists() -> None:
     assert _codes(_ct(SliceThickness=7.5), policy=policy) == set()
     assert _codes(_ct(StudyDescription="CT CHEST SPECIAL"), policy=policy) == {R.CONTRAST}
     assert EligibilityPolicy.from_mapping({}) == EligibilityPolicy()
+    assert EligibilityPolicy.from_mapping({"region_from_image": False}).region_from_image is False
 
 
 def test_policy_from_mapping_rejects_unknown_keys_and_wrong_types() -> None:
@@ -376,10 +418,14 @@ def test_policy_rejects_meaningless_values() -> None:
 # Every series under ../shared/data: key (folder, or file where a folder holds several series) ->
 # (SeriesDescription, eligible, reason codes), the decisions a radiologist would make.
 _REAL_DATA: dict[str, tuple[str, bool, set[Reason]]] = {
-    # Portal-venous abdomen whose headers name neither anatomy nor contrast: rejected only because
-    # nothing says chest; had it said chest, the image-based contrast check would have to catch it.
-    "3dircadb-1.1/PATIENT_DICOM": ("", False, {R.NOT_CHEST}),
-    "3dircadb-1.1/MASKS_DICOM/liver": ("", False, {R.NOT_CHEST}),  # a mask stored as CT images
+    # Portal-venous abdomen whose headers name neither anatomy nor contrast: eligible from the headers,
+    # the region is left to the image (which shows too little lung: NOT_CHEST, see test_analyze_image_checks).
+    "3dircadb-1.1/PATIENT_DICOM": ("", True, set()),
+    "3dircadb-1.1/MASKS_DICOM/liver": ("", True, set()),  # a mask stored as CT images: the image check refuses it
+    # Whole unenhanced chests; A0002's 8 mm slices exceed the 5 mm limit
+    "chest-ct/lidc-idri-0002": ("", True, set()),
+    "chest-ct/lung-pet-ct-dx-a0001": ("5mm", True, set()),
+    "chest-ct/lung-pet-ct-dx-a0002": ("ThoraxRoutine  8.0.0  B40f", False, {R.SLICE_TOO_THICK}),
     "lidc-idri-partial/LIDC-IDRI-0001_ctIV_16sl": ("", False, {R.CONTRAST}),
     "lidc-idri-partial/LIDC-IDRI-0002_noCBA_12sl": ("", True, set()),
     "lidc-idri-partial/LIDC-IDRI-0003_oralIV_11sl": ("", False, {R.CONTRAST}),
@@ -432,7 +478,7 @@ _REAL_DATA: dict[str, tuple[str, bool, set[Reason]]] = {
         "1 25 MM CORONAL", False, {R.DERIVED_IMAGE, R.NOT_AXIAL, R.CONTRAST}),
     "covid19-ny-sbu/A056642/sagittal/19010107-137.dcm": (
         "1 25 MM SAGITAL", False, {R.DERIVED_IMAGE, R.NOT_AXIAL, R.CONTRAST}),
-    "misc-dicom/693_UNCI.dcm": ("5/5mm Plain", False, {R.DERIVED_IMAGE, R.NOT_CHEST}),
+    "misc-dicom/693_UNCI.dcm": ("5/5mm Plain", False, {R.DERIVED_IMAGE}),  # region silent, left to the image
     "misc-dicom/explicit_VR-UN.dcm": ("Pancreas", False, {R.ABDOMINAL, R.MISSING_ATTRIBUTE}),
     "misc-dicom/liver.dcm": ("Liver Segmentation", False, {R.NOT_CT}),
     "misc-dicom/Comunix_CT_headneck": ("CT HEAD/NK 5.0 B30s", False, {R.NOT_CHEST}),
@@ -441,6 +487,9 @@ _REAL_DATA: dict[str, tuple[str, bool, set[Reason]]] = {
     # PET/CT, skull base to thigh (PARTIALBODY), ContrastBolusAgent APPLIED, protocol "..._KM"
     "totalsegmentator-example/example_ct_dicom": ("CT Body 3.0", False, {R.ABDOMINAL, R.CONTRAST}),
 }
+
+# The series whose headers name no body region at all: the image decides.
+_REGION_FROM_IMAGE = {"3dircadb-1.1/PATIENT_DICOM", "3dircadb-1.1/MASKS_DICOM/liver", "misc-dicom/693_UNCI.dcm"}
 
 
 def _real_series(root: Path) -> dict[str, list[Dataset]]:
@@ -467,4 +516,6 @@ def test_every_real_series_gets_the_radiologists_decision(shared_data: Path) -> 
     decisions = {key: (str(headers[0].get("SeriesDescription") or ""), check_eligibility(headers).eligible,
                        set(check_eligibility(headers).codes)) for key, headers in series.items()}
     assert decisions == _REAL_DATA
+    left_to_image = {key for key, headers in series.items() if check_eligibility(headers).region_from_image}
+    assert left_to_image == _REGION_FROM_IMAGE
 

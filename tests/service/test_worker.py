@@ -52,7 +52,7 @@ def test_eligible_series_is_measured_and_seg_sr_key_image_are_queued(tmp_path: P
     assert all(s.destination == "PACS@127.0.0.1:104" and s.path.is_file() for s in sends)
     sop_classes = {pydicom.dcmread(s.path, stop_before_pixels=True).SOPClassUID for s in sends}
     assert {s.sop_class_uid for s in sends} == sop_classes
-    stages = {"discover", "load", "resample", "segment", "rois", "measure", "grade", "masks", "write"}
+    stages = {"discover", "load", "image_checks", "resample", "segment", "rois", "measure", "grade", "masks", "write"}
     assert set(done.timings) == stages and all(seconds >= 0 for seconds in done.timings.values())
 
 
