@@ -30,6 +30,7 @@ from liverfat.inference.default_backend import (
     _CropGrid,
     _Orientation,
     body_box,
+    liver_centred_box,
     postprocess,
     tiles,
     to_network_grid,
@@ -320,3 +321,37 @@ def test_totalsegmentator_example_liver_matches_its_label(backend: DefaultBacken
     # the reference is TotalSegmentator's own output, not a manual truth; measured 0.96
     assert _dice(mask.array, reference.array) >= 0.93
     assert 30.0 < np.median(ct.array[mask.array]) < 70.0  # an unenhanced-looking liver, about 46 HU
+
+
+def test_second_pass_box_ends_70_mm_above_the_liver_dome_of_a_tall_chest_scan() -> None:
+    spacing = (2.5, 0.7, 0.7)
+    liver = np.zeros((160, 20, 20), dtype=bool)
+    liver[0:30, 5:15, 5:15] = True  # the liver in the lowest 75 mm of a 400 mm scan
+    body = (slice(0, 160), slice(2, 18), slice(1, 19))
+    orientation = _Orientation.of(Volume(liver, (0.7, 0.7, 2.5), (0.0, 0.0, 0.0)))
+
+    box = liver_centred_box(liver, body, spacing, orientation)
+
+    assert box == (slice(0, 30 + 28), body[1], body[2])  # 28 slices = 70 mm above the top liver slice
+
+
+def test_second_pass_box_follows_feet_first_storage() -> None:
+    spacing = (2.5, 0.7, 0.7)
+    liver = np.zeros((160, 20, 20), dtype=bool)
+    liver[130:160, 5:15, 5:15] = True  # k grows toward the feet: the liver at the high indices
+    direction = np.diag([1.0, 1.0, -1.0])
+    orientation = _Orientation.of(Volume(liver, (0.7, 0.7, 2.5), (0.0, 0.0, 0.0), direction))
+
+    box = liver_centred_box(liver, (slice(0, 160), slice(0, 20), slice(0, 20)), spacing, orientation)
+
+    assert box is not None and box[0] == slice(130 - 28, 160)
+
+
+def test_no_second_pass_for_an_abdominal_scan_or_without_liver() -> None:
+    spacing = (2.5, 0.7, 0.7)
+    orientation = _Orientation.of(Volume(np.zeros((60, 4, 4), dtype=bool), (0.7, 0.7, 2.5), (0.0, 0.0, 0.0)))
+    body = (slice(0, 60), slice(0, 4), slice(0, 4))
+    liver = np.zeros((60, 4, 4), dtype=bool)
+    assert liver_centred_box(liver, body, spacing, orientation) is None
+    liver[10:40] = True  # dome 20 slices (50 mm) below the top: the box would not shrink
+    assert liver_centred_box(liver, body, spacing, orientation) is None
