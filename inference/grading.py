@@ -32,7 +32,7 @@ from typing import Any
 
 from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.inference.attenuation import ENHANCEMENT_PERCENTILE, LiverMeasurement, QualityLimits
-from liverfat.result import Grade
+from liverfat.result import Grade, RoiRule
 
 DEFAULT_WITHHOLD_ON = frozenset(
     {Reason.NO_LIVER, Reason.ROI_NOT_PLACED, Reason.ROI_OUTSIDE_LIVER, Reason.ROI_ON_VESSEL}
@@ -51,7 +51,7 @@ class GradingConfig:
 
     threshold_hu: float = 40.0  # moderate-to-severe when DL-parenchymal < threshold (strict)
     min_inside_liver_fraction: float = 0.95
-    max_roi_deviation_hu: float = 10.0
+    max_roi_deviation_hu: float = 11.4  # 99th percentile, see attenuation's module docstring
     outlier_hu: float = 60.0
     max_outlier_fraction: float = 0.05
     contrast_suspicion_hu: float = 85.0
@@ -110,13 +110,28 @@ def grade(measurement: LiverMeasurement, config: GradingConfig) -> tuple[Grade, 
     """The grade and, when it is ``NOT_GRADED``, the reasons it was withheld."""
     reasons = [warning for warning in measurement.warnings if warning.code in config.withhold_on]
     reasons.extend(_contrast_findings(measurement, config))
-    if measurement.parenchymal_hu is None and not reasons:
+    if measurement.graded_hu is None and not reasons:
         reasons.append(Finding(Reason.ROI_NOT_PLACED, "no ROI could be measured"))
-    if reasons or measurement.parenchymal_hu is None:
+    if reasons or measurement.graded_hu is None:
         return Grade.NOT_GRADED, tuple(reasons)
-    if measurement.parenchymal_hu < config.threshold_hu:
+    if measurement.graded_hu < config.threshold_hu:
         return Grade.MODERATE_TO_SEVERE, ()
     return Grade.NONE_OR_MILD, ()
+
+
+def grade_basis(measurement: LiverMeasurement) -> str:
+    """Which value the grade rests on, and why, in words ("" without ROIs)."""
+    if measurement.graded_hu is None:
+        return ""
+    replaced = [roi for roi in measurement.rois if roi.rule is not RoiRule.SEED]
+    if not replaced:
+        return "DL-parenchymal of the seed's three ROIs"
+    which = ", ".join(f"ROI {roi.label} ({roi.rule.value}, slice {roi.slice_index})" for roi in replaced)
+    seed = "n/a" if measurement.parenchymal_hu is None else f"{measurement.parenchymal_hu:.1f} HU"
+    return (
+        f"DL-parenchymal with {which} replacing seed ROIs that failed their checks "
+        f"(vessel, lesion or outside the liver); the seed's own three ROIs read {seed}"
+    )
 
 
 def is_borderline(value_hu: float | None, config: GradingConfig) -> bool:

@@ -24,7 +24,7 @@ from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.volume import Volume
 from liverfat.inference.attenuation import measure
 from liverfat.inference.backend import Backend
-from liverfat.inference.grading import GradingConfig, grade, is_borderline
+from liverfat.inference.grading import GradingConfig, grade, grade_basis, is_borderline
 from liverfat.inference.roi import RoiMode, place_rois
 from liverfat.result import USER_MASK, AnalysisResult, Grade, Masks, ModelInfo
 
@@ -107,14 +107,14 @@ def analyze(
     with _timed(timings, "grade"):
         verdict, withheld = grade(measurement, config.grading)
     with _timed(timings, "masks"):
-        source_masks = Masks(mask_to_source(mask, series.volume), mask_to_source(placement.labels, series.volume))
+        source_masks = Masks(mask_to_source(mask, series.volume), mask_to_source(measurement.labels, series.volume))
     if not eligible:
         verdict = Grade.NOT_GRADED
     logger.info(
-        "series %s: %s, DL-parenchymal %s HU, %d warning(s)",
+        "series %s: %s, graded on %s HU, %d warning(s)",
         series.series_uid,
         verdict.value,
-        "n/a" if measurement.parenchymal_hu is None else f"{measurement.parenchymal_hu:.1f}",
+        "n/a" if measurement.graded_hu is None else f"{measurement.graded_hu:.1f}",
         len(measurement.warnings),
     )
     return AnalysisResult(
@@ -133,11 +133,11 @@ def analyze(
         model=model,
         software_version=__version__,
         timings_s=timings,
-        graded_hu=measurement.parenchymal_hu,
-        grade_basis="the seed's three ROIs" if measurement.parenchymal_hu is not None else "",
-        borderline=verdict is not Grade.NOT_GRADED and is_borderline(measurement.parenchymal_hu, config.grading),
+        graded_hu=measurement.graded_hu,
+        grade_basis=grade_basis(measurement),
+        borderline=verdict is not Grade.NOT_GRADED and is_borderline(measurement.graded_hu, config.grading),
         borderline_margin_hu=config.grading.borderline_margin_hu,
-        working_masks=Masks(mask, placement.labels),
+        working_masks=Masks(mask, measurement.labels),
         source_masks=source_masks,
     )
 

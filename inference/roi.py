@@ -26,6 +26,7 @@ liver (the seed raises on ``np.min`` of nothing) gets no ROI and reports ``ROI_N
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -34,6 +35,7 @@ from scipy import ndimage
 
 from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.dicom_io.volume import Volume
+from liverfat.result import RoiRule
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +43,15 @@ SEED_SPACING_MM = (0.7, 0.7, 2.5)  # (i, j, k) of the grid the seed's pixel cons
 MEDIAL_OFFSET_MM = 30 * SEED_SPACING_MM[0]  # 21 mm from the lateral liver edge to the centre
 ROI_DIAMETER_MM = 23 * SEED_SPACING_MM[0]  # the 23 x 23 px MORPH_ELLIPSE kernel, 16.1 mm
 SLICE_GAP_MM = 2 * SEED_SPACING_MM[2]  # ROI slices v-2, v, v+2: 5 mm apart
-ROIS_PER_SCAN = 3
 # robust mode: the whole circle must fit in the liver eroded by this margin, and the centre
 # may move at most this far from the seed's centre (further away it is another region).
 ROBUST_MARGIN_MM = 2.0
 ROBUST_MAX_SHIFT_MM = MEDIAL_OFFSET_MM
+# Replacements for a seed ROI that fails its checks: the seed's rule on slices up to
+# REPLACEMENT_MAX_SLICE_MM from the failed one (the ROI triple then still spans the seed's 10 mm),
+# else the failed slice's circle moved by REPLACEMENT_SHIFTS_MM in eight directions.
+REPLACEMENT_MAX_SLICE_MM = SLICE_GAP_MM
+REPLACEMENT_SHIFTS_MM = (5.0, 10.0)
 _AXIS_TOLERANCE = 1e-3
 
 
@@ -69,6 +75,15 @@ class RoiGeometry:
     centre_index: tuple[int, int, int]  # (i, j, k); may lie outside the grid near its border
     centre_lps: tuple[float, float, float]
     radius_mm: float  # half the kernel's extent: 8.05 mm on the working grid
+
+
+@dataclass(frozen=True, eq=False)
+class RoiCandidate:
+    """A replacement ROI: its geometry, its voxels (index arrays into the grid) and the rule that placed it."""
+
+    geometry: RoiGeometry
+    voxels: tuple[np.ndarray, np.ndarray, np.ndarray]
+    rule: RoiRule
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,6 +151,57 @@ def place_rois(liver: Volume, mode: RoiMode = RoiMode.SEED) -> RoiPlacement:
     return RoiPlacement(
         liver.with_array(canonical.backward(labels)), tuple(rois), canonical.k_of(largest), tuple(warnings)
     )
+
+
+def replacement_candidates(liver: Volume, placement: RoiPlacement, label: int) -> Iterator[RoiCandidate]:
+    """Replacements for ROI ``label`` of ``placement``, in order of preference.
+
+    First the seed's rule on the slices nearest to the failed one (up to
+    ``REPLACEMENT_MAX_SLICE_MM`` away, never a slice another ROI holds; on equal distance the
+    caudal slice first, away from the dome's partial volume), then the failed circle shifted by
+    ``REPLACEMENT_SHIFTS_MM`` in eight directions on its own slice, nearest first. The caller
+    measures each and keeps the first that passes its checks.
+    """
+    canonical = _Canonical.of(liver)
+    mask = canonical.forward(np.asarray(liver.array, dtype=bool))
+    by_label = {roi.label: roi for roi in placement.rois}
+    failed = by_label[label]
+    failed_z = canonical.z_of(failed.slice_index)
+    taken = {canonical.z_of(roi.slice_index) for roi in placement.rois}
+    sx, sy = canonical.spacing[0], canonical.spacing[1]
+    kernel = ellipse_kernel(_odd_pixels(ROI_DIAMETER_MM, sy), _odd_pixels(ROI_DIAMETER_MM, sx))
+    radius_mm = kernel.shape[1] * sx / 2
+    reach = round(REPLACEMENT_MAX_SLICE_MM / canonical.spacing[2])
+    for distance in range(1, reach + 1):
+        for z in (failed_z - distance, failed_z + distance):
+            if z in taken or not 0 <= z < mask.shape[0] or not mask[z].any():
+                continue
+            centre = _seed_centre(mask[z], round(MEDIAL_OFFSET_MM / sx))
+            yield _candidate(liver, canonical, z, centre, kernel, label, radius_mm, RoiRule.NEXT_SLICE)
+    row, column = canonical.forward_index(failed.centre_index)
+    for shift_mm in REPLACEMENT_SHIFTS_MM:
+        for angle in np.arange(8) * np.pi / 4:
+            centre = (round(row + shift_mm * np.sin(angle) / sy), round(column + shift_mm * np.cos(angle) / sx))
+            yield _candidate(liver, canonical, failed_z, centre, kernel, label, radius_mm, RoiRule.SHIFTED)
+
+
+def _candidate(
+    liver: Volume,
+    canonical: _Canonical,
+    z: int,
+    centre: tuple[int, int],
+    kernel: np.ndarray,
+    label: int,
+    radius_mm: float,
+    rule: RoiRule,
+) -> RoiCandidate:
+    stamp = np.zeros(canonical.canonical_shape[1:], dtype=bool)
+    _paint(stamp, centre, kernel, 1)
+    rows, columns = np.nonzero(stamp)
+    index = canonical.index_of((centre[1], centre[0], z))
+    x, y, z_mm = (float(v) for v in liver.to_lps(index))
+    geometry = RoiGeometry(label, index[2], index, (x, y, z_mm), radius_mm=radius_mm)
+    return RoiCandidate(geometry, canonical.array_index(np.full(rows.shape, z), rows, columns), rule)
 
 
 def _roi_slices(largest: int, n_slices: int, canonical: _Canonical) -> tuple[list[int], list[Finding]]:
@@ -257,3 +323,30 @@ class _Canonical:
     def k_of(self, z: int) -> int:
         """Input slice index k of canonical slice ``z`` (k is axial)."""
         return self.index_of((0, 0, z))[2]
+
+    def z_of(self, k: int) -> int:
+        """Canonical slice ``z`` of input slice index k (the inverse of ``k_of``)."""
+        return self.shape[self.axes[0]] - 1 - k if self.flips[0] else k
+
+    def forward_index(self, ijk: tuple[int, int, int]) -> tuple[int, int]:
+        """Canonical (row, column) = (y, x) of input index (i, j, k)."""
+        yx = []
+        for c in (1, 2):
+            axis = self.axes[c]
+            value = ijk[2 - axis]
+            yx.append(self.shape[axis] - 1 - value if self.flips[c] else value)
+        return yx[0], yx[1]
+
+    @property
+    def canonical_shape(self) -> tuple[int, int, int]:
+        return self.shape[self.axes[0]], self.shape[self.axes[1]], self.shape[self.axes[2]]
+
+    def array_index(
+        self, z: np.ndarray, y: np.ndarray, x: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Input array index arrays of canonical voxels (z, y, x)."""
+        index: list[np.ndarray] = [z, z, z]
+        for c, values in enumerate((z, y, x)):
+            axis = self.axes[c]
+            index[axis] = self.shape[axis] - 1 - values if self.flips[c] else values
+        return index[0], index[1], index[2]

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from liverfat.dicom_io.errors import Reason
 from liverfat.dicom_io.volume import Volume
 from liverfat.inference.attenuation import measure
 from liverfat.inference.grading import GradingConfig
 from liverfat.inference.roi import place_rois
+from liverfat.result import RoiRule
 
 SPACING = (0.7, 0.7, 2.5)
 LIMITS = GradingConfig().limits
@@ -66,36 +68,85 @@ def test_noisy_homogeneous_liver_raises_no_warning() -> None:
     assert result.warnings == ()
 
 
-def test_roi_sticking_out_of_the_liver_is_flagged() -> None:
+def test_roi_sticking_out_of_the_liver_is_replaced_by_a_shifted_circle_inside_it() -> None:
     liver = Volume(np.zeros((7, 120, 160), dtype=bool), SPACING, (0.0, 0.0, 0.0))
     liver.array[:, 40:100, 20:120] = True  # the seed's circle overhangs the box's anterior edge
+    ct = ct_for(liver, 55.0)
+    ct.array[~liver.array] = FAT_HU
+    placement = place_rois(liver)
+    result = measure(ct, liver, placement, LIMITS)
+    replaced = [w for w in result.warnings if w.code is not Reason.LIVER_AT_EDGE]  # equal slices: largest is first
+    assert [w.code for w in replaced] == [Reason.ROI_REPLACED] * 3
+    assert all("lie in the liver mask" in w.message and "shifted circle" in w.message for w in replaced)
+    assert [roi.rule for roi in result.rois] == [RoiRule.SHIFTED] * 3
+    assert [roi.slice_index for roi in result.rois] == [roi.slice_index for roi in placement.rois]
+    assert all(roi.inside_liver_fraction >= LIMITS.min_inside_liver_fraction for roi in result.rois)
+    assert result.graded_hu == pytest.approx(55.0, abs=2.0)  # up to 5 % of a circle may lie in fat
+    assert result.parenchymal_hu is not None and result.parenchymal_hu < 50.0  # the seed's circles, fat included
+    for roi in result.rois:  # the label map holds the replacements, not the seed's circles
+        assert np.count_nonzero(result.labels.array == roi.label) == roi.n_voxels
+        assert liver.array[result.labels.array == roi.label].mean() >= LIMITS.min_inside_liver_fraction
+
+
+def test_roi_that_fits_nowhere_in_the_liver_keeps_its_failure() -> None:
+    liver = Volume(np.zeros((7, 120, 160), dtype=bool), SPACING, (0.0, 0.0, 0.0))
+    liver.array[:, 50:62, 20:120] = True  # an 8 mm strip: no 16 mm circle fits anywhere
     result = measure(ct_for(liver, 55.0), liver, place_rois(liver), LIMITS)
-    outside = [w for w in result.warnings if w.code is Reason.ROI_OUTSIDE_LIVER]
-    assert len(outside) == 3
-    assert all(roi.inside_liver_fraction < LIMITS.min_inside_liver_fraction for roi in result.rois)
+    codes = [w.code for w in result.warnings]
+    assert codes.count(Reason.ROI_OUTSIDE_LIVER) == 3 and Reason.ROI_REPLACED not in codes
+    assert all(roi.rule is RoiRule.SEED for roi in result.rois)
+    assert result.graded_hu == result.parenchymal_hu
 
 
-def test_enhanced_vessel_through_one_roi_is_flagged_for_that_roi_only() -> None:
+def test_enhanced_vessel_through_one_roi_replaces_that_roi_by_the_seed_rule_on_the_next_slice() -> None:
     liver = elliptic_liver()
     placement = place_rois(liver)
     ct = ct_for(liver, 55.0, noise_sd_hu=10.0)
     middle = placement.rois[1]
     i, j, k = middle.centre_index
-    ct.array[k, j - 2 : j + 3, :] = 180.0  # a 3.5 mm enhanced vessel crossing the middle ROI
+    ct.array[k, j - 2 : j + 3, :] = 180.0  # a 3.5 mm enhanced vessel crossing the middle ROI's whole slice
     result = measure(ct, liver, placement, LIMITS)
-    flagged = [w for w in result.warnings if w.code is Reason.ROI_ON_VESSEL]
-    assert flagged and all(w.message.startswith(f"ROI 2 (slice {k})") for w in flagged)
+    assert [w.code for w in result.warnings] == [Reason.ROI_REPLACED]
+    assert result.warnings[0].message.startswith(f"ROI 2 (slice {k})")
+    assert [roi.rule for roi in result.rois] == [RoiRule.SEED, RoiRule.NEXT_SLICE, RoiRule.SEED]
+    assert result.rois[1].slice_index == k - 1  # caudal first on equal distance; k + 1 is free too
+    assert result.graded_hu == pytest.approx(55.0, abs=1.5)
+    assert result.parenchymal_hu is not None and result.parenchymal_hu > result.graded_hu + 5.0
 
 
-def test_hypodense_vessel_that_shifts_the_roi_mean_is_flagged() -> None:
+def test_vessel_on_every_candidate_keeps_the_failure_and_the_seed_rois() -> None:
+    liver = elliptic_liver()
+    placement = place_rois(liver)
+    ct = ct_for(liver, 55.0, noise_sd_hu=10.0)
+    band = np.zeros(liver.array.shape, dtype=bool)
+    band[:, 34:87, :86] = True  # every slice, around every seed circle and every shift of it
+    ct.array[band & liver.array] = 180.0
+    result = measure(ct, liver, placement, LIMITS)
+    assert {w.code for w in result.warnings} == {Reason.ROI_ON_VESSEL}
+    assert all(roi.rule is RoiRule.SEED for roi in result.rois)
+
+
+def test_hypodense_vessel_that_shifts_the_roi_mean_is_replaced() -> None:
     liver = elliptic_liver()
     placement = place_rois(liver)
     ct = ct_for(liver, 60.0, noise_sd_hu=10.0)
     i, j, k = placement.rois[0].centre_index
     ct.array[k, j - 4 : j + 5, :] = 30.0  # unenhanced blood, 30 HU below the liver, 40 % of the circle
     result = measure(ct, liver, placement, LIMITS)
-    assert [w.code for w in result.warnings] == [Reason.ROI_ON_VESSEL]
-    assert "differs from the whole-liver mean" in result.warnings[0].message
+    assert [w.code for w in result.warnings] == [Reason.ROI_REPLACED]
+    assert "differs from the liver's parenchymal median" in result.warnings[0].message
+    assert result.graded_hu == pytest.approx(60.0, abs=1.5)
+
+
+def test_rois_are_judged_against_the_parenchyma_not_a_rim_lowered_whole_liver_mean() -> None:
+    liver = elliptic_liver()
+    ct = ct_for(liver, 62.0, noise_sd_hu=15.0)
+    rim = liver.array & ~ndimage.binary_erosion(liver.array, iterations=6, structure=np.ones((1, 3, 3)))
+    ct.array[rim] = 20.0  # partial volume with fat along the capsule: whole-liver mean far below 62 HU
+    result = measure(ct, liver, place_rois(liver), LIMITS)
+    assert result.volumetric_hu is not None and result.volumetric_hu < 62.0 - LIMITS.max_roi_deviation_hu
+    assert result.reference_hu == pytest.approx(62.0, abs=1.0)
+    assert result.warnings == ()
 
 
 def test_placement_warnings_are_carried_into_the_measurement() -> None:

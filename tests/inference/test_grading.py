@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from liverfat.dicom_io.errors import Finding, Reason
+from liverfat.dicom_io.volume import Volume
 from liverfat.inference.attenuation import LiverMeasurement
 from liverfat.inference.grading import DEFAULT_WITHHOLD_ON, GradingConfig, grade
 from liverfat.result import Grade
@@ -16,10 +18,13 @@ def measurement(parenchymal_hu: float | None = 55.0, *, median_hu: float = 55.0,
                 warnings: tuple[Finding, ...] = ()) -> LiverMeasurement:
     return LiverMeasurement(
         rois=(),
+        labels=Volume(np.zeros((3, 4, 4), dtype=np.uint8), (0.7, 0.7, 2.5), (0.0, 0.0, 0.0)),
         parenchymal_hu=parenchymal_hu,
+        graded_hu=parenchymal_hu,
         volumetric_hu=median_hu,
         axial_hu=median_hu,
         liver_volume_ml=1500.0,
+        reference_hu=median_hu,
         liver_median_hu=median_hu,
         liver_high_percentile_hu=high_hu,
         warnings=warnings,
