@@ -99,6 +99,10 @@ def test_real_series_outputs_have_no_dciodvfy_errors_and_the_seg_round_trips(sha
     assert [path.name for path in paths] == list(FILES)
     for path in paths:
         assert dciodvfy_errors(path) == [], path.name
+    # a borderline grade on a replaced ROI: every flag and label the outputs can carry
+    flagged = with_replaced_roi(borderline(result, 43.0), shift_hu=-2.0)
+    for path in write_outputs(series, flagged, tmp_path / "flagged", created_at=CREATED):
+        assert dciodvfy_errors(path) == [], f"flagged {path.name}"
     seg = hd.seg.segread(paths[0])
     masks = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[ds.SOPInstanceUID for ds in series.datasets],

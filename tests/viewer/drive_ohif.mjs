@@ -4,7 +4,9 @@
 // Usage: node drive_ohif.mjs SPEC.json REPORT.json
 //   env PLAYWRIGHT_CORE = the playwright-core package folder, CHROMIUM = the browser binary.
 // SPEC: {baseUrl, outDir, studyUid, viewport: {width, height}, voi: [lower, upper] (CT window, HU),
-//        ct: {slices: [{sop, points: {name: [x, y, z]}}]},     show each CT slice, project the LPS points
+//        ct: {thumbnail, slices: [{sop, points: {name: [x, y, z]}}]},  open the CT series (OHIF may open
+//                                                              another first: it sorts by series number),
+//                                                              show each CT slice, project the LPS points
 //        sr: {thumbnail, count, slices},                       open the SR, visit `count` measurements
 //        seg: {thumbnail, slices: [{sop, points}]},            open the SEG, show the same way
 //        keyimage: {thumbnail, sop},                           open the key image series
@@ -176,6 +178,7 @@ async function ctStep() {
   }, null, { timeout: LOAD_TIMEOUT_MS });
   const firstImageMs = Date.now() - t0;
   const thumbnails = await page.locator('[data-cy^="study-browser-thumbnail"]').allInnerTexts();
+  if (spec.ct.thumbnail) await openSeries(spec.ct.thumbnail);
   return { firstImageMs, thumbnails, slices: await showSlices(spec.ct.slices, '01-ct') };
 }
 

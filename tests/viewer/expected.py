@@ -18,7 +18,7 @@ from scipy import ndimage
 
 from liverfat.dicom_io.series import CTSeries
 
-ROI_SEGMENT_LABEL = re.compile(r"ROI (\d+)$")
+ROI_SEGMENT_LABEL = re.compile(r"ROI (\d+)(?: \([a-z ]+\))?$")  # "ROI 2", "ROI 2 (next slice)"
 LIVER_SEGMENT_LABEL = "Liver"
 SOFT_TISSUE_MIN_HU = -100.0
 RULER_MM = 10.0  # the "ruler" probe lies this far from the ROI centre along the rows, for the screen scale

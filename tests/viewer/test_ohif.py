@@ -6,6 +6,11 @@ the screenshots' pixels, not only the page's DOM: the CT is drawn; each SR circl
 its slice with its HU value, where the SEG's ROI segment lies; the SEG tints the liver and the
 ROIs; the key image shows its grade text. Screenshots land in ``out/viewer-screenshots/<case>/``
 (or ``$LIVERFAT_VIEWER_SCREENSHOTS``) on every run.
+
+Cases: a phantom (always); with ``../shared/data``, 3D-IRCADb-01 patient 1 with its manual mask,
+and LIDC-IDRI-0002, the real unenhanced chest CT the node exists for, analysed end to end the way
+``liverfat analyze`` does it (header filter, default model, quality checks, outputs): its
+screenshots are the ones in ``docs/`` (``tests/viewer/docs_screenshots.py``).
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ import pytest
 
 from liverfat.dicom_io.outputs import write_outputs
 from liverfat.dicom_io.read import discover, load_series
-from liverfat.dicom_io.seg import LIVER_RGB, roi_rgb
+from liverfat.dicom_io.seg import LIVER_RGB, roi_name, roi_rgb
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.sr import grade_sentence
 from liverfat.dicom_io.volume import Volume
+from liverfat.inference.models import load_backend
 from liverfat.inference.pipeline import analyze
 from liverfat.result import AnalysisResult
+from liverfat.service.analyze import AnalyzeOptions, Outcome, run_analyze
 from tests.phantom import Grid, Phantom, SeriesHeader, render_volume, write_series
 from tests.viewer import pixels
 from tests.viewer.expected import RULER_MM, SegRoi, seg_rois, slice_probes
@@ -93,7 +100,8 @@ def _title(dataset: pydicom.Dataset) -> str:
 
 def _thumbnail(dataset: pydicom.Dataset) -> str:
     """A regular expression that finds the series' thumbnail in OHIF's study browser."""
-    return f"{re.escape(str(dataset.SeriesDescription))}[\\s\\S]*S:{int(dataset.SeriesNumber)}(?!\\d)"
+    description = str(dataset.get("SeriesDescription") or "")  # LIDC's CT series has none
+    return f"{re.escape(description)}[\\s\\S]*S:{int(dataset.SeriesNumber)}(?!\\d)"
 
 
 @dataclass(frozen=True)
@@ -147,17 +155,29 @@ def ircadb_case(shared_data: Path, folder: Path) -> StudyCase:
     return _analysed("ircadb", folder, series.volume.with_array(liver))
 
 
+def lidc_case(shared_data: Path, folder: Path) -> StudyCase:
+    """LIDC-IDRI-0002 (261 slices, unenhanced chest CT) through ``liverfat analyze`` with the default model on CPU."""
+    root = shared_data / "chest-ct" / "lidc-idri-0002"
+    (report,) = run_analyze([root], AnalyzeOptions(out_dir=folder / "outputs"), lambda: load_backend(device="cpu"))
+    assert report.outcome is Outcome.PROCESSED, f"LIDC-IDRI-0002 was not processed: {report.result.reasons}"
+    (files,) = discover([root]).series
+    dicom_outputs = [path for path in report.outputs if path.suffix == ".dcm"]
+    return StudyCase("lidc", load_series(files), list(files.files), report.result, dicom_outputs)
+
+
 def _position(dataset: pydicom.Dataset) -> tuple[float, ...]:
     return tuple(round(float(v), 2) for v in dataset.ImagePositionPatient)
 
 
-@pytest.fixture(scope="module", params=["phantom", "ircadb"])
+@pytest.fixture(scope="module", params=["phantom", "ircadb", "lidc"])
 def shown(request: pytest.FixtureRequest, viewer: ReadingSetup, tmp_path_factory: pytest.TempPathFactory) -> Shown:
     folder = tmp_path_factory.mktemp(request.param)
     if request.param == "phantom":
         case = phantom_case(folder)
-    else:
+    elif request.param == "ircadb":
         case = ircadb_case(request.getfixturevalue("shared_data"), folder)
+    else:
+        case = lidc_case(request.getfixturevalue("shared_data"), folder)
     viewer.store(case.ct_files)
     viewer.store(case.outputs)
     rois = seg_rois(case.seg, case.series)
@@ -169,7 +189,7 @@ def shown(request: pytest.FixtureRequest, viewer: ReadingSetup, tmp_path_factory
         "studyUid": case.series.study_uid,
         "viewport": {"width": 1400, "height": 900},
         "voi": SOFT_TISSUE_WINDOW_HU,
-        "ct": {"slices": slices},
+        "ct": {"thumbnail": _thumbnail(case.series.datasets[0]), "slices": slices},
         "sr": {
             "thumbnail": _thumbnail(headers[case.measurement_report]),
             "count": len(rois),
@@ -248,7 +268,7 @@ def test_seg_tints_the_liver_and_each_roi(shown: Shown) -> None:
     ct_slices = shown.step("ct")["slices"]
     step = shown.step("seg")
     labels = {segment["label"] for s in step["segmentations"] for segment in s["segments"]}
-    assert {"Liver", *(f"Liver ROI {roi.label}" for roi in shown.rois)} <= labels
+    assert {"Liver", *(f"Liver {roi_name(roi)}" for roi in shown.case.result.rois)} <= labels
     for roi, before, after in zip(shown.rois, ct_slices, step["slices"], strict=True):
         assert after["state"]["sop"] == roi.primary.sop_uid
         ct_image = pixels.load_rgb(before["screenshot"])
