@@ -135,7 +135,7 @@ def _roi_figures(result: AnalysisResult) -> str:
     area_cm2 = float(np.mean([roi.area_mm2 for roi in rois])) / 100.0
     across_mm = 2 * float(np.mean([roi.radius_mm for roi in rois]))
     name = "The graded value" if graded_value_differs(result) else "DL-parenchymal"
-    means = ", ".join(f"{roi_name(roi)} {roi.mean_hu:.1f}" for roi in rois)
+    means = ", ".join(f"{roi_name(roi)}: {roi.mean_hu:.1f}" for roi in rois)
     return (
         f"{name} = mean attenuation of {count} round liver ROIs, {across_mm:.0f} mm across ({area_cm2:.1f} cm2 "
         f"each), 5 mm apart: {means} HU"
@@ -158,6 +158,8 @@ def text_block(result: AnalysisResult, site: OutputSettings) -> list[tuple[str, 
         figures.append(f"liver volume in view {result.liver_volume_ml:.0f} ml")
     if figures:
         block.append(("; ".join(figures), TEXT_RGB))
+    if result.grade is not Grade.NOT_GRADED and graded_value_differs(result) and result.grade_basis:
+        block.append((f"Grade basis: {without_tags(result.grade_basis)}", TEXT_RGB))
     for warning in result.warnings:
         block.append((f"Note: {without_tags(warning.message)}", TEXT_RGB))
     block.append(("Outline: liver. Circles: ROIs (solid on this slice, dashed on a neighbouring slice).", MUTED_RGB))

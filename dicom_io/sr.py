@@ -300,9 +300,10 @@ def replaced_rois(result: AnalysisResult) -> list[RoiMeasurement]:
 def grade_sentence(result: AnalysisResult) -> str:
     """The grade in words, as a radiologist reads it (SR Summary text and key image headline).
 
-    The graded value first; the borderline warning when it lies within the method's error of
-    the threshold; the seed-exact DL-parenchymal and the grade's basis when replaced ROIs made
-    the graded value differ. No DICOM tag numbers.
+    The graded value first, naming any ROI that replaced a seed ROI; the borderline warning
+    when it lies within the method's error of the threshold; the seed-exact DL-parenchymal
+    when replaced ROIs made the graded value differ (the grade's basis in full is a Comment of
+    the SR and a line of the key image). No DICOM tag numbers.
     """
     threshold = f"{result.threshold_hu:g} HU"
     graded = graded_value(result)
@@ -310,12 +311,17 @@ def grade_sentence(result: AnalysisResult) -> str:
         reasons = "; ".join(without_tags(finding.message) for finding in result.reasons) or "no reason recorded"
         return f"Not graded: {reasons}"
     differs = graded_value_differs(result)
-    name = "liver attenuation of the graded ROIs" if differs else "DL-parenchymal liver attenuation"
+    value = f"{graded:.1f} HU"
+    replaced = replaced_rois(result)
+    if differs:
+        names = ", ".join(roi_name(roi) for roi in replaced) or "replaced ROIs"
+        value += f" with {names} as replacement{'s' if len(replaced) > 1 else ''}"
+    measured = f"DL-parenchymal liver attenuation {value}"
     if result.grade is Grade.MODERATE_TO_SEVERE:
-        sentence = f"Moderate-to-severe hepatic steatosis: {name} {graded:.1f} HU (< {threshold})"
+        sentence = f"Moderate-to-severe hepatic steatosis: {measured} (< {threshold})"
     else:
         sentence = (
-            f"Moderate-to-severe hepatic steatosis not shown: {name} {graded:.1f} HU "
+            f"Moderate-to-severe hepatic steatosis not shown: {measured} "
             f"(threshold < {threshold}; mild steatosis not excluded)"
         )
     if result.borderline:
@@ -323,10 +329,8 @@ def grade_sentence(result: AnalysisResult) -> str:
             f", within {result.borderline_margin_hu:g} HU of the {threshold} threshold: borderline, review the image"
         )
     if differs:
-        replaced = ", ".join(roi_name(roi) for roi in replaced_rois(result))
-        basis = result.grade_basis or (f"replaced {replaced}" if replaced else "replaced ROIs")
         seed = "not measured" if result.parenchymal_hu is None else f"{result.parenchymal_hu:.1f} HU"
-        sentence += f"; graded on {basis}; seed-exact DL-parenchymal {seed}"
+        sentence += f"; seed-exact DL-parenchymal {seed}"
     return sentence
 
 

@@ -103,16 +103,20 @@ def test_dl_parenchymal_is_explained_in_words_with_each_rois_mean(
     figures = text_block(result, SITE)[1][0]
     assert figures.startswith("DL-parenchymal = mean attenuation of three round liver ROIs, 16 mm across (")
     assert f"{np.mean([roi.area_mm2 for roi in rois]) / 100:.1f} cm2 each)" in figures
-    assert figures.endswith(", ".join(f"ROI {roi.label} {roi.mean_hu:.1f}" for roi in rois) + " HU")
+    assert figures.endswith(", ".join(f"ROI {roi.label}: {roi.mean_hu:.1f}" for roi in rois) + " HU")
 
 
 def test_replaced_roi_is_named_as_a_replacement_in_the_figures(
     case: tuple[CTSeries, np.ndarray, AnalysisResult],
 ) -> None:
     _, _, result = case
-    figures = text_block(with_replaced_roi(result, label=3, rule=RoiRule.SHIFTED), SITE)[1][0]
+    replaced = with_replaced_roi(result, label=3, rule=RoiRule.SHIFTED)
+    texts = [text for text, _ in text_block(replaced, SITE)]
+    figures = texts[1]
     assert figures.startswith("The graded value = mean attenuation of three")
-    assert "ROI 3 (shifted) " in figures and "ROI 2 (" not in figures
+    assert "ROI 3 (shifted): " in figures and "ROI 2 (" not in figures
+    assert f"Grade basis: {replaced.grade_basis}" in texts
+    assert not any(text.startswith("Grade basis") for text, _ in text_block(result, SITE))
 
 
 TAG = re.compile(r"\([0-9A-Fa-f]{4},[0-9A-Fa-f]{4}\)")

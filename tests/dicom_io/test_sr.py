@@ -322,10 +322,22 @@ def test_replaced_rois_show_the_graded_value_beside_the_seed_exact_one_and_the_b
     assert _evaluations(group) == {QUESTION: ("52101004", "SCT")}  # graded on 37.0 HU
     texts = _texts(group)
     assert texts["Summary"][0] == (
-        "Moderate-to-severe hepatic steatosis: liver attenuation of the graded ROIs 37.0 HU (< 40 HU); "
-        f"graded on {replaced.grade_basis}; seed-exact DL-parenchymal 43.0 HU"
+        "Moderate-to-severe hepatic steatosis: DL-parenchymal liver attenuation 37.0 HU with ROI 2 (next slice) "
+        "as replacement (< 40 HU); seed-exact DL-parenchymal 43.0 HU"
     )
-    assert f"Grade basis: {replaced.grade_basis}" in texts["Comment"]
+    assert texts["Comment"][:2] == [SITE.disclaimer, f"Grade basis: {replaced.grade_basis}"]
+
+
+def test_graded_value_within_the_margin_with_replaced_rois_says_both(graded: Graded) -> None:
+    _, result, _, _, _ = graded
+    two = replace(with_replaced_roi(borderline(result, 43.0), shift_hu=-1.5, rule=RoiRule.SHIFTED),
+                  rois=tuple(replace(roi, rule=RoiRule.SHIFTED) if roi.label != 2 else roi for roi in result.rois))
+    assert two.borderline and two.graded_hu == pytest.approx(41.5)
+    assert grade_sentence(two) == (
+        "Moderate-to-severe hepatic steatosis not shown: DL-parenchymal liver attenuation 41.5 HU with ROI 1 (shifted), "
+        "ROI 3 (shifted) as replacements (threshold < 40 HU; mild steatosis not excluded), within 2.41 HU of the 40 HU "
+        "threshold: borderline, review the image; seed-exact DL-parenchymal 43.0 HU"
+    )
 
 
 def test_equal_graded_and_seed_values_give_one_dl_parenchymal_and_no_basis(graded: Graded) -> None:
