@@ -22,9 +22,11 @@ Choices that are ours (the standard offers more than one way):
   topic.
 - **Borderline.** When the graded value lies within the method's mean absolute error
   (``borderline_margin_hu``) of the threshold, a second qualitative evaluation says so:
-  DCM 111012 "Certainty of Finding" = SCT 42425007 "Equivocal" (the DCM concept is the
-  certainty of a CAD finding, which is what this is; "Equivocal" is SNOMED CT's
-  qualifier for a result that neither confirms nor excludes). It is absent otherwise.
+  DCM 111012 "Certainty of Finding" = SCT 42425007 "Equivocal". "Certainty of Finding"
+  is the concept the CAD report templates use for how sure a machine finding is (there as
+  a number; here coded, because the method gives no probability), and "Equivocal" is
+  SNOMED CT's qualifier for a result that neither confirms nor excludes. The item is
+  absent when the value is clear of the margin, and on a withheld grade.
 - **Threshold.** DCM 112032 "Threshold Attenuation Coefficient", in [hnsf'U].
 - **Which mean.** Every liver attenuation is DCM 112031 "Attenuation Coefficient",
   derivation SCT 373098007 "Mean" (or SCT 386136009 "Standard Deviation"); which of
@@ -50,7 +52,7 @@ Choices that are ours (the standard offers more than one way):
 
 References
 ----------
-PS3.16 CID 7000, 7021, 6048, 7150, 7151, 7162, 7181, 7196, 7464, 7469, 218, 226, 100;
+PS3.16 CID 7000, 7021, 7150, 7151, 7162, 7181, 7196, 7464, 7469, 218, 226, 100;
 TID 1500, 1501, 1410, 1411, 300, 310, 311.
 """
 
