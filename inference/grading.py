@@ -54,6 +54,7 @@ class GradingConfig:
     max_roi_deviation_hu: float = 11.4  # 99th percentile, see attenuation's module docstring
     outlier_hu: float = 60.0
     max_outlier_fraction: float = 0.05
+    max_roi_sd_ratio: float = 1.5  # ROI SD over the parenchyma's robust spread, see attenuation
     contrast_suspicion_hu: float = 85.0
     enhanced_vessel_hu: float = 150.0
     # A graded value closer than this to the threshold is flagged borderline: the seed's
@@ -72,6 +73,10 @@ class GradingConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"grading setting {name!r} must be a fraction between 0 and 1, got {value!r}")
             object.__setattr__(self, name, float(value))
+        ratio = self.max_roi_sd_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or ratio <= 0:
+            raise ValueError(f"grading setting 'max_roi_sd_ratio' must be a positive number, got {ratio!r}")
+        object.__setattr__(self, "max_roi_sd_ratio", float(ratio))
         try:
             withhold_on = frozenset(Reason(code) for code in self.withhold_on)
         except (TypeError, ValueError) as error:
@@ -103,6 +108,7 @@ class GradingConfig:
             max_roi_deviation_hu=self.max_roi_deviation_hu,
             outlier_hu=self.outlier_hu,
             max_outlier_fraction=self.max_outlier_fraction,
+            max_roi_sd_ratio=self.max_roi_sd_ratio,
         )
 
 

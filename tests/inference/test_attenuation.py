@@ -168,3 +168,16 @@ def test_ct_and_mask_on_different_grids_are_rejected() -> None:
     shifted = Volume(ct_for(liver, 55.0).array, SPACING, (1.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="share one grid"):
         measure(shifted, liver, place_rois(liver), LIMITS)
+
+
+def test_vessel_that_widens_the_roi_spread_without_moving_its_mean_is_replaced() -> None:
+    liver = elliptic_liver()
+    placement = place_rois(liver)
+    ct = ct_for(liver, 60.0, noise_sd_hu=8.0)
+    i, j, k = placement.rois[2].centre_index
+    ct.array[k, j - 6 : j, :] += 45.0  # dense half and hypodense half: mean kept, spread tripled
+    ct.array[k, j : j + 6, :] -= 45.0
+    result = measure(ct, liver, placement, LIMITS)
+    assert [w.code for w in result.warnings] == [Reason.ROI_REPLACED]
+    assert "times the liver parenchyma's spread" in result.warnings[0].message
+    assert result.rois[2].rule is RoiRule.NEXT_SLICE

@@ -8,8 +8,8 @@ import pytest
 from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.dicom_io.volume import Volume
 from liverfat.inference.attenuation import LiverMeasurement
-from liverfat.inference.grading import DEFAULT_WITHHOLD_ON, GradingConfig, grade
-from liverfat.result import Grade
+from liverfat.inference.grading import DEFAULT_WITHHOLD_ON, GradingConfig, grade, grade_basis, is_borderline
+from liverfat.result import Grade, RoiMeasurement, RoiRule
 
 CONFIG = GradingConfig()
 
@@ -119,3 +119,22 @@ def test_from_mapping_rejects_unknown_keys() -> None:
 def test_from_mapping_rejects_invalid_values(mapping: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GradingConfig.from_mapping(mapping)
+
+
+def test_grade_rests_on_the_graded_value_and_says_which_rois_were_replaced() -> None:
+    roi = RoiMeasurement(label=2, slice_index=14, z_mm=0.0, centre_lps=(0.0, 0.0, 0.0), radius_mm=8.05,
+                         area_mm2=196.0, n_voxels=401, mean_hu=55.0, sd_hu=10.0, inside_liver_fraction=1.0,
+                         rule=RoiRule.NEXT_SLICE)  # fmt: skip
+    replaced = replace(measurement(38.0), rois=(roi,), graded_hu=44.0)
+    assert grade(replaced, CONFIG) == (Grade.NONE_OR_MILD, ())
+    assert grade_basis(replaced) == (
+        "DL-parenchymal with ROI 2 (next-slice, slice 14) replacing seed ROIs that failed their checks "
+        "(vessel, lesion or outside the liver); the seed's own three ROIs read 38.0 HU"
+    )
+    assert grade_basis(measurement(50.0)) == "DL-parenchymal of the seed's three ROIs"
+    assert grade_basis(measurement(None)) == ""
+
+
+def test_borderline_is_within_the_margin_on_either_side() -> None:
+    assert is_borderline(37.6, CONFIG) and is_borderline(42.4, CONFIG) and is_borderline(40.0, CONFIG)
+    assert not is_borderline(37.5, CONFIG) and not is_borderline(42.5, CONFIG) and not is_borderline(None, CONFIG)

@@ -11,6 +11,7 @@ from liverfat import __version__
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.volume import Volume
+from liverfat.inference.grading import GradingConfig
 from liverfat.inference.pipeline import AnalysisConfig, analyze
 from liverfat.inference.roi import MEDIAL_OFFSET_MM, RoiMode
 from liverfat.result import USER_MASK, AnalysisResult, Grade, ModelInfo
@@ -105,6 +106,29 @@ def test_grade_on_either_side_of_40_hu(liver_hu: float, expected: Grade) -> None
     assert result.grade is expected and result.reasons == ()
     assert result.parenchymal_hu == pytest.approx(liver_hu, abs=1.0)
     assert result.threshold_hu == 40.0
+
+
+@pytest.mark.parametrize(("liver_hu", "expected"), [(38.5, Grade.MODERATE_TO_SEVERE), (41.5, Grade.NONE_OR_MILD)])
+def test_value_within_the_margin_of_40_hu_keeps_the_seed_grade_and_is_flagged_borderline(
+    liver_hu: float, expected: Grade
+) -> None:
+    result = run(liver_hu)
+    assert result.grade is expected and result.borderline
+    assert result.borderline_margin_hu == 2.41
+    assert result.graded_hu == result.parenchymal_hu
+    assert result.grade_basis == "DL-parenchymal of the seed's three ROIs"
+
+
+def test_values_outside_the_margin_and_ungraded_series_are_not_borderline() -> None:
+    assert not run(45.0).borderline and not run(35.0).borderline
+    series, liver = phantom_series(40.0)
+    ineligible = analyze(series, liver, eligible=False, reasons=(Finding(Reason.CONTRAST, "IV contrast"),))
+    assert ineligible.grade is Grade.NOT_GRADED and not ineligible.borderline
+
+
+def test_borderline_margin_comes_from_the_config() -> None:
+    config = AnalysisConfig(grading=GradingConfig(borderline_margin_hu=6.0))
+    assert run(45.0, config=config).borderline
 
 
 def test_contrast_enhanced_liver_is_measured_but_not_graded() -> None:
