@@ -268,8 +268,24 @@ def _complete_from_file_meta(dataset: Dataset) -> None:
 
 
 def _pixel_data_problem(path: Path, header: Dataset) -> Finding | None:
+    """A truncation finding when the Pixel Data (7FE0,0010) declares more bytes than its data set holds.
+
+    In a Deflated Explicit VR Little Endian file (PS3.5 Section A.5) the element's position
+    counts in the inflated data set, so that is the size compared, not the file's.
+    """
+    import zlib
+
     element = header.get_item(PIXEL_DATA, keep_deferred=True)
     size = path.stat().st_size
+    syntax = UID(getattr(header, "file_meta", {}).get("TransferSyntaxUID", ""))
+    if syntax.is_transfer_syntax and syntax.is_deflated:
+        data_set_start = 128 + 4 + 12 + int(header.file_meta.get("FileMetaInformationGroupLength", 0))  # PS3.10 Section 7.1
+        try:
+            with path.open("rb") as file:
+                file.seek(data_set_start)
+                size = len(zlib.decompress(file.read(), -zlib.MAX_WBITS))  # as pydicom inflated it
+        except zlib.error as error:
+            return Finding(Reason.NOT_READABLE, f"{path}: deflated data set cannot be inflated ({error})")
     if element is None:
         return Finding(Reason.NOT_READABLE, f"{path}: no Pixel Data (7FE0,0010) in {size} bytes (truncated file?)")
     length, start = getattr(element, "length", 0), getattr(element, "value_tell", None)
