@@ -226,6 +226,20 @@ class Purged:
 
 
 @dataclass(frozen=True)
+class DestinationBacklog:
+    """One destination's results waiting to be sent; ``failing_since`` is ``None`` while none has failed.
+
+    ``failing_since`` is when the oldest waiting result that failed at least once was queued (its
+    first attempt follows within a second); ``last_error`` is the newest waiting row's error.
+    """
+
+    destination: str
+    pending: int
+    failing_since: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True)
 class SpoolCounts:
     jobs: Mapping[JobState, int]
     outbox: Mapping[OutboxState, int]
@@ -235,6 +249,7 @@ class SpoolCounts:
     processing_sum_s: float
     processing_buckets: Mapping[float, int]  # upper bound in s -> jobs that took at most that long
     oldest_pending_send_at: float | None
+    destinations: tuple[DestinationBacklog, ...] = ()  # destinations with results waiting
 
 
 class Spool:
@@ -517,7 +532,19 @@ class Spool:
             processing_sum_s=float(timing[1]),
             processing_buckets={le: int(timing[2 + i] or 0) for i, le in enumerate(PROCESSING_BUCKETS_S)},
             oldest_pending_send_at=pending[0] if pending else None,
+            destinations=self.backlogs(),
         )
+
+    def backlogs(self) -> tuple[DestinationBacklog, ...]:
+        """Per destination with results waiting: how many, and since when they fail (for health)."""
+        rows = self.query(
+            "SELECT destination, COUNT(*) AS n, MIN(CASE WHEN last_error IS NOT NULL THEN created_at END) AS since, "
+            "(SELECT e.last_error FROM outbox e WHERE e.destination = o.destination AND e.state = ? "
+            " AND e.last_error IS NOT NULL ORDER BY e.id DESC LIMIT 1) AS error "
+            "FROM outbox o WHERE state = ? GROUP BY destination ORDER BY destination",
+            (OutboxState.PENDING, OutboxState.PENDING),
+        )  # fmt: skip
+        return tuple(DestinationBacklog(row["destination"], int(row["n"]), row["since"], row["error"]) for row in rows)
 
     def send_errors(self, limit: int = 5) -> list[sqlite3.Row]:
         """The most recent outbox rows that failed at least once and are not yet sent."""
@@ -526,16 +553,24 @@ class Spool:
 
     # -- the outbox -----------------------------------------------------------------------
 
-    def due_sends(self, now: float | None = None, limit: int = 500) -> list[Send]:
+    def due_sends(self, now: float | None = None, limit: int = 500, destination: str | None = None) -> list[Send]:
+        """Pending rows due at ``now`` (``math.inf``: every pending row), oldest first; one destination's if named."""
         now = time.time() if now is None else now
-        rows = self.query("SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                          (OutboxState.PENDING, now, limit))  # fmt: skip
+        where = "" if destination is None else " AND destination = ?"
+        rows = self.query(f"SELECT * FROM outbox WHERE state = ? AND next_attempt_at <= ?{where} ORDER BY id LIMIT ?",
+                          (OutboxState.PENDING, now, *([] if destination is None else [destination]), limit))  # fmt: skip
         return [
             Send(id=row["id"], job_id=row["job_id"], destination=row["destination"], path=self.root / row["path"],
                  sop_class_uid=row["sop_class_uid"], sop_instance_uid=row["sop_instance_uid"],
                  transfer_syntax_uid=row["transfer_syntax_uid"], attempts=row["attempts"])  # fmt: skip
             for row in rows
         ]
+
+    def pending_destinations(self) -> list[str]:
+        """The destinations that have results waiting to be sent."""
+        rows = self.query("SELECT DISTINCT destination FROM outbox WHERE state = ? ORDER BY destination",
+                          (OutboxState.PENDING,))  # fmt: skip
+        return [row["destination"] for row in rows]
 
     def next_send_at(self) -> float | None:
         row = self.query("SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = ?", (OutboxState.PENDING,))[0]
@@ -575,7 +610,7 @@ def _queue_outputs(db: sqlite3.Connection, job_id: int, outputs: Sequence[Output
                 "INSERT INTO outbox (job_id, destination, path, sop_class_uid, sop_instance_uid, transfer_syntax_uid, "
                 "state, next_attempt_at, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id, destination, path) DO UPDATE SET state = excluded.state, attempts = 0, "
-                "next_attempt_at = excluded.next_attempt_at, last_error = NULL, sent_at = NULL",
+                "next_attempt_at = excluded.next_attempt_at, last_error = NULL, sent_at = NULL, created_at = excluded.created_at",
                 (job_id, destination, output.path, output.sop_class_uid, output.sop_instance_uid,
                  output.transfer_syntax_uid, OutboxState.PENDING, now, now),
             )  # fmt: skip
