@@ -104,6 +104,13 @@ def _thumbnail(dataset: pydicom.Dataset) -> str:
     return f"{re.escape(description)}[\\s\\S]*S:{int(dataset.SeriesNumber)}(?!\\d)"
 
 
+def _ct_thumbnail(dataset: pydicom.Dataset) -> str | None:
+    """The CT series' thumbnail, which the driver opens (OHIF opens the lowest series number first:
+    LIDC's CT is 3000522, after our 99xx); None without a series number (3D-IRCADb), which OHIF
+    lists first anyway."""
+    return _thumbnail(dataset) if dataset.get("SeriesNumber") not in (None, "") else None
+
+
 @dataclass(frozen=True)
 class Shown:
     """One study opened in OHIF: the case, what the SEG says, and the driver's report."""
@@ -189,7 +196,7 @@ def shown(request: pytest.FixtureRequest, viewer: ReadingSetup, tmp_path_factory
         "studyUid": case.series.study_uid,
         "viewport": {"width": 1400, "height": 900},
         "voi": SOFT_TISSUE_WINDOW_HU,
-        "ct": {"thumbnail": _thumbnail(case.series.datasets[0]), "slices": slices},
+        "ct": {"thumbnail": _ct_thumbnail(case.series.datasets[0]), "slices": slices},
         "sr": {
             "thumbnail": _thumbnail(headers[case.measurement_report]),
             "count": len(rois),
