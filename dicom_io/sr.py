@@ -309,7 +309,7 @@ def grade_sentence(result: AnalysisResult) -> str:
     graded = graded_value(result)
     if result.grade is Grade.NOT_GRADED or graded is None:
         reasons = "; ".join(without_tags(finding.message) for finding in result.reasons) or "no reason recorded"
-        return f"Not graded: {reasons}"
+        return _full_stop(f"Not graded: {reasons}")
     differs = graded_value_differs(result)
     value = f"{graded:.1f} HU"
     replaced = replaced_rois(result)
@@ -331,7 +331,12 @@ def grade_sentence(result: AnalysisResult) -> str:
     if differs:
         seed = "not measured" if result.parenchymal_hu is None else f"{result.parenchymal_hu:.1f} HU"
         sentence += f"; seed-exact DL-parenchymal {seed}"
-    return sentence
+    return _full_stop(sentence)
+
+
+def _full_stop(sentence: str) -> str:
+    """End with a full stop: OHIF runs the report's texts together on one line."""
+    return sentence if sentence.endswith(".") else f"{sentence}."
 
 
 def grade_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:

@@ -129,7 +129,7 @@ def test_no_dicom_tag_numbers_reach_the_radiologist(case: tuple[CTSeries, np.nda
     for shown in (replace(not_graded(series, liver), reasons=(reason,)), replace(result, warnings=(warning,))):
         texts = [text for text, _ in text_block(shown, SITE)]
         assert not any(TAG.search(text) for text in texts), texts
-    assert "Not graded: SliceThickness 7.5 mm exceeds the 5 mm limit" in [
+    assert "Not graded: SliceThickness 7.5 mm exceeds the 5 mm limit." in [
         text for text, _ in text_block(replace(not_graded(series, liver), reasons=(reason,)), SITE)]
     assert "Note: no header names a region: image" in [
         text for text, _ in text_block(replace(result, warnings=(warning,)), SITE)]

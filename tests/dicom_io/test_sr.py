@@ -296,7 +296,7 @@ def test_borderline_value_is_coded_equivocal_and_said_in_the_grade_sentence(
     (sentence,) = _texts(group)["Summary"]
     assert sentence.endswith(
         f"{graded_hu:.1f} HU{' (< 40 HU)' if graded_hu < 40 else ' (threshold < 40 HU; mild steatosis not excluded)'}"
-        ", within 2.41 HU of the 40 HU threshold: borderline, review the image"
+        ", within 2.41 HU of the 40 HU threshold: borderline, review the image."
     )
 
 
@@ -323,7 +323,7 @@ def test_replaced_rois_show_the_graded_value_beside_the_seed_exact_one_and_the_b
     texts = _texts(group)
     assert texts["Summary"][0] == (
         "Moderate-to-severe hepatic steatosis: DL-parenchymal liver attenuation 37.0 HU with ROI 2 (next slice) "
-        "as replacement (< 40 HU); seed-exact DL-parenchymal 43.0 HU"
+        "as replacement (< 40 HU); seed-exact DL-parenchymal 43.0 HU."
     )
     assert texts["Comment"][:2] == [SITE.disclaimer, f"Grade basis: {replaced.grade_basis}"]
 
@@ -336,7 +336,7 @@ def test_graded_value_within_the_margin_with_replaced_rois_says_both(graded: Gra
     assert grade_sentence(two) == (
         "Moderate-to-severe hepatic steatosis not shown: DL-parenchymal liver attenuation 41.5 HU with ROI 1 (shifted), "
         "ROI 3 (shifted) as replacements (threshold < 40 HU; mild steatosis not excluded), within 2.41 HU of the 40 HU "
-        "threshold: borderline, review the image; seed-exact DL-parenchymal 43.0 HU"
+        "threshold: borderline, review the image; seed-exact DL-parenchymal 43.0 HU."
     )
 
 
@@ -379,7 +379,7 @@ def test_grade_sentence_names_no_dicom_tags(case: Case) -> None:
     series, liver = case
     reason = Finding(Reason.SLICE_TOO_THICK, "SliceThickness 7.5 mm exceeds the 5 mm limit, see (0018,0050)")
     result = replace(not_graded(series, liver), reasons=(reason,))
-    assert grade_sentence(result) == "Not graded: SliceThickness 7.5 mm exceeds the 5 mm limit"
+    assert grade_sentence(result) == "Not graded: SliceThickness 7.5 mm exceeds the 5 mm limit."
 
 
 @pytest.mark.parametrize(
