@@ -38,6 +38,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from liverfat.dicom_io.conformance import check_frame, check_header, complete_character_set
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.masks import place_on_grid, read_mask_file
 from liverfat.dicom_io.nifti import is_nifti, read_nifti
@@ -116,11 +117,15 @@ def load_series(series: SeriesFiles) -> CTSeries:
     ------
     LiverfatError
         With ``TOO_FEW_SLICES``, ``LOCALIZER``, ``MIXED_SIZES``, ``MISSING_ATTRIBUTE``,
-        ``DUPLICATE_POSITIONS``, ``UNEVEN_SPACING``, ``GANTRY_TILT``, ``DECODE_FAILED``,
-        ``NOT_READABLE`` or ``UNSUPPORTED_MULTIFRAME``: whatever stops a faithful volume.
+        ``INVALID_ATTRIBUTE``, ``NOT_CT``, ``DUPLICATE_POSITIONS``, ``UNEVEN_SPACING``,
+        ``GANTRY_TILT``, ``DECODE_FAILED``, ``NOT_READABLE`` or ``UNSUPPORTED_MULTIFRAME``:
+        whatever stops a faithful volume or valid outputs (see ``conformance.check_header``,
+        which runs on every header before any pixel memory is allocated).
     """
     members = _unique_instances(series)
     _check_image_type(members)
+    for path, header in members:
+        check_header(header, path)
     slices = [SliceHeader.parse(path, header) for path, header in members]
     check_uniform(slices)
     stack = Stack.build(slices)
@@ -144,11 +149,13 @@ def decode_hu(dataset: Dataset, source: Path | str = "", out: np.ndarray | None 
     """The pixels of one single-frame CT dataset in HU (float32), via Rescale Slope/Intercept.
 
     ``source`` only names the file in error messages; ``out``, a float32 (Rows, Columns)
-    array, receives the result without a temporary copy.
+    array, receives the result without a temporary copy. Compressed data must hold one whole
+    frame (``conformance.check_frame``): some decoders return an image from half a codestream.
     """
     where = f"{source}: " if source else ""
     meta = getattr(dataset, "file_meta", None)
     transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "")) if meta is not None else "")
+    check_frame(dataset, transfer_syntax, source or "dataset")
     try:
         stored, _ = get_decoder(transfer_syntax).as_array(dataset)
     except Exception as exc:  # pixel decoders are plugins that raise many exception types
@@ -229,7 +236,15 @@ def _read_header(path: Path) -> Dataset | Finding:
             f"{path}: SOP Class UID (0008,0016) '{sop_class.name or sop_class or 'empty'}' with Modality "
             f"(0008,0060) '{modality}' is not a CT image; expected '{CTImageStorage.name}'",
         )
-    return _pixel_data_problem(path, header) or _drop_pixel_data(header)
+    problem = _pixel_data_problem(path, header)
+    if problem is not None:
+        return problem
+    header = _drop_pixel_data(header)
+    try:
+        complete_character_set(header)
+    except Exception as exc:  # pydicom raises many exception types decoding text
+        return Finding(Reason.NOT_READABLE, f"{path}: text cannot be decoded ({type(exc).__name__}: {exc})")
+    return header
 
 
 def _dcmread_header(path: Path) -> Dataset | None:
@@ -396,6 +411,7 @@ def _read_dataset(path: Path) -> Dataset:
     except Exception as exc:  # pydicom raises many exception types on corrupt input
         raise LiverfatError(Reason.NOT_READABLE, f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
     _complete_from_file_meta(dataset)
+    complete_character_set(dataset)
     return dataset
 
 

@@ -11,6 +11,7 @@ DICOM PS3.3 C.7.6.2.1.1 (Image Position and Orientation), C.7.6.2 (Image Plane M
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ def required_number(dataset: Dataset, keyword: str, source: Path | str) -> float
         raise LiverfatError(
             Reason.MISSING_ATTRIBUTE,
             f"{source}: {tag_label(keyword)} is {dataset.get(keyword)!r}; expected a number",
+        )
+    if not math.isfinite(value):
+        raise LiverfatError(
+            Reason.INVALID_ATTRIBUTE, f"{source}: {tag_label(keyword)} is {dataset.get(keyword)}, expected a finite number"
         )
     return value
 

@@ -498,7 +498,7 @@ def test_files_with_empty_uids_use_the_file_meta_and_are_grouped_by_folder(tmp_p
         paths = write_series(tmp_path / folder, EXACT, GRID)
 
         def empty_uids(ds: Dataset) -> None:
-            ds.SOPInstanceUID = ds.SeriesInstanceUID = ds.StudyInstanceUID = ""
+            ds.SOPInstanceUID = ds.SeriesInstanceUID = ""
 
         rewrite(paths, empty_uids)
 
@@ -512,7 +512,7 @@ def test_files_with_empty_uids_use_the_file_meta_and_are_grouped_by_folder(tmp_p
     assert [w.code for w in ct.warnings] == [Reason.MISSING_ATTRIBUTE, Reason.MISSING_ATTRIBUTE]
     assert "grouped the files of" in ct.warnings[1].message and ct.series_uid in ct.warnings[1].message
     assert all(ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID for ds in ct.datasets)
-    assert ct.study_uid is None
+    assert ct.study_uid == ct.datasets[0].StudyInstanceUID != ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -555,8 +555,16 @@ def test_real_implicit_vr_series_loads(shared_data: Path) -> None:
     assert ct.volume.array.shape == (3, 512, 512) and ct.volume.spacing[2] == pytest.approx(1.0)
 
 
-def test_real_jpeg2000_series_with_uids_only_in_the_file_meta_loads_with_warnings(shared_data: Path) -> None:
-    ct = load_one(shared_data / "totalsegmentator-example" / "example_ct_dicom")
+def test_real_jpeg2000_series_with_uids_only_in_the_file_meta_loads_with_warnings(
+    shared_data: Path, tmp_path: Path
+) -> None:
+    source = shared_data / "totalsegmentator-example" / "example_ct_dicom"
+    error = load_error(source)  # its Study Instance UID is empty too: no study for the outputs to join
+    assert error.reason == Reason.MISSING_ATTRIBUTE and "(0020,000D) 'Study Instance UID' is empty" in error.message
+    copies = [Path(shutil.copy(path, tmp_path)) for path in sorted(source.iterdir())]
+    rewrite(copies, lambda ds: setattr(ds, "StudyInstanceUID", "1.2.826.0.1.3680043.8.498.1"))
+
+    ct = load_one(tmp_path)
 
     assert ct.datasets[0].file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert ct.volume.array.shape == (20, 512, 512)
