@@ -36,10 +36,11 @@ Summary SR (``build_summary_sr``, ``sr-summary.dcm``), title 99LIVERFAT AUTO-MEA
           Referenced Segment: SEG segment 1 (liver), source series (not every slice)
           Attenuation Coefficient, Mean, method DL-volumetric; Volume [ml]
 
-Both documents are machine results that no one has signed: PreliminaryFlag PRELIMINARY
-(highdicom's ``is_final=False``; PS3.3 C.17.2: "the content is not final", which holds
-until a radiologist has reviewed it), VerificationFlag UNVERIFIED, CompletionFlag
-COMPLETE (nothing more will be added to this instance).
+Both documents are machine results that no one has signed: (0040,A496) Preliminary Flag
+PRELIMINARY (highdicom's ``is_final=False``; SR Document General Module, PS3.3 C.17.2:
+the content is not final, which holds until a radiologist has reviewed it), Verification
+Flag UNVERIFIED (no Verifying Observer), Completion Flag COMPLETE (nothing more will be
+added to this instance).
 
 Why two documents, and why these encodings (OHIF v3.13, ``extensions/cornerstone-dicom-sr``):
 
