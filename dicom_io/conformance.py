@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 from highdicom import SpecificCharacterSetValues
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_description, keyword_for_tag
@@ -35,10 +36,18 @@ from pydicom.valuerep import VR
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.stacking import header_number, required_number, tag_label
 
-__all__ = ["MAX_MATRIX", "check_frame", "check_header", "complete_character_set"]
+__all__ = [
+    "MAX_MATRIX",
+    "MAX_VOLUME_BYTES",
+    "check_frame",
+    "check_header",
+    "check_volume_size",
+    "complete_character_set",
+]
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 MAX_MATRIX = 4096  # Rows and Columns; ultra-high-resolution CT stores 2048 x 2048
+MAX_VOLUME_BYTES = 16 * 2**30  # the float32 HU volume: 1,000 slices of 2048 x 2048 fit
 KNOWN_VRS = frozenset(vr.value for vr in VR)
 
 DEFAULT_REPERTOIRE = ("", "ISO_IR 6")
@@ -99,6 +108,17 @@ def complete_character_set(dataset: Dataset) -> None:
     dataset.SpecificCharacterSet = UTF8
 
 
+def check_volume_size(slices: int, rows: int, columns: int) -> None:
+    """Refuse a volume larger than ``MAX_VOLUME_BYTES`` before it is allocated."""
+    size = slices * rows * columns * np.dtype(np.float32).itemsize
+    if size > MAX_VOLUME_BYTES:
+        raise LiverfatError(
+            Reason.VOLUME_TOO_LARGE,
+            f"{slices} slices of {tag_label('Rows')} {rows} x {tag_label('Columns')} {columns} need "
+            f"{size / 2**30:.1f} GiB as float32 HU; expected at most {MAX_VOLUME_BYTES / 2**30:.0f} GiB",
+        )
+
+
 def check_frame(dataset: Dataset, transfer_syntax: UID, source: Path | str) -> None:
     """Refuse encapsulated pixel data that is not exactly one whole JPEG-family frame.
 
@@ -148,7 +168,7 @@ def _check_elements(dataset: Dataset, source: Path | str) -> None:
                 _check_elements(item, source)
         elif element.VR == VR.DS and not element.is_empty:
             values = element.value if element.VM > 1 else [element.value]
-            bad = [value for value in values if not math.isfinite(float(value))]
+            bad = [value for value in values if value is not None and not math.isfinite(float(value))]
             if bad:
                 raise LiverfatError(
                     Reason.INVALID_ATTRIBUTE, f"{source}: {_label(tag)} is {bad[0]}, expected a finite number"

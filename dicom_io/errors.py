@@ -25,6 +25,7 @@ class Reason(StrEnum):
     GANTRY_TILT = "gantry_tilt"
     TOO_FEW_SLICES = "too_few_slices"
     NOT_READABLE = "not_readable"
+    VOLUME_TOO_LARGE = "volume_too_large"  # more voxels than the reader will allocate
     INVALID_ATTRIBUTE = "invalid_attribute"  # present but unusable: NaN, an unknown VR or character set, a size out of range
     # eligibility (header only)
     LOCALIZER = "localizer"

@@ -38,7 +38,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from liverfat.dicom_io.conformance import check_frame, check_header, complete_character_set
+from liverfat.dicom_io.conformance import check_frame, check_header, check_volume_size, complete_character_set
 from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.masks import place_on_grid, read_mask_file
 from liverfat.dicom_io.nifti import is_nifti, read_nifti
@@ -118,7 +118,7 @@ def load_series(series: SeriesFiles) -> CTSeries:
     LiverfatError
         With ``TOO_FEW_SLICES``, ``LOCALIZER``, ``MIXED_SIZES``, ``MISSING_ATTRIBUTE``,
         ``INVALID_ATTRIBUTE``, ``NOT_CT``, ``DUPLICATE_POSITIONS``, ``UNEVEN_SPACING``,
-        ``GANTRY_TILT``, ``DECODE_FAILED``, ``NOT_READABLE`` or ``UNSUPPORTED_MULTIFRAME``:
+        ``GANTRY_TILT``, ``VOLUME_TOO_LARGE``, ``DECODE_FAILED``, ``NOT_READABLE`` or ``UNSUPPORTED_MULTIFRAME``:
         whatever stops a faithful volume or valid outputs (see ``conformance.check_header``,
         which runs on every header before any pixel memory is allocated).
     """
@@ -376,6 +376,7 @@ def _image_type(header: Dataset) -> list[str]:
 def _read_pixels(groups: list[list[SliceHeader]]) -> tuple[list[Dataset], np.ndarray, list[Finding]]:
     """Decode one slice per position; other instances at that position must have identical pixels."""
     rows, columns = groups[0][0].shape
+    check_volume_size(len(groups), rows, columns)
     array = np.empty((len(groups), rows, columns), dtype=np.float32)
     datasets = []
     duplicates: list[Path] = []

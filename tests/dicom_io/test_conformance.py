@@ -18,10 +18,11 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_encoder
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.dicom_io.outputs import write_outputs
+from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
+from liverfat.dicom_io.outputs import write_not_applicable_sr, write_outputs
 from liverfat.dicom_io.read import discover, load_series
 from liverfat.dicom_io.series import CTSeries
+from liverfat.service.analyze import AnalyzeOptions, not_analysed
 from tests.dicom_io.output_cases import (
     SMALL_GRID,
     dciodvfy_available,
@@ -124,6 +125,23 @@ def test_a_matrix_larger_than_any_ct_is_refused_before_memory_is_allocated(tmp_p
 
     assert error.reason == Reason.INVALID_ATTRIBUTE
     assert "(0028,0010) 'Rows' is 65535; expected a whole number from 1 to 4096" in error.message
+
+
+def test_a_volume_too_large_to_allocate_is_refused_before_decoding(tmp_path: Path) -> None:
+    positions = tuple(float(p) for p in np.arange(0.0, 257 * 2.5, 2.5))  # 257 x 4096 x 4096 x 4 bytes: 16.1 GiB
+    paths = phantom_files(tmp_path, replace(GRID, rows=8, columns=8, slice_positions_mm=positions))
+
+    def large(ds: Dataset) -> None:
+        ds.Rows = ds.Columns = 4096
+        ds.PixelData = bytes(8192)
+
+    rewrite(paths, large)
+
+    error = load_error(tmp_path)
+
+    assert error.reason == Reason.VOLUME_TOO_LARGE
+    assert "257 slices of (0028,0010) 'Rows' 4096 x (0028,0011) 'Columns' 4096 need 16.1 GiB" in error.message
+    assert "expected at most 16 GiB" in error.message
 
 
 @pytest.mark.parametrize(
@@ -254,3 +272,22 @@ def test_valid_character_sets_give_outputs_without_dciodvfy_errors(tmp_path: Pat
     for path in written:
         assert dciodvfy_errors(path) == [], path.name
         assert str(pydicom.dcmread(path, stop_before_pixels=True).PatientName) == patient_name, path.name
+
+
+@pytest.mark.skipif(not dciodvfy_available(), reason="dciodvfy (Debian package dicom3tools) is not installed")
+def test_a_rejected_japanese_series_gets_a_valid_not_applicable_sr_from_its_headers(tmp_path: Path) -> None:
+    character_set, patient_name = CHARACTER_SETS["japanese_iso_2022_ir_87"]
+
+    def encode(ds: Dataset) -> None:
+        ds.SpecificCharacterSet = character_set
+        ds.PatientName = patient_name
+
+    rewrite(phantom_files(tmp_path / "ct"), encode)
+    (files,) = discover([tmp_path / "ct"]).series
+    reason = Finding(Reason.CONTRAST, "(0018,0010) 'Contrast/Bolus Agent' is 'IV'")
+    result = not_analysed(files.series_uid, str(files.headers[0].StudyInstanceUID), (reason,), AnalyzeOptions(tmp_path))
+
+    path = write_not_applicable_sr(files, result, tmp_path / "out")
+
+    assert dciodvfy_errors(path) == []
+    assert str(pydicom.dcmread(path).PatientName) == patient_name
