@@ -59,7 +59,7 @@ WRITABLE_SETS = frozenset(value.value for value in SpecificCharacterSetValues)  
 
 MARKER_CODED_SYNTAXES = frozenset([*JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes, *JPEG2000TransferSyntaxes])
 END_MARKER = b"\xff\xd9"  # JPEG and JPEG-LS EOI, JPEG 2000 EOC
-FRAGMENT_PADDING = b"\x00"  # fragments have even length: an odd codestream ends with one 00
+FRAGMENT_PADDING = b"\x00"  # fragments have even length: an odd codestream ends with 00 (some pad more)
 
 
 def check_header(header: Dataset, source: Path | str) -> None:
@@ -137,8 +137,7 @@ def check_frame(dataset: Dataset, transfer_syntax: UID, source: Path | str) -> N
     if transfer_syntax not in MARKER_CODED_SYNTAXES:
         return
     frame = frames[0]
-    end = frame[:-1] if frame.endswith(FRAGMENT_PADDING) else frame
-    if not end.endswith(END_MARKER):
+    if not frame.rstrip(FRAGMENT_PADDING).endswith(END_MARKER):
         raise LiverfatError(
             Reason.DECODE_FAILED,
             f"{source}: the {transfer_syntax.name} frame in {tag_label('PixelData')} ends with bytes "
