@@ -127,7 +127,14 @@ def check_frame(dataset: Dataset, transfer_syntax: UID, source: Path | str) -> N
     """
     if not transfer_syntax.is_encapsulated or "PixelData" not in dataset:
         return
-    frames = list(generate_frames(dataset.PixelData, number_of_frames=1))
+    try:
+        frames = list(generate_frames(dataset.PixelData, number_of_frames=1))
+    except Exception as exc:  # pydicom's parser of encapsulated items raises several exception types
+        raise LiverfatError(
+            Reason.DECODE_FAILED,
+            f"{source}: {tag_label('PixelData')} is not encapsulated as {transfer_syntax.name} requires "
+            f"({type(exc).__name__}: {exc}); expected an offset table item and fragment items (PS3.5 A.4)",
+        ) from exc
     if len(frames) != 1:
         raise LiverfatError(
             Reason.DECODE_FAILED,

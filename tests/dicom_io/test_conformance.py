@@ -229,6 +229,20 @@ def test_two_frames_in_a_single_frame_image_are_refused(shared_data: Path, tmp_p
     assert "holds 2 frames in its Basic Offset Table; expected 1" in error.message
 
 
+def test_pixel_data_that_is_not_encapsulated_is_a_decode_failure(shared_data: Path, tmp_path: Path) -> None:
+    paths = compressed_lidc_copy(shared_data, tmp_path / "ct", JPEGLSLossless)
+
+    def break_items(ds: Dataset) -> None:  # an empty offset table item, then no item tag before the fragment
+        ds.PixelData = ds.PixelData[:8] + bytes(8) + ds.PixelData[16:]
+
+    rewrite(paths[3:4], break_items)
+
+    error = load_error(tmp_path / "ct")
+
+    assert error.reason == Reason.DECODE_FAILED and paths[3].name in error.message
+    assert "is not encapsulated as JPEG-LS Lossless Image Compression requires" in error.message
+
+
 def test_whole_compressed_real_slices_still_load(shared_data: Path, tmp_path: Path) -> None:
     paths = compressed_lidc_copy(shared_data, tmp_path / "ct", JPEGLSLossless)
 
