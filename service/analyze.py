@@ -42,6 +42,7 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 NOT_RUN = ModelInfo(name="none", version="n/a")
+_UNUSABLE_HEADERS = frozenset({Reason.MISSING_ATTRIBUTE, Reason.INVALID_ATTRIBUTE})
 
 
 class Outcome(StrEnum):
@@ -143,10 +144,12 @@ def analyze_dicom_series(files: SeriesFiles, options: AnalyzeOptions, models: Mo
 
     Headers that name no body region leave it to the image (``Eligibility.region_from_image``, see
     ``_check_image``). A rejected series gets the "not applicable" SR when ``options.not_applicable_sr``
-    asks for it.
+    asks for it, unless its headers themselves were refused: an SR cannot be built on a study
+    without a Study Instance UID or in an unknown character set.
     """
     report = _analyze_dicom(files, options, models)
-    if report.outcome is Outcome.REJECTED and options.not_applicable_sr and options.write_dicom:
+    refused_headers = any(reason.code in _UNUSABLE_HEADERS for reason in report.result.reasons)
+    if report.outcome is Outcome.REJECTED and options.not_applicable_sr and options.write_dicom and not refused_headers:
         folder = report.outputs[0].parent
         summary = write_not_applicable_sr(files, report.result, folder, site=options.site)
         report = replace(report, outputs=(*report.outputs, summary))

@@ -224,3 +224,18 @@ def test_a_real_chest_without_region_headers_is_graded_by_the_default_model(shar
     assert result["status"] == "processed" and result["eligible"] is True
     assert result["grade"] in ("none-or-mild", "moderate-to-severe") and result["parenchymal_hu"] is not None
     assert "region_from_image" in [w["code"] for w in result["warnings"]]
+
+
+def test_series_without_study_uid_is_rejected_with_its_reason_and_no_not_applicable_sr(tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "in", Phantom(), ABDOMEN_GRID)
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        del dataset.StudyInstanceUID
+        dataset.save_as(path)
+    options = AnalyzeOptions(out_dir=tmp_path / "out", not_applicable_sr=True)
+
+    (report,) = run_analyze([tmp_path / "in"], options, no_model)
+
+    assert report.outcome is Outcome.REJECTED and codes(report) == ["missing_attribute"]
+    assert "Study Instance UID" in report.result.reasons[0].message
+    assert [path.name for path in report.outputs] == ["result.json"]
