@@ -11,7 +11,8 @@ Layout (every section and key is optional; ``deploy/liverfat.example.toml`` list
     [analysis]    passed to ``AnalysisConfig.from_mapping`` (roi_mode, working_spacing_mm)
     [grading]     passed to ``GradingConfig.from_mapping`` (threshold_hu, ...)
     [outputs]     institution_name, institutional_department_name, disclaimer
-    [send]        destinations, max_attempts, first_delay_s, backoff_factor, max_delay_s, timeout_s
+    [send]        destinations, max_attempts, first_delay_s, backoff_factor, max_delay_s, timeout_s,
+                  connect_timeout_s, acse_timeout_s, dimse_timeout_s, probe_interval_s, unhealthy_after_s
     [http]        host, port
     [tls]         enabled, certificate, private_key, ca_certificates, require_client_certificate,
                   check_hostname
@@ -137,7 +138,12 @@ class SendSection:
     first_delay_s: float = 10.0
     backoff_factor: float = 2.0
     max_delay_s: float = 600.0
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  # an association that receives nothing for this long is aborted
+    connect_timeout_s: float = 5.0  # TCP connection to a destination
+    acse_timeout_s: float = 10.0  # a destination that does not answer the association request in this long is down
+    dimse_timeout_s: float = 30.0  # waiting for one C-STORE or C-ECHO response
+    probe_interval_s: float = 10.0  # a destination that is down is probed (C-ECHO) this often
+    unhealthy_after_s: float = 180.0  # results failing this long to a destination make /healthz answer 503
 
 
 @dataclass(frozen=True)
@@ -348,6 +354,9 @@ def _validate(config: NodeConfig) -> None:
         "[node] network_timeout_s": config.node.network_timeout_s, "[worker] max_attempts": config.worker.max_attempts,
         "[send] max_attempts": config.send.max_attempts, "[send] timeout_s": config.send.timeout_s,
         "[send] max_delay_s": config.send.max_delay_s,
+        "[send] connect_timeout_s": config.send.connect_timeout_s, "[send] acse_timeout_s": config.send.acse_timeout_s,
+        "[send] dimse_timeout_s": config.send.dimse_timeout_s, "[send] probe_interval_s": config.send.probe_interval_s,
+        "[send] unhealthy_after_s": config.send.unhealthy_after_s,
     }  # fmt: skip
     problems += [f"{where} must be greater than 0, got {value}" for where, value in positive.items() if value <= 0]
     not_negative = {

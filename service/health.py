@@ -1,6 +1,8 @@
 """Health and metrics: a pure verdict computed from the node's state, and its HTTP rendering.
 
-``GET /healthz`` answers 200 with ``{"status": "ok", ...}`` or 503 with the problems;
+``GET /healthz`` answers 200 with ``{"status": "ok", ...}`` or 503 with the problems; a
+destination whose results have failed for ``[send] unhealthy_after_s`` is a problem, named with
+the reason and since when (before that it is a warning);
 ``GET /metrics`` answers the Prometheus text format (version 0.0.4). The server is the
 standard library's ``ThreadingHTTPServer`` on a daemon thread.
 """
@@ -17,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.service.spool import JobState, OutboxState, SpoolCounts
+from liverfat.service.config import SendSection
+from liverfat.service.spool import DestinationBacklog, JobState, OutboxState, SpoolCounts
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ class NodeStatus:
     listener_up: bool | None = None
     worker_up: bool | None = None
     time: float = field(default_factory=time.time)
+    unhealthy_after_s: float = SendSection.unhealthy_after_s  # [send] unhealthy_after_s
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Health:
             "outbox": {state.value: n for state, n in status.counts.outbox.items()},
             "listener_up": status.listener_up,
             "worker_up": status.worker_up,
+            "destinations_failing": [_failing_json(b, status) for b in status.counts.destinations
+                                     if b.failing_since is not None],
         }
 
 
@@ -68,6 +74,10 @@ def assess(status: NodeStatus) -> Health:
                         f"{status.min_free_bytes // 2**20} MiB minimum: new instances are refused")  # fmt: skip
     if status.destinations == 0:
         warnings.append("no destination configured: results stay in the spool ([send] destinations)")
+    for backlog in status.counts.destinations:
+        if backlog.failing_since is not None:
+            failing_s = status.time - backlog.failing_since
+            (problems if failing_s >= status.unhealthy_after_s else warnings).append(_failing_text(backlog, failing_s))
     failed_sends = status.counts.outbox[OutboxState.FAILED]
     if failed_sends:
         warnings.append(f"{failed_sends} result file(s) could not be sent; see `liverfat status`, "
@@ -79,6 +89,28 @@ def assess(status: NodeStatus) -> Health:
     if failed_jobs:
         warnings.append(f"{failed_jobs} series failed; see `liverfat status`")
     return Health(ok=not problems, problems=tuple(problems), warnings=tuple(warnings))
+
+
+def _failing_text(backlog: DestinationBacklog, failing_s: float) -> str:
+    since = _utc(backlog.failing_since or 0.0)
+    return (f"destination {backlog.destination} failing since {since} ({_duration(failing_s)}): {backlog.last_error}; "
+            f"{backlog.pending} result file(s) wait")  # fmt: skip
+
+
+def _failing_json(backlog: DestinationBacklog, status: NodeStatus) -> dict[str, Any]:
+    since = backlog.failing_since or 0.0
+    return {"destination": backlog.destination, "failing_since": _utc(since), "failing_s": round(status.time - since, 1),
+            "reason": backlog.last_error, "waiting": backlog.pending}  # fmt: skip
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes else f"{secs} s"
 
 
 def render_metrics(status: NodeStatus) -> str:
@@ -104,6 +136,9 @@ def render_metrics(status: NodeStatus) -> str:
            [("", counts.send_failures)])  # fmt: skip
     metric("liverfat_outbox", "gauge", "Result files by send state.",
            [(f'{{state="{state.value}"}}', n) for state, n in counts.outbox.items()])  # fmt: skip
+    metric("liverfat_destination_failing_seconds", "gauge", "How long results to a destination have failed.",
+           [(f'{{destination="{b.destination}"}}', round(status.time - b.failing_since, 1))
+            for b in counts.destinations if b.failing_since is not None])  # fmt: skip
     metric("liverfat_spool_free_bytes", "gauge", "Free space on the spool's file system.",
            [("", status.spool_free_bytes)])  # fmt: skip
     metric("liverfat_up", "gauge", "1 when the component runs.",

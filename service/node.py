@@ -149,6 +149,7 @@ class Node:
             spool_free_bytes=shutil.disk_usage(self.config.spool.dir).free,
             min_free_bytes=self.config.spool.min_free_disk_mb * 2**20,
             destinations=len(self.config.send.destinations),
+            unhealthy_after_s=self.config.send.unhealthy_after_s,
             listener_up=self.scp is not None and self.scp.running,
             worker_up=self._worker is not None and self._worker.is_alive(),
         )

@@ -1,22 +1,34 @@
 """The sender: delivers queued results to the destinations by C-STORE, with retries and backoff.
 
-The outbox lives in the spool's SQLite index, so it survives restarts: a destination that
-is down for an hour gets everything once it is back, as long as ``[send] max_attempts``
-lasts; after that a row is ``failed`` until ``liverfat resend SERIES_UID``.
-Each association proposes presentation contexts for exactly the SOP classes (and transfer
-syntaxes) of the files it carries.
+The outbox lives in the spool's SQLite index, so it survives restarts and crashes: a row
+leaves ``pending`` only when the destination answered its C-STORE with success.
+Each destination has its own thread, so one that is down or silent never delays another.
+
+A destination that cannot be reached (no connection, no answer within ``acse_timeout_s``,
+an association that breaks) is *down*: its rows are not attempted, and so do not use up
+``[send] max_attempts``, while the sender probes it with C-ECHO every ``probe_interval_s``;
+the first probe it answers sends everything it has waiting at once. A destination that
+answers but refuses (association rejected, a failure status) gets its rows retried with
+exponential backoff; after ``max_attempts`` a row is ``failed`` until
+``liverfat resend SERIES_UID``. Each association proposes presentation contexts for exactly
+the SOP classes (and transfer syntaxes) of the files it carries.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
 from liverfat.service.config import Destination, NodeConfig, SendSection, parse_destination
@@ -26,7 +38,14 @@ from liverfat.service.tls import client_context
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often the outbox is checked for due rows
+BATCH = 500  # rows per association
 SUCCESS_CATEGORIES = ("Success", "Warning")  # PS3.4 B.2.3: warnings (coercion, ...) mean stored
+
+
+class Reachability(StrEnum):
+    UNKNOWN = "unknown"  # not tried since the sender started
+    UP = "up"  # answered the last association request, accepting or rejecting it
+    DOWN = "down"  # no connection, no answer, or the association broke: probed, rows not attempted
 
 
 @dataclass(frozen=True)
@@ -51,83 +70,200 @@ class RetryPolicy:
 
 
 class Sender:
-    """Sends due outbox rows, one association per destination per round."""
+    """The outbox's sender: one :class:`DestinationSender` per destination, each on its own thread."""
 
     def __init__(self, config: NodeConfig, spool: Spool) -> None:
         self.config = config
         self.spool = spool
-        self.policy = RetryPolicy.from_section(config.send)
-        self.ae = AE(ae_title=config.node.ae_title)
-        for attribute in ("acse_timeout", "dimse_timeout", "network_timeout", "connection_timeout"):
-            setattr(self.ae, attribute, config.send.timeout_s)
         self._stop = threading.Event()
+        self._destinations: dict[str, DestinationSender] = {}
+        self._threads: dict[str, threading.Thread] = {}
         self._thread: threading.Thread | None = None
 
+    def destination(self, name: str) -> DestinationSender:
+        """The sender for destination ``name`` (``AE@host:port``), made on first use."""
+        if name not in self._destinations:
+            self._destinations[name] = DestinationSender(parse_destination(name), self.config, self.spool, self._stop)
+        return self._destinations[name]
+
+    def send_due(self, now: float | None = None) -> int:
+        """One round for every destination in turn, on the calling thread; returns how many files were delivered."""
+        return sum(self.destination(name).send_due(now) for name in self._names())
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="liverfat-sender", daemon=True)
+        """Start a thread per destination, and one that adds a thread for a destination that appears later."""
+        self._thread = threading.Thread(target=self._watch, name="liverfat-sender", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the file in hand (bounded by the timeouts) and stop."""
+        """Finish the file in hand on every destination (bounded by the timeouts) and stop."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        for thread in self._threads.values():
+            thread.join()
+        self._threads.clear()
 
-    def _loop(self) -> None:
+    def _names(self) -> list[str]:
+        configured = [str(d) for d in self.config.send.destinations]
+        return configured + [name for name in self.spool.pending_destinations() if name not in configured]
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for name in self._names():
+                    if name not in self._threads:
+                        self._threads[name] = thread = threading.Thread(
+                            target=self.destination(name).run, name=f"liverfat-send-{name}", daemon=True)  # fmt: skip
+                        thread.start()
+            except Exception:  # a spool error must not end the watch; the rows stay queued
+                log.exception("sender: could not list the destinations; retrying in %.1f s", POLL_S)
+            self._stop.wait(POLL_S)
+
+
+class DestinationSender:
+    """Sends one destination's outbox rows; owned by one thread (or called in turn by :meth:`Sender.send_due`)."""
+
+    def __init__(self, destination: Destination, config: NodeConfig, spool: Spool, stop: threading.Event) -> None:
+        self.destination = destination
+        self.name = str(destination)
+        self.config = config
+        self.spool = spool
+        self.policy = RetryPolicy.from_section(config.send)
+        self.reachability = Reachability.UNKNOWN
+        self._stop = stop
+        self._next_probe_at = 0.0
+        self._catch_up = False  # after a successful probe: send every pending row, due or not
+        self._association_s = 0.0  # how long the last association request took
+        self.ae = AE(ae_title=config.node.ae_title)
+        send = config.send
+        self.ae.connection_timeout = send.connect_timeout_s
+        self.ae.acse_timeout = send.acse_timeout_s
+        self.ae.dimse_timeout = send.dimse_timeout_s
+        self.ae.network_timeout = send.timeout_s
+
+    def run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.send_due()
             except Exception:  # the thread must outlive one bad round; the rows stay queued
-                log.exception("sender round failed; retrying in %.1f s", POLL_S)
+                log.exception("sender round for %s failed; retrying in %.1f s", self.name, POLL_S)
             self._stop.wait(POLL_S)
 
     def send_due(self, now: float | None = None) -> int:
-        """Send every due row; returns how many were delivered."""
-        due = self.spool.due_sends(time.time() if now is None else now)
-        by_destination: dict[str, list[Send]] = {}
-        for send in due:
-            by_destination.setdefault(send.destination, []).append(send)
-        return sum(self._deliver(parse_destination(name), sends) for name, sends in by_destination.items())
+        """One round: send the due rows, or probe a destination that is down; returns how many were delivered."""
+        now = time.time() if now is None else now
+        if self.reachability is Reachability.UP:
+            return self._deliver(self.spool.due_sends(math.inf if self._catch_up else now, BATCH, self.name))
+        pending = self.spool.due_sends(math.inf, BATCH, self.name)
+        if not pending:
+            self.reachability = Reachability.UNKNOWN
+            return 0
+        waiting_for_retry = len(pending) > len(self.spool.due_sends(now, BATCH, self.name))
+        if self.reachability is Reachability.UNKNOWN and not waiting_for_retry:
+            return self._deliver(pending)  # nothing failed before: the send itself finds out
+        if now < self._next_probe_at:
+            return 0
+        why = self.probe(pending)
+        if why is not None:
+            self._down(now, why)
+            return 0
+        log.info("destination %s answers again: sending the %s result file(s) waiting for it", self.name,
+                 f"{len(pending)}+" if len(pending) == BATCH else len(pending))  # fmt: skip
+        self.reachability, self._catch_up = Reachability.UP, True
+        return self._deliver(pending)
 
-    def _deliver(self, destination: Destination, sends: Sequence[Send]) -> int:
+    def probe(self, sends: Sequence[Send] = ()) -> str | None:
+        """C-ECHO the destination: ``None`` when it answers (an association rejected is an answer), else why not.
+
+        The association also proposes the contexts ``sends`` need: a requestor whose every
+        context is refused aborts, which would look like a destination that is down.
+        """
+        contexts = [build_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+        contexts += _contexts(sends)
+        assoc = self._associate(contexts)
+        if assoc.is_rejected:
+            return None
+        if not assoc.is_established:
+            return self._association_failure(assoc)
+        try:
+            if not any(cx.abstract_syntax == Verification for cx in assoc.accepted_contexts):
+                return None  # it accepted the association for storage: that answers the question
+            status = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return None if status else "the C-ECHO got no response"
+
+    def _associate(self, contexts: list[PresentationContext]) -> Association:
+        tls = client_context(self.config.tls)
+        destination = self.destination
+        started = time.monotonic()
+        assoc = self.ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                                  contexts=contexts, tls_args=(tls, destination.host) if tls else None)  # fmt: skip
+        self._association_s = time.monotonic() - started
+        return assoc
+
+    def _down(self, now: float, why: str) -> None:
+        first = self.reachability is not Reachability.DOWN
+        self.reachability, self._catch_up = Reachability.DOWN, False
+        self._next_probe_at = now + self.config.send.probe_interval_s
+        (log.warning if first else log.debug)(
+            "destination %s is down (%s): its results wait; probing it with C-ECHO every %.0f s",
+            self.name, why, self.config.send.probe_interval_s)  # fmt: skip
+
+    def _deliver(self, sends: Sequence[Send]) -> int:
         present = [s for s in sends if s.path.is_file()]
         for missing in (s for s in sends if not s.path.is_file()):
             self._failed(missing, f"result file {missing.path} is missing", give_up=True)
         if not present:
+            if not sends:
+                self._catch_up = False
             return 0
-        contexts = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for s in present})
-        tls = client_context(self.config.tls)
-        assoc = self.ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
-                                  contexts=[build_context(sop, [syntax]) for sop, syntax in contexts],
-                                  tls_args=(tls, destination.host) if tls else None)  # fmt: skip
+        assoc = self._associate(_contexts(present))
         if not assoc.is_established:
-            why = _association_failure(assoc)
+            why = self._association_failure(assoc)
             for send in present:
-                self._failed(send, f"association with {destination} failed: {why}")
+                self._failed(send, f"association with {self.name} failed: {why}")
+            if assoc.is_rejected:
+                self.reachability = Reachability.UP  # it answers and refuses: rows back off, no probing
+            else:
+                self._down(time.time(), why)
             return 0
+        self.reachability = Reachability.UP
         delivered = 0
         try:
             for send in present:
                 if self._stop.is_set() or not assoc.is_established:
                     break
-                delivered += self._store(assoc, destination, send)
+                delivered += self._store(assoc, send)
         finally:
             if assoc.is_established:
                 assoc.release()
+        if self.reachability is Reachability.UP and len(sends) < BATCH:
+            self._catch_up = False
         if delivered:
-            log.info("sent %d result file(s) to %s", delivered, destination)
+            log.info("sent %d result file(s) to %s", delivered, self.name)
         return delivered
 
-    def _store(self, assoc: Association, destination: Destination, send: Send) -> int:
-        status = assoc.send_c_store(send.path)
+    def _store(self, assoc: Association, send: Send) -> int:
+        try:
+            status = assoc.send_c_store(send.path)
+        except (ValueError, OSError) as error:  # no accepted presentation context, an unreadable file
+            self._failed(send, f"C-STORE of {send.path.name} to {self.name}: {error}")
+            return 0
         code = status.get("Status") if status else None
         if code is not None and code_to_category(code) in SUCCESS_CATEGORIES:
             self.spool.mark_sent(send.id)
-            log.debug("stored %s at %s (status 0x%04X)", send.sop_instance_uid, destination, code)
+            log.debug("stored %s at %s (status 0x%04X)", send.sop_instance_uid, self.name, code)
             return 1
-        why = "no response (association aborted or timed out)" if code is None else f"status 0x{code:04X}"
-        self._failed(send, f"C-STORE of {send.path.name} to {destination}: {why}")
+        if code is None:
+            why = f"no response within [send] dimse_timeout_s = {self.config.send.dimse_timeout_s:g} s, or aborted"
+            self._down(time.time(), why)
+        else:
+            why = f"status 0x{code:04X}"
+        self._failed(send, f"C-STORE of {send.path.name} to {self.name}: {why}")
         return 0
 
     def _failed(self, send: Send, error: str, give_up: bool = False) -> None:
@@ -141,10 +277,17 @@ class Sender:
             log.warning("%s; attempt %d of %d, next in %.0f s", error, send.attempts + 1, self.policy.max_attempts,
                         retry_at - now)  # fmt: skip
 
+    def _association_failure(self, assoc: Association) -> str:
+        send = self.config.send
+        if assoc.is_rejected:
+            return "rejected by the destination (check its AE title and that it knows ours)"
+        if self._association_s >= min(send.acse_timeout_s, send.connect_timeout_s) * 0.9:
+            return (f"no answer within the timeouts ([send] connect_timeout_s = {send.connect_timeout_s:g} s, "
+                    f"acse_timeout_s = {send.acse_timeout_s:g} s)")  # fmt: skip
+        return "connection refused or closed (destination down or unreachable, or TLS refused)"
 
-def _association_failure(assoc: Association) -> str:
-    if assoc.is_rejected:
-        return "rejected by the destination (check its AE title and that it knows ours)"
-    if assoc.is_aborted:
-        return "aborted (destination unreachable, or TLS refused)"
-    return "no connection"
+
+def _contexts(sends: Sequence[Send]) -> list[PresentationContext]:
+    """One presentation context per SOP class and transfer syntax of ``sends``."""
+    pairs = sorted({(s.sop_class_uid, s.transfer_syntax_uid) for s in sends})
+    return [build_context(sop_class, [syntax]) for sop_class, syntax in pairs]

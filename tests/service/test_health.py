@@ -8,7 +8,7 @@ import urllib.request
 from dataclasses import replace
 
 from liverfat.service.health import HealthServer, NodeStatus, assess, render_metrics
-from liverfat.service.spool import PROCESSING_BUCKETS_S, JobState, OutboxState, SpoolCounts
+from liverfat.service.spool import PROCESSING_BUCKETS_S, DestinationBacklog, JobState, OutboxState, SpoolCounts
 
 
 def counts(**changes: object) -> SpoolCounts:
@@ -48,6 +48,27 @@ def test_missing_destination_failed_sends_and_stale_results_are_warnings() -> No
     assert "waited 2.8 h" in text and "2 series failed" in text
 
 
+FAILING = DestinationBacklog("PACS@10.0.0.5:104", pending=4, failing_since=9_800.0,
+                             last_error="association with PACS@10.0.0.5:104 failed: connection refused")  # fmt: skip
+
+
+def test_a_failing_destination_is_a_warning_then_a_problem_after_unhealthy_after_s_with_its_name_reason_and_since() -> None:
+    waiting = DestinationBacklog("BACKUP@10.0.0.6:104", pending=2, failing_since=None, last_error=None)
+    early = assess(status(counts=counts(destinations=(FAILING, waiting)), unhealthy_after_s=300.0))
+    assert early.ok and early.problems == ()
+    (warning,) = early.warnings
+    assert warning == ("destination PACS@10.0.0.5:104 failing since 1970-01-01T02:43:20Z (3 min 20 s): association "
+                       "with PACS@10.0.0.5:104 failed: connection refused; 4 result file(s) wait")  # fmt: skip
+    late_status = status(counts=counts(destinations=(FAILING, waiting)), unhealthy_after_s=180.0)
+    late = assess(late_status)
+    assert not late.ok and late.problems == (warning,) and late.warnings == ()
+    assert late.to_json(late_status)["destinations_failing"] == [
+        {"destination": "PACS@10.0.0.5:104", "failing_since": "1970-01-01T02:43:20Z", "failing_s": 200.0,
+         "reason": "association with PACS@10.0.0.5:104 failed: connection refused", "waiting": 4}
+    ]  # fmt: skip
+    assert 'liverfat_destination_failing_seconds{destination="PACS@10.0.0.5:104"} 200' in render_metrics(late_status)
+
+
 def test_metrics_render_counters_gauges_and_a_histogram() -> None:
     buckets = {le: (1 if le >= 10 else 0) for le in PROCESSING_BUCKETS_S}
     jobs = {state: 0 for state in JobState} | {JobState.DONE: 1}
@@ -82,5 +103,13 @@ def test_http_endpoints_answer_200_when_healthy_and_503_when_not() -> None:
             raise AssertionError("an unhealthy node must answer 503")
         except urllib.error.HTTPError as error:
             assert error.code == 503 and "worker process" in json.load(error)["problems"][0]
+        current["status"] = status(counts=counts(destinations=(FAILING,)), unhealthy_after_s=60.0)
+        try:
+            urllib.request.urlopen(f"{base}/healthz", timeout=5)
+            raise AssertionError("a destination failing past unhealthy_after_s must answer 503")
+        except urllib.error.HTTPError as error:
+            body = json.load(error)
+            assert error.code == 503 and body["problems"][0].startswith("destination PACS@10.0.0.5:104 failing since")
+            assert body["destinations_failing"][0]["reason"].endswith("connection refused")
     finally:
         server.stop()

@@ -1,7 +1,9 @@
-"""The sender against a real pynetdicom storage SCP: contexts, retries, backoff, restarts, TLS."""
+"""The sender against a real pynetdicom storage SCP: contexts, retries, backoff, restarts, TLS,
+a destination that is down or silent (probed, and never delaying another destination)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -15,9 +17,11 @@ from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
 from liverfat.service.config import Destination, NodeConfig, SendSection
-from liverfat.service.sender import RetryPolicy, Sender
+from liverfat.service.health import NodeStatus, assess
+from liverfat.service.sender import Reachability, RetryPolicy, Sender
 from liverfat.service.spool import InstanceInfo, JobResult, JobState, OutboxState, OutputFile, Spool
 from tests.service.conftest import free_port, node_config, small_series
+from tests.service.node_process import wait_for
 from tests.service.test_scp import make_certificates
 
 RESULT_CLASSES = (SegmentationStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage)
@@ -59,13 +63,27 @@ def receiver() -> Iterator[Receiver]:
     started.stop()
 
 
+@dataclass
+class SilentListener:
+    """A destination that accepts TCP connections and never says a word (a hung PACS, a wrong port behind a proxy)."""
+
+    port: int
+    server: socket.socket = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port), backlog=16)  # the kernel completes handshakes
+
+    def close(self) -> None:
+        self.server.close()
+
+
 def queue_results(
-    tmp_path: Path, destination: Destination, send: SendSection | None = None
+    tmp_path: Path, *destinations: Destination, send: SendSection | None = None
 ) -> tuple[NodeConfig, Spool]:
-    """A finished job whose three result files (SEG, SR, secondary capture) are queued for ``destination``."""
+    """A finished job whose three result files (SEG, SR, secondary capture) are queued for each destination."""
     config = node_config(tmp_path)
     config = replace(config, send=replace(send or SendSection(first_delay_s=0.2, max_delay_s=1.0),
-                                          destinations=(destination,)))  # fmt: skip
+                                          destinations=destinations))  # fmt: skip
     spool = Spool(config.spool.dir)
     spool.store_instance(b"ct", InstanceInfo("1.1", "1.2.840.10008.5.1.4.1.1.2", "9.9", "9", "SCU"))
     spool.complete_stable(0.0)
@@ -81,7 +99,7 @@ def queue_results(
         ds.save_as(path)
         outputs.append(OutputFile(str(path.relative_to(spool.root)), sop_class, ds.SOPInstanceUID,
                                   str(ds.file_meta.TransferSyntaxUID)))  # fmt: skip
-    spool.finish_job(job.id, JobResult(JobState.DONE, outputs=tuple(outputs)), [str(destination)])
+    spool.finish_job(job.id, JobResult(JobState.DONE, outputs=tuple(outputs)), [str(d) for d in destinations])
     return config, spool
 
 
@@ -105,7 +123,8 @@ def test_destination_down_is_retried_with_backoff_and_gets_everything_after_a_re
     rows = spool.query("SELECT attempts, next_attempt_at, last_error FROM outbox")
     assert all(r["attempts"] == 1 and r["next_attempt_at"] >= before + 0.2 for r in rows)
     assert "association with PACS@127.0.0.1" in rows[0]["last_error"]
-    assert Sender(config, spool).send_due() == 0, "nothing is due before the retry time"
+    assert Sender(config, spool).send_due() == 0, "a restarted sender probes first, and nothing answers"
+    assert [r["attempts"] for r in spool.query("SELECT attempts FROM outbox")] == [1, 1, 1], "probes use no attempt"
     spool.close()
     receiver = Receiver(port).start()
     try:
@@ -122,7 +141,7 @@ def test_a_failure_status_is_retried_and_gives_up_after_max_attempts_until_resen
 ) -> None:
     receiver.status = 0xA700
     send = SendSection(max_attempts=2, first_delay_s=0.0, max_delay_s=0.0)
-    config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", receiver.port), send)
+    config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", receiver.port), send=send)
     sender = Sender(config, spool)
     assert sender.send_due() == 0 and outbox_states(spool) == [OutboxState.PENDING] * 3
     assert sender.send_due() == 0 and outbox_states(spool) == [OutboxState.FAILED] * 3
@@ -152,3 +171,61 @@ def test_results_go_over_tls_to_a_tls_destination(tmp_path: Path) -> None:
     finally:
         receiver.stop()
     assert len(receiver.stored) == 3
+
+
+def test_a_destination_that_returns_gets_its_results_at_the_next_probe_not_after_the_backoff(tmp_path: Path) -> None:
+    port = free_port()
+    send = SendSection(first_delay_s=600.0, max_delay_s=600.0, probe_interval_s=0.5, connect_timeout_s=1.0)
+    config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", port), send=send)
+    sender = Sender(config, spool)
+    sender.start()
+    receiver = None
+    try:
+        wait_for(lambda: spool.query("SELECT MIN(attempts) AS n FROM outbox")[0]["n"] == 1, 10, "the failed attempt")
+        time.sleep(2.0)  # about four probes, none answered
+        assert sender.destination(f"PACS@127.0.0.1:{port}").reachability is Reachability.DOWN
+        assert [r["attempts"] for r in spool.query("SELECT attempts FROM outbox")] == [1, 1, 1], "probes use none"
+        receiver = Receiver(port).start()
+        back = time.monotonic()
+        wait_for(lambda: len(receiver.stored) == 3, 10, "the results at the destination that came back")
+        delay_s = time.monotonic() - back
+    finally:
+        sender.stop()
+        if receiver is not None:
+            receiver.stop()
+    assert delay_s < 2.0, f"delivered {delay_s:.1f} s after the destination returned (probe every 0.5 s, backoff 600 s)"
+    assert outbox_states(spool) == [OutboxState.SENT] * 3
+
+
+def test_a_silent_destination_does_not_delay_a_live_one_and_is_reported_with_its_reason(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    silent = SilentListener(free_port())
+    send = SendSection(first_delay_s=0.2, max_delay_s=1.0, acse_timeout_s=4.0, probe_interval_s=1.0,
+                       unhealthy_after_s=2.0)  # fmt: skip
+    dead, live = Destination("HUNG", "127.0.0.1", silent.port), Destination("PACS", "127.0.0.1", receiver.port)
+    config, spool = queue_results(tmp_path, dead, live, send=send)
+    sender = Sender(config, spool)
+    started = time.monotonic()
+    sender.start()
+    try:
+        wait_for(lambda: len(receiver.stored) == 3, 10, "the results at the live destination")
+        live_s = time.monotonic() - started
+        wait_for(lambda: spool.query("SELECT MIN(failures) AS n FROM outbox WHERE destination = ?", (str(dead),))[0]["n"],
+                 10, "the silent destination's association to time out")  # fmt: skip
+        failed_s = time.monotonic() - started
+        time.sleep(2.5)  # past unhealthy_after_s
+        health = assess(NodeStatus(counts=spool.counts(), spool_free_bytes=2**30, min_free_bytes=0, destinations=2,
+                                   unhealthy_after_s=config.send.unhealthy_after_s))  # fmt: skip
+    finally:
+        sender.stop()
+        silent.close()
+    assert live_s < 2.0, f"the live destination waited {live_s:.1f} s behind a silent one (ACSE timeout 4 s)"
+    assert failed_s >= 3.5, "the silent destination failed by the ACSE timeout, not by a refused connection"
+    assert not health.ok
+    (problem,) = health.problems
+    assert problem.startswith(f"destination {dead} failing since ") and "no answer within the timeouts" in problem
+    assert str(live) not in " ".join(health.problems + health.warnings)
+    assert [r["state"] for r in spool.query("SELECT state FROM outbox WHERE destination = ?", (str(live),))] == [
+        OutboxState.SENT
+    ] * 3
