@@ -167,7 +167,7 @@ class DestinationSender:
             return 0
         why = self.probe(pending)
         if why is not None:
-            self._down(now, why)
+            self._down(why)
             return 0
         log.info("destination %s answers again: sending the %s result file(s) waiting for it", self.name,
                  f"{len(pending)}+" if len(pending) == BATCH else len(pending))  # fmt: skip
@@ -205,10 +205,11 @@ class DestinationSender:
         self._association_s = time.monotonic() - started
         return assoc
 
-    def _down(self, now: float, why: str) -> None:
+    def _down(self, why: str) -> None:
+        """Mark the destination down; the next probe is ``probe_interval_s`` after this attempt ended."""
         first = self.reachability is not Reachability.DOWN
         self.reachability, self._catch_up = Reachability.DOWN, False
-        self._next_probe_at = now + self.config.send.probe_interval_s
+        self._next_probe_at = time.time() + self.config.send.probe_interval_s
         (log.warning if first else log.debug)(
             "destination %s is down (%s): its results wait; probing it with C-ECHO every %.0f s",
             self.name, why, self.config.send.probe_interval_s)  # fmt: skip
@@ -229,7 +230,7 @@ class DestinationSender:
             if assoc.is_rejected:
                 self.reachability = Reachability.UP  # it answers and refuses: rows back off, no probing
             else:
-                self._down(time.time(), why)
+                self._down(why)
             return 0
         self.reachability = Reachability.UP
         delivered = 0
@@ -260,7 +261,7 @@ class DestinationSender:
             return 1
         if code is None:
             why = f"no response within [send] dimse_timeout_s = {self.config.send.dimse_timeout_s:g} s, or aborted"
-            self._down(time.time(), why)
+            self._down(why)
         else:
             why = f"status 0x{code:04X}"
         self._failed(send, f"C-STORE of {send.path.name} to {self.name}: {why}")

@@ -193,6 +193,7 @@ def test_a_destination_that_returns_gets_its_results_at_the_next_probe_not_after
         sender.stop()
         if receiver is not None:
             receiver.stop()
+    print(f"delivered {delay_s:.2f} s after the destination returned")
     assert delay_s < 2.0, f"delivered {delay_s:.1f} s after the destination returned (probe every 0.5 s, backoff 600 s)"
     assert outbox_states(spool) == [OutboxState.SENT] * 3
 
@@ -220,6 +221,7 @@ def test_a_silent_destination_does_not_delay_a_live_one_and_is_reported_with_its
     finally:
         sender.stop()
         silent.close()
+    print(f"live destination served after {live_s:.2f} s; the silent one failed after {failed_s:.2f} s")
     assert live_s < 2.0, f"the live destination waited {live_s:.1f} s behind a silent one (ACSE timeout 4 s)"
     assert failed_s >= 3.5, "the silent destination failed by the ACSE timeout, not by a refused connection"
     assert not health.ok
