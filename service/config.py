@@ -2,7 +2,8 @@
 
 Layout (every section and key is optional; ``deploy/liverfat.example.toml`` lists them all)::
 
-    [node]        ae_title, host, port, allowed_callers, max_associations, network_timeout_s
+    [node]        ae_title, host, port, allowed_callers, max_associations, acse_timeout_s,
+                  network_timeout_s
     [spool]       dir, min_free_disk_mb, keep_days
     [series]      stable_seconds, complete_on_release
     [model]       name, device
@@ -92,8 +93,9 @@ class NodeSection:
     host: str = "0.0.0.0"
     port: int = 11112
     allowed_callers: tuple[Caller, ...] = ()  # empty: any caller
-    max_associations: int = 10
-    network_timeout_s: float = 60.0
+    max_associations: int = 10  # concurrent associations; a connection waiting for its A-ASSOCIATE-RQ counts
+    acse_timeout_s: float = 10.0  # a connection that sends no A-ASSOCIATE-RQ within this is closed
+    network_timeout_s: float = 60.0  # an association idle this long is aborted
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,7 @@ def _validate(config: NodeConfig) -> None:
         "[series] stable_seconds": config.series.stable_seconds,
         "[node] max_associations": config.node.max_associations,
         "[node] network_timeout_s": config.node.network_timeout_s, "[worker] max_attempts": config.worker.max_attempts,
+        "[node] acse_timeout_s": config.node.acse_timeout_s,
         "[send] max_attempts": config.send.max_attempts, "[send] timeout_s": config.send.timeout_s,
         "[send] max_delay_s": config.send.max_delay_s,
         "[send] connect_timeout_s": config.send.connect_timeout_s, "[send] acse_timeout_s": config.send.acse_timeout_s,

@@ -30,6 +30,7 @@ from pydicom.uid import (
     UID,
     CTImageStorage,
     EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
     UncompressedTransferSyntaxes,
 )
 from pynetdicom import (
@@ -39,8 +40,11 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_VERSION,
     evt,
 )
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
@@ -50,7 +54,10 @@ from liverfat.service.tls import server_context
 
 log = logging.getLogger(__name__)
 
-CT_STORAGE_CLASSES = (CTImageStorage, EnhancedCTImageStorage)
+CT_STORAGE_CLASSES = (CTImageStorage,)
+# Refused at negotiation: the analysis reads single-frame CT only (dicom_io rejects multi-frame as
+# unsupported_multiframe), so accepting these would only turn into a rejection after the transfer.
+REFUSED_MULTIFRAME_CT = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 VERIFICATION = UID("1.2.840.10008.1.1")  # PS3.4 Annex A, Verification SOP Class (C-ECHO)
 STUDY_UID_TAG = 0x0020000D
 SERIES_UID_TAG = 0x0020000E
@@ -62,9 +69,9 @@ SOURCE_SERVICE_USER = 0x01
 DIAGNOSTIC_CALLING_AE = 0x03
 DIAGNOSTIC_CALLED_AE = 0x07
 
-# A sender sends its A-ASSOCIATE-RQ at once; a connection that has not (garbage, port scanners)
-# gives its association slot back after this, not after pynetdicom's 30 s default.
-ACSE_TIMEOUT_S = 10.0
+# Upper layer states (PS3.8 Section 9.2, as pynetdicom names them) in which a connection can close
+# before any A-ASSOCIATE-RQ arrived: Sta2 awaits it; Sta13 follows our A-ABORT of an unrecognised PDU.
+AWAITING_REQUEST_STATES = frozenset({"Sta2", "Sta13"})
 
 # Presentation context results (PS3.8 Table 9-18)
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
@@ -78,12 +85,15 @@ class StoreStatus(IntEnum):
     CANNOT_UNDERSTAND = 0xC210
 
 
+UID_MAX_LENGTH = 64  # PS3.5 Section 9.1
+
+
 def make_ae(node: NodeSection) -> AE:
     """The listener's application entity: its title, limits and presentation contexts (no handlers)."""
     ae = AE(ae_title=node.ae_title)
     ae.maximum_associations = node.max_associations
     ae.network_timeout = node.network_timeout_s
-    ae.acse_timeout = ACSE_TIMEOUT_S
+    ae.acse_timeout = node.acse_timeout_s
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs (pynetdicom docs/examples/storage.rst)
     ae.require_called_aet = True
     ae.add_supported_context(VERIFICATION)
@@ -132,6 +142,22 @@ def index_uids(dataset: bytes, transfer_syntax: UID) -> tuple[str | None, str]:
     return study_uid or None, str(header.get("SeriesInstanceUID", "")).strip()
 
 
+def check_uid(value: str) -> str | None:
+    """Why ``value`` is not a UID under PS3.5 Section 9.1, or ``None`` when it is one.
+
+    At most 64 characters, digits in dot-separated components, none empty. Components with a
+    leading zero, which PS3.5 forbids, are let through: older equipment writes them and they
+    are harmless as file names and index keys.
+    """
+    if not value:
+        return "is empty"
+    if len(value) > UID_MAX_LENGTH:
+        return f"has {len(value)} characters, at most {UID_MAX_LENGTH} are allowed"
+    if not all(part.isascii() and part.isdigit() for part in value.split(".")):
+        return "is not digits in dot-separated components"
+    return None
+
+
 def _after_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag > SERIES_UID_TAG
 
@@ -163,6 +189,15 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
 def _even(value: str, padding: bytes) -> bytes:
     encoded = value.encode("ascii", "replace")
     return encoded + padding * (len(encoded) % 2)
+
+
+def _shown(value: str, limit: int = UID_MAX_LENGTH) -> str:
+    """``value`` cut to ``limit`` characters for a log line, saying how long it was."""
+    return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+
+
+def _is_storage(sop_class: str) -> bool:
+    return issubclass(uid_to_service_class(sop_class), StorageServiceClass)
 
 
 def _listed(names: Sequence[str], limit: int = 8) -> str:
@@ -245,23 +280,32 @@ class StorageSCP:
             event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is out, as pynetdicom's own rejections do
 
     def _on_accepted(self, event: Event) -> None:
-        """One log line per association for the refused presentation contexts, with the reason.
+        """Log the refused presentation contexts at a level that says whether anything was lost.
 
-        Many SCUs (dcmtk's storescu among them) propose every storage class they know; that
-        is only worth a warning when no CT storage context was accepted at all.
+        Refusals are ordinary negotiation (Orthanc proposes query/retrieve classes with each
+        C-ECHO, dcmtk's storescu every storage class it knows): DEBUG. Multi-frame CT is
+        refused on purpose: INFO, with the reason. A sender that proposed storage and got no
+        CT Image Storage context meant to send something this node does not take: WARNING.
         """
         refused = event.assoc.rejected_contexts
         if not refused:
             return
         calling = str(event.assoc.requestor.ae_title).strip()
         unknown_class = [c for c in refused if c.result == ABSTRACT_SYNTAX_NOT_SUPPORTED]
-        classes = sorted({UID(str(c.abstract_syntax)).name for c in unknown_class})
+        multiframe = sorted({UID(str(c.abstract_syntax)).name for c in unknown_class
+                             if c.abstract_syntax in REFUSED_MULTIFRAME_CT})  # fmt: skip
+        classes = sorted({UID(str(c.abstract_syntax)).name for c in unknown_class
+                          if c.abstract_syntax not in REFUSED_MULTIFRAME_CT})  # fmt: skip
         syntaxes = sorted({UID(str(c.abstract_syntax)).name for c in refused if c not in unknown_class})
         accepted_ct = any(c.abstract_syntax in CT_STORAGE_CLASSES for c in event.assoc.accepted_contexts)
-        level = logging.INFO if accepted_ct else logging.WARNING
+        lost = not accepted_ct and (bool(syntaxes) or any(_is_storage(str(c.abstract_syntax)) for c in unknown_class))
+        level = logging.WARNING if lost else logging.DEBUG
+        if multiframe:
+            log.info("refused %s from %s: multi-frame CT is not analysed here; send the series as single-frame "
+                     "CT Image Storage (see docs/connect-to-pacs.md)", _listed(multiframe), calling)  # fmt: skip
         if classes:
-            log.log(level, "refused %d presentation context(s) from %s: this node accepts only CT Image Storage and "
-                    "Enhanced CT Image Storage, not %s", len(classes), calling, _listed(classes))  # fmt: skip
+            log.log(level, "refused %d presentation context(s) from %s: this node accepts only CT Image Storage "
+                    "and Verification, not %s", len(classes), calling, _listed(classes))  # fmt: skip
         if syntaxes:
             log.log(level, "refused presentation context(s) for %s from %s: none of the proposed transfer syntaxes "
                     "can be decoded here", _listed(syntaxes), calling)  # fmt: skip
@@ -279,11 +323,20 @@ class StorageSCP:
         dataset = event.encoded_dataset(include_meta=False)
         try:
             study_uid, series_uid = index_uids(dataset, transfer_syntax)
-        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, zlib.error) as error:
-            log.warning("instance %s from %s cannot be read: %s", sop_uid, calling, error)
+        except RecursionError:  # one line, not pynetdicom's logged traceback of a thousand frames
+            log.warning("answered 0xC210 to %s for instance %s: its sequences are nested too deep to read",
+                        calling, _shown(sop_uid))  # fmt: skip
             return int(StoreStatus.CANNOT_UNDERSTAND)
-        if not series_uid:
-            log.warning("instance %s from %s has no (0020,000E) 'Series Instance UID'", sop_uid, calling)
+        except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError, zlib.error) as error:
+            log.warning("answered 0xC210 to %s for instance %s: it cannot be read: %s", calling, _shown(sop_uid),
+                        _shown(str(error), 200))  # fmt: skip
+            return int(StoreStatus.CANNOT_UNDERSTAND)
+        uids = {"(0000,1000) 'Affected SOP Instance UID'": sop_uid, "(0020,000E) 'Series Instance UID'": series_uid}
+        uids |= {"(0020,000D) 'Study Instance UID'": study_uid} if study_uid is not None else {}
+        invalid = [f"{name} {why}" for name, uid in uids.items() if (why := check_uid(uid))]
+        if invalid:  # the sender's error (not Out of Resources, which it would retry forever)
+            log.warning("answered 0xC210 to %s for instance %s: %s (PS3.5 Section 9.1)", calling, _shown(sop_uid),
+                        "; ".join(invalid))  # fmt: skip
             return int(StoreStatus.CANNOT_UNDERSTAND)
         info = InstanceInfo(sop_uid, sop_class, series_uid, study_uid, calling)
         try:
@@ -308,5 +361,21 @@ class StorageSCP:
             self.on_release(series)
 
     def _on_closed(self, event: Event) -> None:
+        """Forget the association's series; free the slot of a connection that closed before associating."""
         with self._lock:
             self._series_by_assoc.pop(id(event.assoc), None)
+        release_waiting_acceptor(event.assoc)
+
+
+def release_waiting_acceptor(assoc: Association) -> None:
+    """End an acceptor thread still waiting for an A-ASSOCIATE-RQ on a connection that is now closed.
+
+    pynetdicom's acceptor waits for the request on its DUL queue for the whole ACSE timeout
+    even when the peer has gone (a port monitor's bare connect), holding one of
+    ``maximum_associations`` slots meanwhile. An empty item on that queue is what the wait
+    returns on timeout, so the thread closes the association and ends at once.
+    """
+    dul = assoc.dul
+    waiting = assoc.is_acceptor and assoc.requestor.primitive is None
+    if waiting and dul.state_machine.current_state in AWAITING_REQUEST_STATES:
+        dul.to_user_queue.put(None)  # type: ignore[arg-type]  # the timeout's "nothing received"

@@ -168,7 +168,7 @@ def test_non_ct_sop_class_is_refused_at_negotiation_with_the_reason_logged(
     with caplog.at_level(logging.WARNING, logger="liverfat.service.scp"):
         result = storescu(scp.port, tmp_path / "mr.dcm", "-R")
     assert result.returncode != 0
-    assert "accepts only CT Image Storage and Enhanced CT Image Storage, not MR Image Storage" in caplog.text
+    assert "accepts only CT Image Storage and Verification, not MR Image Storage" in caplog.text
     assert spool.jobs() == []
 
 
@@ -262,8 +262,8 @@ def test_garbage_bytes_on_the_port_do_not_disturb_other_associations(node: tuple
                                                                      tmp_path: Path) -> None:  # fmt: skip
     """Two garbage connections stay open during a transfer, two more come and go.
 
-    (Each garbage connection holds one of ``max_associations`` slots until pynetdicom's ACSE
-    timeout ends it; a flood of them is a denial of service this test does not claim to resist.)
+    (The node aborts a connection whose first PDU is not an A-ASSOCIATE-RQ and frees its slot;
+    tests/service/test_scp_hardening.py floods all the slots with silent and garbage connections.)
     """
     scp, spool = node
     small_series(tmp_path / "series", slices=6)
