@@ -38,6 +38,7 @@ class NodeStatus:
     destinations: int
     listener_up: bool | None = None
     worker_up: bool | None = None
+    spool_full: bool | None = None  # the node's disk-full state (service/diskspace.py)
     time: float = field(default_factory=time.time)
     unhealthy_after_s: float = SendSection.unhealthy_after_s  # [send] unhealthy_after_s
 
@@ -72,6 +73,9 @@ def assess(status: NodeStatus) -> Health:
     if status.spool_free_bytes < status.min_free_bytes:
         problems.append(f"spool has {status.spool_free_bytes // 2**20} MiB free, below the "
                         f"{status.min_free_bytes // 2**20} MiB minimum: new instances are refused")  # fmt: skip
+    if status.spool_full:
+        problems.append(f"the spool's disk is full ({status.spool_free_bytes // 2**10} KiB free): new instances are "
+                        "answered 0xA700 and no series is processed until space returns")  # fmt: skip
     if status.destinations == 0:
         warnings.append("no destination configured: results stay in the spool ([send] destinations)")
     for backlog in status.counts.destinations:

@@ -3,9 +3,15 @@
 Stages follow mercure's split (receiver, router, processor, dispatcher) but run as threads
 of one process plus one worker process, all sharing the spool's SQLite index. The main
 thread runs the series clock (stable series become complete) and watches the worker: a
-worker that dies is restarted and its series put back in the queue (or failed after
-``[worker] max_attempts``). SIGTERM or SIGINT stops the listener, lets the worker finish
-the series in hand for ``[worker] shutdown_grace_s`` and parks it otherwise.
+worker that dies while the node lives is restarted and its series put back in the queue (or
+failed after ``[worker] max_attempts``). A series found in hand at start was interrupted by
+the whole node stopping: it is re-queued without counting the attempt. SIGTERM or SIGINT stops
+the listener, lets the worker finish the series in hand for ``[worker] shutdown_grace_s`` and
+parks it otherwise.
+
+A full spool disk never stops the node (see ``diskspace``): index writes that fail for lack of
+space are retried at the next tick, and the worker is (re)started only once the series it
+might find in hand have been recorded as re-queued.
 """
 
 from __future__ import annotations
@@ -19,14 +25,17 @@ import signal
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
 from types import FrameType
-from typing import TextIO
+from typing import TextIO, TypeVar
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.service.analyze import BackendLoader
 from liverfat.service.config import NodeConfig
+from liverfat.service.diskspace import PROBE_S, DiskSpace, is_disk_full
 from liverfat.service.health import HealthServer, NodeStatus
+from liverfat.service.retention import purge_expired
 from liverfat.service.scp import StorageSCP
 from liverfat.service.sender import Sender
 from liverfat.service.spool import Spool
@@ -39,6 +48,9 @@ RESTART_DELAY_S = (1.0, 60.0)  # worker restart backoff: first delay, cap
 RETENTION_INTERVAL_S = 600.0  # how often expired series are looked for ([spool] keep_days)
 WORKER_STEADY_S = 60.0  # a worker that lived this long resets the restart backoff
 LOCK_FILE = "node.lock"
+NODE_STOPPED = "the node stopped while this series was processed; processed again, not counted as an attempt"
+
+T = TypeVar("T")
 
 
 class Node:
@@ -60,6 +72,9 @@ class Node:
         self._restart_at: float | None = None
         self._retention_at = 0.0  # monotonic time of the next retention pass
         self._lock_file: TextIO | None = None
+        self._recovery: str | None = None  # why jobs left processing must be re-queued before a worker starts
+        self._probe_at = 0.0  # monotonic time of the next try to write the disk reserve again
+        self.space = DiskSpace(config.spool.dir)
         self.spool: Spool | None = None
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
@@ -71,22 +86,24 @@ class Node:
         config = self.config
         config.spool.dir.mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock_spool(config)
+        self.space.check()  # before the index opens: its -shm file needs room
         min_free = config.spool.min_free_disk_mb * 2**20
-        self.spool = Spool(config.spool.dir, min_free_bytes=min_free)
+        self.spool = Spool(config.spool.dir, min_free_bytes=min_free, space=self.space)
         leftovers = self.spool.clear_tmp()
-        recovered = self.spool.recover(config.worker.max_attempts, "the node stopped while this series was processed")
-        receiving = self.spool.restart_clocks()
-        if leftovers or recovered or receiving:
-            log.info("restart: %d partial file(s) removed, %d series re-queued or failed, %d series still receiving "
-                     "(complete %.0f s from now unless more arrives)", leftovers, len(recovered), receiving,
-                     config.series.stable_seconds)  # fmt: skip
+        if not self.space.restore():
+            log.error("the spool's disk is full (%d KiB free): new instances are answered 0xA700 and no series is "
+                      "processed until space returns", self.space.free_bytes() // 1024)  # fmt: skip
+        self._recovery = NODE_STOPPED
+        if self._recover() and leftovers:
+            log.info("restart: %d partial file(s) removed", leftovers)
         _warn_about_defaults(config)
-        on_release = self._on_release if config.series.complete_on_release else None
-        self.scp = StorageSCP(config, Spool(config.spool.dir, min_free_bytes=min_free), on_release=on_release)
+        self.scp = StorageSCP(config, Spool(config.spool.dir, min_free_bytes=min_free, space=self.space),
+                              on_release=self._on_release)  # fmt: skip
         self.scp.start()
         self.sender = Sender(config, Spool(config.spool.dir))
         self.sender.start()
-        self._start_worker()
+        if self._recovery is None:
+            self._start_worker()
         if config.http.port:
             self.http = HealthServer(config.http.host, config.http.port, self.status)
             self.http.start()
@@ -96,7 +113,13 @@ class Node:
     def tick(self, now: float | None = None) -> None:
         """Complete the stable series and watch the worker; the main thread calls this every ``TICK_S``."""
         assert self.spool is not None, "start() first"
-        completed = self.spool.complete_stable(self.config.series.stable_seconds, now)
+        self._watch_space()
+        if self._recovery is not None:
+            self._recover()
+            return  # series complete once the clocks have been restarted: after recovery
+        spool = self.spool
+        completed = self._disk_write("completing stable series",
+                                     lambda: spool.complete_stable(self.config.series.stable_seconds, now))  # fmt: skip
         if completed:
             log.info("%d series complete (no new instance for %.0f s)", len(completed),
                      self.config.series.stable_seconds)  # fmt: skip
@@ -106,12 +129,62 @@ class Node:
             self._retention_at = time.monotonic() + RETENTION_INTERVAL_S
             self._purge_expired(now)
 
+    def _watch_space(self) -> None:
+        """Enter the disk-full state when space runs low; leave it once the reserve can be written again."""
+        self.space.check()
+        if self.space.is_full() and time.monotonic() >= self._probe_at:
+            self._probe_at = time.monotonic() + PROBE_S
+            if self.space.restore():
+                log.info("space returned on the spool's disk (%d MiB free): receiving and processing again",
+                         self.space.free_bytes() // 2**20)  # fmt: skip
+                self._worker_wake.set()
+
+    def _disk_write(self, what: str, write: Callable[[], T]) -> T | None:
+        """``write()``, or ``None`` when the disk is full (the node enters the disk-full state and goes on)."""
+        try:
+            return write()
+        except (sqlite3.Error, OSError) as error:
+            if not is_disk_full(error):
+                raise
+            self.space.release(f"{what}: {error}")
+            return None
+
+    def _recover(self) -> bool:
+        """Re-queue the jobs a stopped node or a dead worker left ``processing``; whether that is recorded.
+
+        After a node-wide stop the attempt is not counted and the clocks of series still receiving
+        restart; after a worker death it counts (see ``Spool.recover``).
+        """
+        assert self.spool is not None and self._recovery is not None
+        spool, why, config = self.spool, self._recovery, self.config
+        if why == NODE_STOPPED:
+            done = self._disk_write("re-queueing after a restart", lambda: (spool.park_processing(why),
+                                                                          spool.restart_clocks()))  # fmt: skip
+            if done is None:
+                return False
+            parked, receiving = done
+            if parked or receiving:
+                log.info("restart: %d series re-queued (not counted as an attempt), %d series still receiving "
+                         "(complete %.0f s from now unless more arrives)", len(parked), receiving,
+                         config.series.stable_seconds)  # fmt: skip
+        else:
+            recovered = self._disk_write("re-queueing after a worker died",
+                                         lambda: spool.recover(config.worker.max_attempts, why))  # fmt: skip
+            if recovered is None:
+                return False
+            for job in recovered:
+                log.error("series %s v%d: %s; now %s", job.series_uid, job.version, why, job.state.value)
+        self._recovery = None
+        if self._worker is None and self._restart_at is None:
+            self._restart_at = time.monotonic()
+        return True
+
     def _purge_expired(self, now: float | None) -> None:
         """One retention pass; a failure is logged and retried at the next pass, the node keeps serving."""
         assert self.spool is not None
         keep_days = self.config.spool.keep_days
         try:
-            purged = self.spool.purge_expired(keep_days, now)
+            purged = purge_expired(self.spool, keep_days, now)
         except (OSError, sqlite3.Error) as error:
             log.error("retention: could not delete expired series ([spool] keep_days = %g): %s", keep_days, error)
             return
@@ -152,6 +225,7 @@ class Node:
             unhealthy_after_s=self.config.send.unhealthy_after_s,
             listener_up=self.scp is not None and self.scp.running,
             worker_up=self._worker is not None and self._worker.is_alive(),
+            spool_full=self.space.is_full(),
         )
 
     # -- the worker process ---------------------------------------------------------------
@@ -173,15 +247,14 @@ class Node:
                 self._restart_delay_s = RESTART_DELAY_S[0]
             return
         if worker is not None:
-            why = f"the worker process died (exit code {worker.exitcode}) while processing this series"
-            for job in self.spool.recover(self.config.worker.max_attempts, why):
-                log.error("series %s v%d: %s; now %s", job.series_uid, job.version, why, job.state.value)
             log.error("worker process %d died with exit code %s; restarting in %.0f s", worker.pid, worker.exitcode,
                       self._restart_delay_s)  # fmt: skip
             self._worker = None
             self._restart_at = time.monotonic() + self._restart_delay_s
             self._restart_delay_s = min(self._restart_delay_s * 2, RESTART_DELAY_S[1])
-        if self._restart_at is not None and time.monotonic() >= self._restart_at:
+            self._recovery = f"the worker process died (exit code {worker.exitcode}) while processing this series"
+            self._recover()
+        if self._recovery is None and self._restart_at is not None and time.monotonic() >= self._restart_at:
             self._start_worker()
 
     def _stop_worker(self) -> None:
@@ -196,14 +269,27 @@ class Node:
                         self.config.worker.shutdown_grace_s)  # fmt: skip
             worker.kill()  # nothing to clean up: the job is parked below and its outputs rewritten
             worker.join()
-        if self.spool is not None:
-            for job_id in self.spool.park_processing("parked at shutdown; processed again after the restart"):
+        spool = self.spool
+        if spool is not None and self._recovery is None:
+            parked = self._disk_write("parking at shutdown",
+                                      lambda: spool.park_processing("parked at shutdown; processed again after the "
+                                                                    "restart"))  # fmt: skip
+            for job_id in parked or []:
                 log.info("job %d parked: it will be processed again after the restart", job_id)
 
     def _on_release(self, series_uids: list[str]) -> None:
-        """The association-release fast path (``[series] complete_on_release``)."""
+        """An association ended with a release: noted (see ``UNRELEASED_NOTE``), and the fast path to completion.
+
+        The series complete at once with ``[series] complete_on_release``.
+        """
         spool = self.scp.spool if self.scp is not None else None
-        if spool is not None and spool.complete_series(series_uids):
+        if spool is None:
+            return
+        if self._disk_write("noting a release", lambda: spool.note_released(series_uids)) is None:
+            return
+        if self.config.series.complete_on_release and self._disk_write(
+            "completing released series", lambda: spool.complete_series(series_uids)
+        ):
             self._worker_wake.set()
 
 
@@ -251,10 +337,13 @@ def _lock_spool(config: NodeConfig) -> TextIO:
         handle.close()
         why = f"spool {config.spool.dir} is in use by another liverfat node ({LOCK_FILE} is locked)"
         raise LiverfatError(Reason.SPOOL_IN_USE, why) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except OSError as error:  # the PID is for people; the lock is what counts (a full disk lands here)
+        log.warning("cannot write the node's PID into %s: %s", config.spool.dir / LOCK_FILE, error)
     return handle
 
 

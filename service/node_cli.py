@@ -1,4 +1,4 @@
-"""``liverfat serve``, ``liverfat status`` and ``liverfat resend``: argument parsing for the node's commands.
+"""``liverfat serve``, ``status``, ``resend`` and ``retry``: argument parsing for the node's commands.
 
 ``add_node_commands`` is called by ``liverfat.service.cli.build_parser``; each command
 loads the configuration and calls one library function.
@@ -16,6 +16,7 @@ from typing import Any
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
+from liverfat.service.diskspace import DiskSpace
 from liverfat.service.health import NodeStatus, assess
 from liverfat.service.logs import configure_logging
 from liverfat.service.spool import DB_NAME, Job, Spool
@@ -25,7 +26,7 @@ RECENT_ERRORS = 5
 
 
 def add_node_commands(subparsers: Any) -> None:
-    """Add ``serve``, ``status`` and ``resend`` to the ``liverfat`` parser's subcommands."""
+    """Add ``serve``, ``status``, ``resend`` and ``retry`` to the ``liverfat`` parser's subcommands."""
     config_help = "TOML configuration file (default: embedded defaults); LIVERFAT_<SECTION>_<KEY> variables override it"
     serve = subparsers.add_parser("serve", help="run the DICOM node: receive CT, analyse it, send results back")
     serve.add_argument("--config", type=Path, help=config_help)
@@ -40,6 +41,11 @@ def add_node_commands(subparsers: Any) -> None:
     resend.add_argument("series_uid", metavar="SERIES_UID", help="the CT series' (0020,000E) Series Instance UID")
     resend.add_argument("--config", type=Path, help=config_help)
     resend.set_defaults(command=cmd_resend)
+
+    retry = subparsers.add_parser("retry", help="process a series again (a new version) with every instance held")
+    retry.add_argument("series_uid", metavar="SERIES_UID", help="the CT series' (0020,000E) Series Instance UID")
+    retry.add_argument("--config", type=Path, help=config_help)
+    retry.set_defaults(command=cmd_retry)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,13 +63,15 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     spool = _open_existing_spool(config)
+    running = spool_in_use(config)
     status = NodeStatus(
         counts=spool.counts(),
         spool_free_bytes=shutil.disk_usage(config.spool.dir).free,
         min_free_bytes=config.spool.min_free_disk_mb * 2**20,
         destinations=len(config.send.destinations),
+        spool_full=running and DiskSpace(config.spool.dir).is_full(),
     )
-    report = status_report(config, status, spool, running=spool_in_use(config))
+    report = status_report(config, status, spool, running=running)
     spool.close()
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
@@ -79,6 +87,21 @@ def cmd_resend(args: argparse.Namespace) -> int:
     targets = ", ".join(str(d) for d in config.send.destinations)
     print(f"queued {len(job.outputs)} file(s) of series {job.series_uid} (version {job.version}) for {targets}; "
           "a running node sends them within seconds, a stopped one when it starts")  # fmt: skip
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    spool = _open_existing_spool(config)
+    try:
+        job, queued = spool.retry_series(args.series_uid)
+    finally:
+        spool.close()
+    if not queued:
+        print(f"series {job.series_uid} v{job.version} is {job.state.value}: it is processed without a retry")
+        return 0
+    print(f"queued series {job.series_uid} as version {job.version}: a running node processes it within seconds, "
+          "a stopped one when it starts")  # fmt: skip
     return 0
 
 
@@ -130,15 +153,16 @@ def format_status(report: dict[str, Any]) -> str:
 def _recent_line(job: dict[str, Any]) -> str:
     grade = f"  {job['grade']}" if job["grade"] else ""
     took = "" if job["processing_s"] is None else f"  {job['processing_s']:.1f} s"
+    note = f"\n      note: {job['note']}" if job["note"] else ""
     return f"  {_when(job['updated_at'])}  {job['series_uid']} v{job['version']}  {job['state']}{grade}" + (
-        _hu(job["parenchymal_hu"]) + took
+        _hu(job["parenchymal_hu"]) + took + note
     )
 
 
 def _job_json(job: Job) -> dict[str, Any]:
     return {"series_uid": job.series_uid, "version": job.version, "state": job.state.value, "grade": job.grade,
             "parenchymal_hu": job.parenchymal_hu, "instances": job.n_instances, "attempts": job.attempts,
-            "processing_s": job.processing_s, "last_error": job.last_error,
+            "processing_s": job.processing_s, "last_error": job.last_error, "note": job.note,
             "updated_at": job.finished_at or job.started_at or job.completed_at or job.last_instance_at}  # fmt: skip
 
 

@@ -6,27 +6,22 @@ Layout under the spool folder::
     instances/<series>/     one file per received instance (written atomically, a new name per reception)
     results/<job id>/       what the worker wrote for one series version
     tmp/                    partial writes; emptied at start
+    reserve                 space held for the index until the disk fills (``diskspace``)
 
 A job is one *version* of a series. Instances arriving while its job is ``received`` or
 ``complete`` join it; an instance that arrives once processing has started opens the next
-version, which is processed again with every instance of the series held so far.
-Every state change is one SQLite transaction; the schema version is ``PRAGMA user_version``.
-
-Retention (:meth:`Spool.purge_expired`): a series expires ``keep_days`` after both its last
-instance arrived (duplicates count: a sender still cares) and its last version ended, once none
-of its results waits to be sent. Its instance files and index rows, and its result folders, are
-deleted; its job rows stay, for ``liverfat status`` and the metrics. Two rules make a purge safe
-against an association storing into the same series at the same moment: a duplicate is answered
-only after its series has been marked active in a transaction, and the purge re-checks expiry in
-its own transaction; every reception writes a new file name, so a purge deletes only files that
-no index row will point at again.
+version, which is processed again with every instance of the series held so far. So does a
+duplicate arriving after the series failed (it was sent again to be processed again), and
+``liverfat retry`` (:meth:`Spool.retry_series`). An instance is identified by its series and
+SOP Instance UID. Every state change is one SQLite transaction; the schema and its migrations
+are in ``spool_schema`` (version in ``PRAGMA user_version``). Retention is in ``retention``.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
+import logging
 import secrets
 import shutil
 import sqlite3
@@ -41,67 +36,15 @@ from typing import Any
 
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.files import durable_write
+from liverfat.service.diskspace import DiskSpace, is_disk_full
+from liverfat.service.spool_schema import SCHEMA_VERSION, migrate
 
-SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
 DB_NAME = "index.sqlite"
 BUSY_TIMEOUT_S = 30.0
-SECONDS_PER_DAY = 86400.0
 PROCESSING_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
-SCHEMA = """
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    study_uid TEXT,
-    calling_ae TEXT,
-    state TEXT NOT NULL,
-    n_instances INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    last_instance_at REAL NOT NULL,
-    completed_at REAL,
-    started_at REAL,
-    finished_at REAL,
-    processing_s REAL,
-    grade TEXT,
-    parenchymal_hu REAL,
-    reasons TEXT,
-    timings TEXT,
-    outputs TEXT,
-    UNIQUE (series_uid, version)
-);
-CREATE INDEX jobs_by_state ON jobs (state);
-CREATE TABLE instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    series_uid TEXT NOT NULL,
-    job_id INTEGER NOT NULL REFERENCES jobs (id),
-    sop_class_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    received_at REAL NOT NULL
-);
-CREATE INDEX instances_by_series ON instances (series_uid, job_id);
-CREATE TABLE outbox (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL REFERENCES jobs (id),
-    destination TEXT NOT NULL,
-    path TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    failures INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    sent_at REAL,
-    UNIQUE (job_id, destination, path)
-);
-CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
-"""
 
 
 class JobState(StrEnum):
@@ -113,6 +56,8 @@ class JobState(StrEnum):
     FAILED = "failed"  # our side went wrong; see last_error
 
 
+UNRELEASED_NOTE = ("completed by the stable wait with no association release after its last instance (the sending "
+                   "association was aborted, or is still open): the series may be incomplete")
 OPEN_STATES = (JobState.RECEIVED, JobState.COMPLETE)  # new instances still join these
 ENDED_STATES = (JobState.DONE, JobState.REJECTED, JobState.FAILED)
 
@@ -187,6 +132,7 @@ class Job:
     parenchymal_hu: float | None
     timings: dict[str, float]
     outputs: tuple[OutputFile, ...]
+    note: str | None = None  # how this version came about, when unusual (a possibly partial series, a retry)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -197,7 +143,7 @@ class Job:
             last_error=row["last_error"], created_at=row["created_at"], last_instance_at=row["last_instance_at"],
             completed_at=row["completed_at"], started_at=row["started_at"], finished_at=row["finished_at"],
             processing_s=row["processing_s"], grade=row["grade"], parenchymal_hu=row["parenchymal_hu"],
-            timings=json.loads(row["timings"] or "{}"), outputs=outputs,
+            timings=json.loads(row["timings"] or "{}"), outputs=outputs, note=row["note"],
         )  # fmt: skip
 
 
@@ -213,16 +159,6 @@ class Send:
     sop_instance_uid: str
     transfer_syntax_uid: str
     attempts: int
-
-
-@dataclass(frozen=True)
-class Purged:
-    """What one retention pass deleted."""
-
-    series: int = 0
-    instances: int = 0
-    result_folders: int = 0
-    bytes_freed: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,9 +191,10 @@ class SpoolCounts:
 class Spool:
     """One connection to the spool's index; safe to share between the threads of one process."""
 
-    def __init__(self, root: Path, *, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, *, min_free_bytes: int = 0, space: DiskSpace | None = None) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self.space = space  # the node's disk-full state: stores are refused while it says full
         self.tmp_dir = root / "tmp"
         self.results_dir = root / "results"
         for folder in (root, root / "instances", self.tmp_dir, self.results_dir):
@@ -277,18 +214,9 @@ class Spool:
 
     def _create_schema(self) -> None:
         with self.transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise LiverfatError(
-                    Reason.SPOOL_IN_USE,
-                    f"spool index {self.root / DB_NAME} has schema version {version}, this liverfat knows "
-                    f"version {SCHEMA_VERSION} (PRAGMA user_version); use a new spool folder",
-                )
+            found = migrate(db, self.root / DB_NAME)
+        if 0 < found < SCHEMA_VERSION:
+            log.info("spool index %s migrated from schema version %d to %d", self.root / DB_NAME, found, SCHEMA_VERSION)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -297,10 +225,11 @@ class Spool:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (disk full) may or may not have rolled back
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -308,23 +237,33 @@ class Spool:
 
     # -- receiving ------------------------------------------------------------------------
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        return bool(self.query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)))
+    def has_instance(self, sop_instance_uid: str, series_uid: str | None = None) -> bool:
+        """Whether the instance is held (in ``series_uid``, or in any series when not given)."""
+        where, params = ("", [sop_instance_uid]) if series_uid is None else (" AND series_uid = ?",
+                                                                             [sop_instance_uid, series_uid])  # fmt: skip
+        return bool(self.query(f"SELECT 1 FROM instances WHERE sop_instance_uid = ?{where}", params))
 
     def store_instance(self, data: bytes, info: InstanceInfo, now: float | None = None) -> StoreOutcome:
         """Write one instance durably and index it; when this returns, the instance is safe.
 
-        Raises ``LiverfatError`` with ``SPOOL_FULL`` when free space would fall below the
-        configured minimum or the disk is full, ``SPOOL_WRITE_FAILED`` on any other failure.
-        Nothing is indexed (and no file is left) when it raises.
+        An instance is identified by its series and SOP Instance UID: one already held in the
+        same series is a duplicate (accepted, not written again; it re-opens a failed series);
+        the same SOP Instance UID in another series is stored as that series' own instance.
+        Raises ``LiverfatError`` with ``SPOOL_FULL`` while the node's disk-full state holds, when
+        free space would fall below the configured minimum or the disk is full,
+        ``SPOOL_WRITE_FAILED`` on any other failure. Nothing is indexed (and no file is left)
+        when it raises.
         """
         now = time.time() if now is None else now
-        if self.has_instance(info.sop_instance_uid):
+        if self.space is not None and self.space.is_full():
+            raise LiverfatError(Reason.SPOOL_FULL, f"the spool's disk ({self.root}) is full: nothing is stored "
+                                "until space returns")  # fmt: skip
+        if self.has_instance(info.sop_instance_uid, info.series_uid):
             try:
                 with self.transaction() as db:
-                    held = _mark_duplicate(db, info.sop_instance_uid, now)
+                    held = _mark_held(db, info, now)
             except sqlite3.Error as error:
-                raise _write_error(f"cannot record a duplicate in {self.root / DB_NAME}", error) from error
+                raise self._write_error(f"cannot record a duplicate in {self.root / DB_NAME}", error) from error
             if held:
                 return StoreOutcome.DUPLICATE
         self._check_free_space(len(data))
@@ -334,18 +273,32 @@ class Spool:
         try:
             durable_write(target, data, self.tmp_dir)
         except OSError as error:
-            raise _write_error(f"cannot write instance to {target}", error) from error
+            raise self._write_error(f"cannot write instance to {target}", error) from error
         try:
             outcome = self._index_instance(info, relative, len(data), now)
         except sqlite3.Error as error:
             target.unlink(missing_ok=True)
-            raise _write_error(f"cannot index instance in {self.root / DB_NAME}", error) from error
+            raise self._write_error(f"cannot index instance in {self.root / DB_NAME}", error) from error
         if outcome is StoreOutcome.DUPLICATE:
             target.unlink(missing_ok=True)  # a concurrent association stored it first: this copy is not indexed
         return outcome
 
+    def _write_error(self, what: str, error: Exception) -> LiverfatError:
+        """The error a failed write raises; a full disk also enters the node's disk-full state."""
+        if not is_disk_full(error):
+            return LiverfatError(Reason.SPOOL_WRITE_FAILED, f"{what}: {error}")
+        return self._disk_full(f"{what}: {error}")
+
+    def _disk_full(self, message: str) -> LiverfatError:
+        if self.space is not None:
+            self.space.release(message)
+        return LiverfatError(Reason.SPOOL_FULL, message)
+
     def _check_free_space(self, size: int) -> None:
         free = shutil.disk_usage(self.root).free
+        if free < size:
+            raise self._disk_full(f"the spool's disk ({self.root}) has {free // 1024} KiB free, the instance needs "
+                                  f"{size // 1024 + 1} KiB")  # fmt: skip
         if free - size < self.min_free_bytes:
             raise LiverfatError(Reason.SPOOL_FULL,
                                 f"spool {self.root} has {free // 2**20} MiB free, the configured minimum is "
@@ -353,42 +306,48 @@ class Spool:
 
     def _index_instance(self, info: InstanceInfo, relative: Path, size: int, now: float) -> StoreOutcome:
         with self.transaction() as db:
-            if _mark_duplicate(db, info.sop_instance_uid, now):
+            if _mark_held(db, info, now):
                 return StoreOutcome.DUPLICATE  # a concurrent association stored it first
             job_id = self._open_job(db, info, now)
             db.execute("UPDATE jobs SET n_instances = n_instances + 1, last_instance_at = ? WHERE id = ?",
                        (now, job_id))  # fmt: skip
             db.execute(
-                "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (info.sop_instance_uid, info.series_uid, job_id, info.sop_class_uid, str(relative), size, now),
+                "INSERT INTO instances (series_uid, sop_instance_uid, job_id, sop_class_uid, path, size, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (info.series_uid, info.sop_instance_uid, job_id, info.sop_class_uid, str(relative), size, now),
             )
+            other = db.execute("SELECT series_uid FROM instances WHERE sop_instance_uid = ? AND series_uid != ? "
+                               "LIMIT 1", (info.sop_instance_uid, info.series_uid)).fetchone()  # fmt: skip
+        if other is not None:
+            log.warning("SOP Instance UID %s of series %s was already received in series %s (an anonymiser that "
+                        "reuses UIDs?): kept as an instance of each series", info.sop_instance_uid, info.series_uid,
+                        other["series_uid"])  # fmt: skip
         return StoreOutcome.STORED
 
     @staticmethod
     def _open_job(db: sqlite3.Connection, info: InstanceInfo, now: float) -> int:
         """The job a new instance joins: the series' open version, or a new version."""
-        latest = db.execute("SELECT id, version, state FROM jobs WHERE series_uid = ? ORDER BY version DESC LIMIT 1",
-                            (info.series_uid,)).fetchone()  # fmt: skip
+        latest = _latest_job(db, info.series_uid)
         if latest is not None and latest["state"] in OPEN_STATES:
             db.execute("UPDATE jobs SET state = ?, completed_at = NULL WHERE id = ?", (JobState.RECEIVED, latest["id"]))
             return int(latest["id"])
-        version = 1 if latest is None else latest["version"] + 1
-        cursor = db.execute(
-            "INSERT INTO jobs (series_uid, version, study_uid, calling_ae, state, created_at, last_instance_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (info.series_uid, version, info.study_uid, info.calling_ae, JobState.RECEIVED, now, now),
-        )
-        return int(cursor.lastrowid or 0)
+        return _new_version(db, info, latest, JobState.RECEIVED, now)
 
     # -- series completion ----------------------------------------------------------------
 
     def complete_stable(self, stable_seconds: float, now: float | None = None) -> list[int]:
-        """Mark complete every received series with no new instance for ``stable_seconds``."""
+        """Mark complete every received series with no new instance for ``stable_seconds``.
+
+        A series whose last instance was not followed by an association release (the sending
+        association was aborted, or is still open) gets ``UNRELEASED_NOTE``: it may be partial.
+        """
         now = time.time() if now is None else now
         with self.transaction() as db:
             rows = db.execute(
-                "UPDATE jobs SET state = ?, completed_at = ? WHERE state = ? AND last_instance_at <= ? RETURNING id",
-                (JobState.COMPLETE, now, JobState.RECEIVED, now - stable_seconds),
+                "UPDATE jobs SET state = ?, completed_at = ?, note = CASE WHEN released_at IS NULL OR "
+                "released_at < last_instance_at THEN COALESCE(note || '; ', '') || ? ELSE note END "
+                "WHERE state = ? AND last_instance_at <= ? RETURNING id",
+                (JobState.COMPLETE, now, UNRELEASED_NOTE, JobState.RECEIVED, now - stable_seconds),
             )
             return sorted(row["id"] for row in rows.fetchall())
 
@@ -403,6 +362,13 @@ class Spool:
                                 (time.time() if now is None else now, JobState.RECEIVED))  # fmt: skip
             return int(cursor.rowcount)
 
+    def note_released(self, series_uids: Sequence[str], now: float | None = None) -> None:
+        """An association that stored into these series ended with an A-RELEASE (not an abort)."""
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            db.executemany("UPDATE jobs SET released_at = ? WHERE series_uid = ? AND state IN (?, ?)",
+                           [(now, uid, *OPEN_STATES) for uid in series_uids])  # fmt: skip
+
     def complete_series(self, series_uids: Sequence[str], now: float | None = None) -> list[int]:
         """Mark complete the received version of each series (the association-release fast path)."""
         now = time.time() if now is None else now
@@ -410,8 +376,9 @@ class Spool:
         with self.transaction() as db:
             for series_uid in series_uids:
                 row = db.execute(
-                    "UPDATE jobs SET state = ?, completed_at = ? WHERE series_uid = ? AND state = ? RETURNING id",
-                    (JobState.COMPLETE, now, series_uid, JobState.RECEIVED),
+                    "UPDATE jobs SET state = ?, completed_at = ?, released_at = ? WHERE series_uid = ? AND state = ? "
+                    "RETURNING id",
+                    (JobState.COMPLETE, now, now, series_uid, JobState.RECEIVED),
                 ).fetchone()
                 if row is not None:
                     completed.append(int(row["id"]))
@@ -450,13 +417,18 @@ class Spool:
             )  # fmt: skip
             _queue_outputs(db, job_id, result.outputs, destinations, now)
 
-    def park_processing(self, why: str) -> list[int]:
-        """Put jobs interrupted by a shutdown back in the queue; the attempt does not count."""
+    def park_processing(self, why: str, job_id: int | None = None) -> list[int]:
+        """Put jobs interrupted by something not their fault back in the queue; the attempt does not count.
+
+        A shutdown, a node stopped as a whole (found at the next start), a full disk; every job
+        ``processing`` when ``job_id`` is not given.
+        """
+        where, params = ("", []) if job_id is None else (" AND id = ?", [job_id])
         with self.transaction() as db:
             rows = db.execute(
-                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), last_error = ? WHERE state = ? "
-                "RETURNING id",
-                (JobState.COMPLETE, why, JobState.PROCESSING),
+                "UPDATE jobs SET state = ?, attempts = MAX(attempts - 1, 0), last_error = ? WHERE state = ?"
+                f"{where} RETURNING id",
+                (JobState.COMPLETE, why, JobState.PROCESSING, *params),
             ).fetchall()
         return [int(row["id"]) for row in rows]
 
@@ -470,39 +442,33 @@ class Spool:
             ).fetchall()  # fmt: skip
         return [self.job(int(row["id"])) for row in rows]
 
+    def retry_series(self, series_uid: str, now: float | None = None) -> tuple[Job, bool]:
+        """Queue a new version of an ended series, processed with every instance held (``liverfat retry``).
+
+        Returns the new job and ``True``, or the newest job and ``False`` when it has not ended
+        (it is queued or processed anyway).
+        """
+        now = time.time() if now is None else now
+        with self.transaction() as db:
+            latest = _latest_job(db, series_uid)
+            if latest is None:
+                raise LiverfatError(Reason.UNKNOWN_SERIES, f"series {series_uid} was never received")
+            if latest["state"] not in ENDED_STATES:
+                return Job.from_row(latest), False
+            if db.execute("SELECT 1 FROM instances WHERE series_uid = ?", (series_uid,)).fetchone() is None:
+                raise LiverfatError(Reason.UNKNOWN_SERIES, f"series {series_uid} has no instance left: retention "
+                                    "deleted them ([spool] keep_days); send the series again")  # fmt: skip
+            info = InstanceInfo("", "", series_uid, latest["study_uid"], latest["calling_ae"])
+            note = f"retry of v{latest['version']} ({latest['state']}) by liverfat retry"
+            job_id = _new_version(db, info, latest, JobState.COMPLETE, now, note=note)
+        return self.job(job_id), True
+
     def clear_tmp(self) -> int:
         """Remove partial writes left by a crash; returns how many."""
         leftovers = list(self.tmp_dir.iterdir())
         for path in leftovers:
             path.unlink(missing_ok=True)
         return len(leftovers)
-
-    # -- retention ------------------------------------------------------------------------
-
-    def purge_expired(self, keep_days: float, now: float | None = None) -> Purged:
-        """Delete the instance files and results of every expired series (see the module docstring)."""
-        cutoff = (time.time() if now is None else now) - keep_days * SECONDS_PER_DAY
-        series = instances = folders = freed = 0
-        for row in self.query(_EXPIRED_SQL.format(where=""), (cutoff, cutoff, OutboxState.PENDING)):
-            with self.transaction() as db:  # again under the write lock: an instance may just have arrived
-                if not db.execute(_EXPIRED_SQL.format(where="WHERE j.series_uid = ?"),
-                                  (row["series_uid"], cutoff, cutoff, OutboxState.PENDING)).fetchone():  # fmt: skip
-                    continue
-                paths = [r["path"] for r in db.execute("SELECT path FROM instances WHERE series_uid = ?",
-                                                       (row["series_uid"],))]  # fmt: skip
-                job_ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE series_uid = ?", (row["series_uid"],))]
-                db.execute("DELETE FROM instances WHERE series_uid = ?", (row["series_uid"],))
-                db.execute("UPDATE jobs SET outputs = '[]' WHERE series_uid = ?", (row["series_uid"],))
-            series += 1
-            instances += len(paths)
-            freed += sum(_remove(self.root / path) for path in paths)
-            for job_id in job_ids:
-                folder = self.results_dir / str(job_id)
-                if folder.is_dir():
-                    freed += sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-                    shutil.rmtree(folder)
-                    folders += 1
-        return Purged(series, instances, folders, freed)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -616,35 +582,44 @@ def _queue_outputs(db: sqlite3.Connection, job_id: int, outputs: Sequence[Output
             )  # fmt: skip
 
 
-# Series whose every version ended (a job failed by recover() has no finished_at) and whose last instance
-# arrived before the cut-off, with nothing left to
-# send and something left to delete. Parameters: cut-off (finished), cut-off (arrived), pending state.
-_EXPIRED_SQL = (
-    "SELECT j.series_uid FROM jobs j {where} GROUP BY j.series_uid "
-    f"HAVING SUM(j.state NOT IN ({', '.join(repr(str(s)) for s in ENDED_STATES)})) = 0 "
-    "AND MAX(COALESCE(j.finished_at, j.started_at, j.last_instance_at)) < ? AND MAX(j.last_instance_at) < ? "
-    "AND NOT EXISTS (SELECT 1 FROM outbox o JOIN jobs p ON p.id = o.job_id "
-    "                WHERE p.series_uid = j.series_uid AND o.state = ?) "
-    "AND (EXISTS (SELECT 1 FROM instances i WHERE i.series_uid = j.series_uid) OR MAX(j.outputs != '[]'))"
-)
+def _mark_held(db: sqlite3.Connection, info: InstanceInfo, now: float) -> bool:
+    """Whether the instance is held in its series; if it is, the series counts as active now.
+
+    Retention waits for an active series; a failed series sent again opens a new version,
+    processed with every instance held once it is complete.
+    """
+    held = db.execute("SELECT 1 FROM instances WHERE series_uid = ? AND sop_instance_uid = ?",
+                      (info.series_uid, info.sop_instance_uid)).fetchone()  # fmt: skip
+    latest = _latest_job(db, info.series_uid)
+    if held is None or latest is None:
+        return False
+    job_id = int(latest["id"])
+    if latest["state"] == JobState.FAILED:
+        job_id = _new_version(db, info, latest, JobState.RECEIVED, now, note=f"sent again after v{latest['version']} "
+                              "failed")  # fmt: skip
+        log.info("series %s was sent again after v%d failed: v%d opened", info.series_uid, latest["version"],
+                 latest["version"] + 1)  # fmt: skip
+    db.execute("UPDATE jobs SET last_instance_at = MAX(last_instance_at, ?) WHERE id = ?", (now, job_id))
+    return True
 
 
-def _mark_duplicate(db: sqlite3.Connection, sop_instance_uid: str, now: float) -> bool:
-    """Whether the instance is held; if it is, its series counts as active now (retention waits for it)."""
-    cursor = db.execute("UPDATE jobs SET last_instance_at = MAX(last_instance_at, ?) "
-                        "WHERE id = (SELECT job_id FROM instances WHERE sop_instance_uid = ?)",
-                        (now, sop_instance_uid))  # fmt: skip
-    return cursor.rowcount > 0
+def _latest_job(db: sqlite3.Connection, series_uid: str) -> sqlite3.Row | None:
+    row: sqlite3.Row | None = db.execute("SELECT * FROM jobs WHERE series_uid = ? ORDER BY version DESC LIMIT 1",
+                                         (series_uid,)).fetchone()  # fmt: skip
+    return row
 
 
-def _remove(path: Path) -> int:
-    """Delete one file; its size, or 0 when it was already gone."""
-    try:
-        size = path.stat().st_size
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return size
+def _new_version(db: sqlite3.Connection, info: InstanceInfo, latest: sqlite3.Row | None, state: JobState, now: float,
+                 note: str | None = None) -> int:  # fmt: skip
+    """Insert the series' next version in ``state``; returns its job id."""
+    version = 1 if latest is None else latest["version"] + 1
+    cursor = db.execute(
+        "INSERT INTO jobs (series_uid, version, study_uid, calling_ae, state, created_at, last_instance_at, "
+        "completed_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (info.series_uid, version, info.study_uid, info.calling_ae, state, now, now,
+         now if state is JobState.COMPLETE else None, note),
+    )  # fmt: skip
+    return int(cursor.lastrowid or 0)
 
 
 def file_name(uid: str) -> str:
@@ -653,9 +628,3 @@ def file_name(uid: str) -> str:
     if cleaned == uid and cleaned:
         return uid
     return f"{cleaned[:64] or 'uid'}-{hashlib.sha256(uid.encode()).hexdigest()[:12]}"
-
-
-def _write_error(what: str, error: Exception) -> LiverfatError:
-    full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
-    full = full or (isinstance(error, sqlite3.OperationalError) and "full" in str(error))
-    return LiverfatError(Reason.SPOOL_FULL if full else Reason.SPOOL_WRITE_FAILED, f"{what}: {error}")

@@ -4,16 +4,23 @@ It loads the model once and keeps it. Each job goes through ``analyze_dicom_seri
 same code as ``liverfat analyze``): header eligibility first, so an ineligible series is
 rejected without its pixels being read; then the measurement and the DICOM outputs, which
 are queued for every destination in the same transaction that marks the job done.
+
+A full spool disk (see ``diskspace``) is not the series' fault: its partial results are
+deleted, the job is parked without counting the attempt, and the worker takes no series
+until space returns, then waits a little longer after each further disk-full park.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -27,12 +34,14 @@ from liverfat.dicom_io.read import discover
 from liverfat.inference.backend import Backend
 from liverfat.service.analyze import AnalyzeOptions, BackendLoader, ModelCache, Outcome, analyze_dicom_series
 from liverfat.service.config import NodeConfig, analysis_config, eligibility_policy, output_settings
+from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.logs import configure_logging
 from liverfat.service.spool import Job, JobResult, JobState, OutputFile, Spool
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle worker sleeps unless woken
+DISK_FULL_RETRY_S = (5.0, 300.0)  # after a disk-full park, no new series for this long: first, cap (doubling)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STATES = {Outcome.PROCESSED: JobState.DONE, Outcome.REJECTED: JobState.REJECTED, Outcome.FAILED: JobState.FAILED}
 
@@ -57,7 +66,8 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
     terminated: list[int] = []  # a plain list: a signal handler must not take the locks an Event uses
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
     signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))  # finish the series in hand
-    spool = Spool(config.spool.dir)
+    space = DiskSpace(config.spool.dir)
+    spool = Spool(config.spool.dir, space=space)
     loader = load_model or ModelLoader(config.model.name, config.model.device)
     models = ModelCache(loader)
     try:
@@ -65,39 +75,98 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
         log.info("model loaded: %s %s on %s", backend.info.name, backend.info.version, backend.info.device)
     except LiverfatError as error:
         log.error("cannot load model %r: %s; series will fail until this is fixed", config.model.name, error.message)
+    unparked: dict[int, str] = {}  # jobs parked for space whose park could not be recorded yet
+    resume_at, delay_s = 0.0, DISK_FULL_RETRY_S[0]
     while not terminated and not stop.is_set() and _parent_alive():
-        job = spool.claim_next()
+        job = None if space.is_full() or time.monotonic() < resume_at else _claim(spool, space, unparked)
         if job is None:
             wake.wait(IDLE_WAIT_S)
             wake.clear()
             continue
-        process_job(job, spool, config, models)
+        result = process_job(job, spool, config, models, space)
+        if result.state in (JobState.COMPLETE, JobState.PROCESSING):  # parked for space, or not even that
+            if result.state is JobState.PROCESSING:
+                unparked[job.id] = str(result.error)
+            resume_at, delay_s = time.monotonic() + delay_s, min(delay_s * 2, DISK_FULL_RETRY_S[1])
+        else:
+            delay_s = DISK_FULL_RETRY_S[0]
     spool.close()
     log.info("worker stopped")
 
 
-def process_job(job: Job, spool: Spool, config: NodeConfig, models: ModelCache) -> JobResult:
-    """Analyse one claimed job and record the outcome (and the sends it needs)."""
-    started = time.monotonic()
-    log.info("series %s v%d: processing %d instance(s), attempt %d", job.series_uid, job.version, job.n_instances,
-             job.attempts, extra={"job": job.id})  # fmt: skip
+def _claim(spool: Spool, space: DiskSpace, unparked: dict[int, str]) -> Job | None:
+    """Record the parks that failed for lack of space, then take the next job; ``None`` while the disk is full."""
     try:
-        result = _analyze(job, spool, config, models)
+        for job_id, why in list(unparked.items()):
+            spool.park_processing(why, job_id)
+            del unparked[job_id]
+        return spool.claim_next()
+    except sqlite3.Error as error:
+        if not is_disk_full(error):
+            raise
+        space.release(f"cannot record a job's state: {error}")
+        return None
+
+
+def process_job(job: Job, spool: Spool, config: NodeConfig, models: ModelCache,
+                space: DiskSpace | None = None) -> JobResult:  # fmt: skip
+    """Analyse one claimed job and record the outcome (and the sends it needs).
+
+    Returns the recorded result; its state is ``complete`` when the job was parked because
+    the spool's disk is full, ``processing`` when even that could not be recorded.
+    """
+    started = time.monotonic()
+    files = spool.job_files(job)
+    log.info("series %s v%d: processing %d instance(s), attempt %d", job.series_uid, job.version, len(files),
+             job.attempts, extra={"job": job.id})  # fmt: skip
+    if job.note:
+        log.warning("series %s v%d: %s", job.series_uid, job.version, job.note, extra={"job": job.id})
+    try:
+        result = _analyze(job, files, spool, config, models)
+        if space is not None:
+            space.check()
+            if space.is_full():
+                raise OSError(errno.ENOSPC, "the spool's disk filled up while this series was processed")
     except Exception as error:  # the boundary of one job: record it and keep the queue going
+        if is_disk_full(error):
+            return _park_for_space(job, spool, space, error)
         log.exception("series %s v%d failed", job.series_uid, job.version, extra={"job": job.id})
         result = JobResult(JobState.FAILED, error=f"{type(error).__name__}: {error}")
     elapsed = time.monotonic() - started
     result = replace(result, processing_s=elapsed)
-    spool.finish_job(job.id, result, [str(d) for d in config.send.destinations])
+    try:
+        spool.finish_job(job.id, result, [str(d) for d in config.send.destinations])
+    except sqlite3.Error as error:
+        if not is_disk_full(error):
+            raise
+        return _park_for_space(job, spool, space, error)
     hu = "" if result.parenchymal_hu is None else f", DL-parenchymal {result.parenchymal_hu:.1f} HU"
     log.info("series %s v%d: %s, grade %s%s, %d output(s), %.1f s", job.series_uid, job.version, result.state.value,
              result.grade, hu, len(result.outputs), elapsed, extra={"job": job.id})  # fmt: skip
     return result
 
 
-def _analyze(job: Job, spool: Spool, config: NodeConfig, models: ModelCache) -> JobResult:
+def _park_for_space(job: Job, spool: Spool, space: DiskSpace | None, error: BaseException) -> JobResult:
+    """Delete the job's partial results and put it back in the queue, its attempt not counted."""
+    why = f"parked: the spool's disk is full ({error}); processed again when space returns, not counted as an attempt"
+    if space is not None:
+        space.release(str(error))
+    shutil.rmtree(spool.results_dir / str(job.id), ignore_errors=True)
+    try:
+        spool.park_processing(why, job.id)
+    except sqlite3.Error as park_error:
+        if not is_disk_full(park_error):
+            raise
+        log.error("series %s v%d: %s; recording that failed too (%s), retried when space returns", job.series_uid,
+                  job.version, why, park_error, extra={"job": job.id})  # fmt: skip
+        return JobResult(JobState.PROCESSING, error=why)
+    log.warning("series %s v%d: %s", job.series_uid, job.version, why, extra={"job": job.id})
+    return JobResult(JobState.COMPLETE, error=why)
+
+
+def _analyze(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfig, models: ModelCache) -> JobResult:
     started = time.monotonic()
-    found = discover(spool.job_files(job))
+    found = discover(files)
     discover_s = time.monotonic() - started
     matching = [s for s in found.series if s.series_uid == job.series_uid]
     if not matching:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,9 +26,11 @@ from pynetdicom import AE, build_context
 from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.service.node import Node
 from liverfat.service import cli
-from liverfat.service.spool import JobState, OutboxState
-from tests.service.conftest import ECHOSCU, PHANTOM_LIVER_HU, dcmtk, free_port, phantom_series, storescu
+from liverfat.service.scp import StoreStatus
+from liverfat.service.spool import ENDED_STATES, UNRELEASED_NOTE, JobState, OutboxState
+from tests.service.conftest import ECHOSCU, PHANTOM_LIVER_HU, dcmtk, free_port, phantom_series, small_series, storescu
 from tests.service.node_process import NodeProcess, wait_for
+from tests.service.small_disk import fill, small_disk  # noqa: F401 (a fixture)
 from tests.service.test_sender import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("require_dcmtk")]
@@ -96,6 +99,26 @@ def only_job(node: NodeProcess) -> Any:
 
 def run_cli(*argv: str) -> None:
     assert cli.main(list(argv)) == 0
+
+
+def health(node: NodeProcess) -> tuple[int, dict[str, Any]]:
+    """``/healthz``: the HTTP status and the JSON body."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.config.http.port}/healthz", timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def store_status(node: NodeProcess, path: Path) -> int:
+    """The status of one C-STORE of ``path`` in an association of its own."""
+    assoc = AE(ae_title="TESTSCU").associate("127.0.0.1", node.config.node.port, ae_title="LIVERFAT",
+                                             contexts=[build_context(CTImageStorage)])  # fmt: skip
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
 
 
 def test_series_is_received_processed_and_its_results_sent_back(
@@ -262,3 +285,97 @@ def test_retention_deletes_the_series_files_once_its_results_are_sent(tmp_path: 
         assert only_job(node).state is JobState.DONE  # the history stays
     finally:
         assert node.terminate() == 0
+
+
+def test_a_full_disk_parks_the_series_and_the_node_serves_until_space_returns(
+    tmp_path: Path, receiver: Receiver, small_disk: Path
+) -> None:
+    """Issue 17 item 1: the spool on an 8 MiB tmpfs, filled while the series is processed, then freed."""
+    node = make_node(tmp_path, receiver, spool={"dir": str(small_disk / "spool")})
+    node.start(delay_s=5.0)
+    send_series(node, phantom_series(tmp_path / "ct")[0].parent)
+    wait_for(lambda: node.state() is JobState.PROCESSING, 60, "processing to start")
+    filler = fill(small_disk)
+    [other] = small_series(tmp_path / "other", slices=1)
+    assert store_status(node, other) == StoreStatus.OUT_OF_RESOURCES
+    wait_for(lambda: node.state() is JobState.COMPLETE, 60, "the series parked")
+    parked = only_job(node)
+    assert parked.attempts == 0 and "disk is full" in str(parked.last_error)
+    code, body = health(node)
+    assert code == 503 and any("disk is full" in problem for problem in body["problems"]), body
+    time.sleep(2 * 2.0)  # two probes of the disk: still full, the node still serves
+    assert node.process is not None and node.process.poll() is None
+    assert "died" not in node.run_log() and only_job(node).state is JobState.COMPLETE
+    assert node.terminate() == 0  # its index's log file goes: fill that space too, but for room to open the index
+    fill(small_disk, leave=128 << 10)
+    node.start(delay_s=5.0)  # on the still-full disk
+    assert store_status(node, other) == StoreStatus.OUT_OF_RESOURCES
+    assert health(node)[0] == 503
+    filler.unlink()
+    wait_for(lambda: unique_results(receiver) == RESULT_FILES, 120, "results once space returned")
+    done = only_job(node)
+    assert (done.state, done.attempts) == (JobState.DONE, 1)
+    assert store_status(node, other) == StoreStatus.SUCCESS
+    assert health(node)[0] == 200
+    assert node.terminate() == 0
+    assert "space returned" in node.run_log()
+
+
+def test_a_failed_series_is_processed_again_by_retry_or_by_sending_it_again(tmp_path: Path, receiver: Receiver) -> None:
+    """Issue 17 item 2: a model that cannot be loaded fails both series; fixed, one is retried, one re-sent."""
+    node = make_node(tmp_path, receiver, model={"name": str(tmp_path / "no-such-model")})
+    node.start(real_model=True, wait_model=False)
+    retried, resent = tmp_path / "retried", tmp_path / "resent"
+    for folder in (retried, resent):
+        phantom_series(folder)
+        send_series(node, folder)
+    wait_for(lambda: [job.state for job in node.jobs()] == [JobState.FAILED] * 2, 90, "both series failed")
+    assert node.terminate() == 0
+    series = {folder: pydicom.dcmread(next(folder.iterdir()), stop_before_pixels=True).SeriesInstanceUID
+              for folder in (retried, resent)}  # fmt: skip
+    node.start()  # the model is fixed
+    run_cli("retry", series[retried], "--config", str(node.config_path))
+    send_series(node, resent)
+    wait_for(lambda: unique_results(receiver) == 2 * RESULT_FILES, 120, "results of both series")
+    newest = {job.series_uid: job for job in node.jobs() if job.version == 2}
+    assert {uid: job.state for uid, job in newest.items()} == {uid: JobState.DONE for uid in series.values()}
+    assert newest[series[retried]].note == "retry of v1 (failed) by liverfat retry"
+    assert newest[series[resent]].note == "sent again after v1 failed"
+    assert node.terminate() == 0
+
+
+def test_a_node_stopped_as_a_whole_does_not_count_an_attempt_against_its_series(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """Issue 17 item 2: killed with the series in hand as often as max_attempts; it is still processed."""
+    node = make_node(tmp_path, receiver, worker={"max_attempts": 2})
+    node.start(delay_s=60.0)
+    send_series(node, phantom_series(tmp_path / "ct")[0].parent)
+    for _ in range(2):
+        wait_for(lambda: node.state() is JobState.PROCESSING, 60, "processing to start")
+        node.kill()
+        node.start(delay_s=60.0, wait_model=False)
+    wait_for(lambda: node.state() is JobState.PROCESSING, 60, "processing after the last restart")
+    assert "not counted as an attempt" in node.run_log()
+    node.kill()
+    node.start()
+    wait_for(lambda: unique_results(receiver) == RESULT_FILES, 90, "results after the restarts")
+    job = only_job(node)
+    assert (job.state, job.attempts) == (JobState.DONE, 1)
+    assert node.terminate() == 0
+
+
+def test_a_series_from_an_aborted_association_is_processed_with_a_note(tmp_path: Path, receiver: Receiver) -> None:
+    node = make_node(tmp_path, receiver)
+    files = phantom_series(tmp_path / "ct")
+    node.start()
+    assoc = AE(ae_title="TESTSCU").associate("127.0.0.1", node.config.node.port, ae_title="LIVERFAT",
+                                             contexts=[build_context(CTImageStorage)])  # fmt: skip
+    for path in files[: len(files) // 2]:
+        assert assoc.send_c_store(path).Status == StoreStatus.SUCCESS
+    assoc.abort()
+    wait_for(lambda: node.state() in ENDED_STATES, 90, "the partial series processed")
+    job = only_job(node)
+    assert job.n_instances == len(files) // 2 and job.note == UNRELEASED_NOTE
+    assert UNRELEASED_NOTE in node.run_log()
+    assert node.terminate() == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -16,11 +17,13 @@ from liverfat.service.spool import (
     JobState,
     OutboxState,
     OutputFile,
-    Purged,
+    UNRELEASED_NOTE,
     Spool,
     StoreOutcome,
     file_name,
 )
+from liverfat.service.retention import Purged, purge_expired
+from liverfat.service.spool_schema import migrate
 
 SERIES = "1.2.3.4"
 
@@ -43,6 +46,26 @@ def test_schema_version_is_kept_in_user_version_and_a_newer_one_is_refused(tmp_p
     with pytest.raises(LiverfatError, match="schema version") as raised:
         Spool(tmp_path / "s")
     assert raised.value.reason is Reason.SPOOL_IN_USE
+
+
+def test_a_version_1_index_is_migrated_keeping_its_jobs_and_instances(tmp_path: Path) -> None:
+    folder = tmp_path / "s"
+    folder.mkdir()
+    with sqlite3.connect(folder / DB_NAME, isolation_level=None) as db:
+        db.execute("BEGIN")
+        migrate(db, folder / DB_NAME, target=1)
+        db.execute("INSERT INTO jobs (series_uid, version, state, n_instances, created_at, last_instance_at) "
+                   "VALUES (?, 1, 'failed', 1, 100.0, 100.0)", (SERIES,))  # fmt: skip
+        db.execute("INSERT INTO instances VALUES ('1.1', ?, 1, '1.2.840.10008.5.1.4.1.1.2', 'instances/x.dcm', 5, 100.0)",
+                   (SERIES,))  # fmt: skip
+        db.execute("COMMIT")
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    spool = Spool(folder)
+    assert spool.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+    [job] = spool.jobs()
+    assert (job.state, job.n_instances, job.note) == (JobState.FAILED, 1, None)
+    assert spool.has_instance("1.1", SERIES) and not spool.has_instance("1.1", "9.9")
+    assert spool.store_instance(b"same uid, other series", info("1.1", "9.9")) is StoreOutcome.STORED
 
 
 def test_stored_instance_is_a_file_and_a_row_and_a_duplicate_is_accepted_once(spool: Spool) -> None:
@@ -101,6 +124,71 @@ def test_a_duplicate_of_a_processed_series_opens_no_new_version(spool: Spool) ->
     assert len(spool.jobs()) == 1
 
 
+def test_a_sop_instance_uid_reused_in_another_series_is_kept_in_both_with_a_warning(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    spool.store_instance(b"first series", info("1.1", "9.1"), now=100.0)
+    with caplog.at_level(logging.WARNING, logger="liverfat.service.spool"):
+        assert spool.store_instance(b"second series", info("1.1", "9.2"), now=101.0) is StoreOutcome.STORED
+    assert "1.1 of series 9.2 was already received in series 9.1" in caplog.text
+    second, first = spool.jobs()
+    assert [p.read_bytes() for p in spool.job_files(first)] == [b"first series"]
+    assert [p.read_bytes() for p in spool.job_files(second)] == [b"second series"]
+    assert spool.store_instance(b"again", info("1.1", "9.2"), now=102.0) is StoreOutcome.DUPLICATE
+
+
+def failed_series(spool: Spool) -> int:
+    """A series of two instances whose only version failed; returns its job id."""
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    spool.store_instance(b"b", info("1.2"), now=100.0)
+    spool.complete_stable(1.0, now=200.0)
+    job = spool.claim_next()
+    assert job is not None
+    spool.finish_job(job.id, JobResult(JobState.FAILED, error="model not found"), destinations=[], now=250.0)
+    return job.id
+
+
+def test_a_failed_series_sent_again_opens_a_new_version_with_every_instance(spool: Spool) -> None:
+    failed_id = failed_series(spool)
+    assert spool.store_instance(b"a", info("1.1"), now=300.0) is StoreOutcome.DUPLICATE
+    assert spool.store_instance(b"b", info("1.2"), now=301.0) is StoreOutcome.DUPLICATE
+    again, failed = spool.jobs()
+    assert failed.id == failed_id and failed.state is JobState.FAILED
+    assert (again.version, again.state, again.last_instance_at) == (2, JobState.RECEIVED, 301.0)
+    assert again.note == "sent again after v1 failed"
+    assert spool.complete_stable(1.0, now=302.0) == [again.id]
+    assert sorted(p.read_bytes() for p in spool.job_files(spool.job(again.id))) == [b"a", b"b"]
+
+
+def test_retry_queues_a_new_version_of_an_ended_series_only(spool: Spool) -> None:
+    failed_series(spool)
+    job, queued = spool.retry_series(SERIES, now=400.0)
+    assert queued and (job.version, job.state, job.attempts, job.completed_at) == (2, JobState.COMPLETE, 0, 400.0)
+    assert job.note == "retry of v1 (failed) by liverfat retry"
+    assert spool.retry_series(SERIES) == (job, False)  # already queued
+    claimed = spool.claim_next()
+    assert claimed is not None and claimed.id == job.id and len(spool.job_files(claimed)) == 2
+    with pytest.raises(LiverfatError, match="never received") as raised:
+        spool.retry_series("9.9.9")
+    assert raised.value.reason is Reason.UNKNOWN_SERIES
+
+
+def test_retry_of_a_series_whose_instances_retention_deleted_says_so(spool: Spool) -> None:
+    failed_series(spool)
+    assert purge_expired(spool, keep_days=1, now=300.0 + 2 * DAY).series == 1
+    with pytest.raises(LiverfatError, match="send the series again"):
+        spool.retry_series(SERIES)
+
+
+def test_a_series_completed_without_an_association_release_carries_a_note(spool: Spool) -> None:
+    spool.store_instance(b"a", info("1.1", "9.1"), now=100.0)
+    spool.store_instance(b"b", info("1.2", "9.2"), now=100.0)
+    spool.note_released(["9.2"], now=100.5)
+    spool.complete_stable(1.0, now=200.0)
+    notes = {job.series_uid: job.note for job in spool.jobs()}
+    assert notes == {"9.1": UNRELEASED_NOTE, "9.2": None}
+
+
 def test_recover_requeues_processing_jobs_until_max_attempts(spool: Spool) -> None:
     spool.store_instance(b"a", info("1.1", "9.1"), now=100.0)
     spool.complete_stable(1.0, now=200.0)
@@ -119,6 +207,16 @@ def test_parked_job_goes_back_to_the_queue_without_counting_the_attempt(spool: S
     assert spool.park_processing("parked at shutdown") == [job.id]
     parked = spool.job(job.id)
     assert (parked.state, parked.attempts, parked.last_error) == (JobState.COMPLETE, 0, "parked at shutdown")
+
+
+def test_parking_one_job_leaves_the_others_processing(spool: Spool) -> None:
+    for series in ("9.1", "9.2"):
+        spool.store_instance(b"a", info("1.1", series), now=100.0)
+    spool.complete_stable(1.0, now=200.0)
+    first, second = spool.claim_next(), spool.claim_next()
+    assert first is not None and second is not None
+    assert spool.park_processing("disk full", job_id=second.id) == [second.id]
+    assert (spool.job(first.id).state, spool.job(second.id).state) == (JobState.PROCESSING, JobState.COMPLETE)
 
 
 def finished_job_with_outputs(spool: Spool, destinations: list[str]) -> int:
@@ -197,14 +295,14 @@ def ended_series_with_results(spool: Spool, destinations: list[str]) -> int:
 def test_retention_deletes_files_of_series_ended_more_than_keep_days_ago(spool: Spool) -> None:
     job_id = ended_series_with_results(spool, destinations=[])
     [instance_file] = spool.job_files(spool.job(job_id))
-    assert spool.purge_expired(keep_days=7, now=300.0 + 7 * DAY - 1) == Purged()
-    purged = spool.purge_expired(keep_days=7, now=300.0 + 7 * DAY + 1)
+    assert purge_expired(spool, keep_days=7, now=300.0 + 7 * DAY - 1) == Purged()
+    purged = purge_expired(spool, keep_days=7, now=300.0 + 7 * DAY + 1)
     assert (purged.series, purged.instances, purged.result_folders) == (1, 1, 1)
     assert not instance_file.exists() and not (spool.results_dir / str(job_id)).exists()
     job = spool.job(job_id)
     assert job.state is JobState.DONE and job.grade == "none-or-mild" and job.outputs == ()  # history stays
     assert spool.counts().instances == 1  # a counter: received instances, not instances held
-    assert spool.purge_expired(keep_days=7, now=300.0 + 30 * DAY) == Purged()
+    assert purge_expired(spool, keep_days=7, now=300.0 + 30 * DAY) == Purged()
     with pytest.raises(LiverfatError, match="no result to send"):
         spool.requeue_series(SERIES, ["A@h:1"])
 
@@ -212,11 +310,11 @@ def test_retention_deletes_files_of_series_ended_more_than_keep_days_ago(spool: 
 def test_retention_keeps_series_with_results_still_to_send_or_a_version_still_open(spool: Spool) -> None:
     ended_series_with_results(spool, destinations=["A@h:1"])  # both results still pending
     later = 300.0 + 30 * DAY
-    assert spool.purge_expired(keep_days=7, now=later) == Purged()
+    assert purge_expired(spool, keep_days=7, now=later) == Purged()
     for send in spool.due_sends(now=later):
         spool.mark_sent(send.id)
     spool.store_instance(b"b", info("1.2"), now=400.0)  # a new version, still receiving
-    assert spool.purge_expired(keep_days=7, now=later) == Purged()
+    assert purge_expired(spool, keep_days=7, now=later) == Purged()
 
 
 def test_a_duplicate_keeps_its_series_from_expiring_and_a_later_copy_is_stored_anew(spool: Spool) -> None:
@@ -224,9 +322,9 @@ def test_a_duplicate_keeps_its_series_from_expiring_and_a_later_copy_is_stored_a
     job_id = ended_series_with_results(spool, destinations=[])
     resent_at = 300.0 + 10 * DAY
     assert spool.store_instance(b"a", info("1.1"), now=resent_at) is StoreOutcome.DUPLICATE
-    assert spool.purge_expired(keep_days=7, now=resent_at + 1) == Purged()  # "already held" stays true
+    assert purge_expired(spool, keep_days=7, now=resent_at + 1) == Purged()  # "already held" stays true
     assert spool.job_files(spool.job(job_id))[0].read_bytes() == b"a"
-    assert spool.purge_expired(keep_days=7, now=resent_at + 7 * DAY + 1).series == 1
+    assert purge_expired(spool, keep_days=7, now=resent_at + 7 * DAY + 1).series == 1
     assert spool.store_instance(b"a again", info("1.1"), now=resent_at + 8 * DAY) is StoreOutcome.STORED
     newest = spool.jobs()[0]
     assert newest.version == 2 and [f.read_bytes() for f in spool.job_files(newest)] == [b"a again"]
@@ -239,7 +337,7 @@ def test_every_reception_gets_its_own_file_and_a_lost_race_leaves_no_file(
     [held] = spool.job_files(spool.jobs()[0])
     assert held.name.startswith("1.1.") and held.suffix == ".dcm"
     # a second association that checked before the first one indexed: it writes its copy, then loses
-    monkeypatch.setattr(spool, "has_instance", lambda sop_instance_uid: False)
+    monkeypatch.setattr(spool, "has_instance", lambda sop_instance_uid, series_uid=None: False)
     assert spool.store_instance(b"a", info("1.1"), now=101.0) is StoreOutcome.DUPLICATE
     assert [p.name for p in held.parent.iterdir()] == [held.name]
     assert spool.jobs()[0].last_instance_at == 101.0

@@ -12,6 +12,7 @@ from pydicom.uid import RLELossless
 
 from liverfat.service.analyze import ModelCache
 from liverfat.service.config import Destination, NodeConfig, NodeSection, OutputsSection, SendSection, WorkerSection
+from liverfat.service.diskspace import DiskSpace
 from liverfat.service.spool import InstanceInfo, Job, JobState, Spool
 from liverfat.service.worker import ModelLoader, process_job
 from tests.phantom import SeriesHeader
@@ -124,3 +125,21 @@ def test_instances_that_are_not_readable_reject_the_series_with_reasons(tmp_path
     result = process_job(job, spool, config, ModelCache(PhantomLiverBackend.loader()))
     assert spool.job(job.id).state is JobState.REJECTED
     assert len(result.reasons) == 3
+
+
+def test_a_series_processed_while_the_disk_filled_is_parked_with_its_results_deleted(tmp_path: Path) -> None:
+    config = with_destination(tmp_path)
+    spool, job = spool_series(config, phantom_series(tmp_path / "ct"))
+    space = DiskSpace(config.spool.dir)
+    assert space.restore()
+    models = ModelCache(PhantomLiverBackend.loader())
+    space.release("the test filled the disk")  # as the node does when free space runs out
+    result = process_job(job, spool, config, models, space)
+    parked = spool.job(job.id)
+    assert result.state is JobState.COMPLETE and (parked.state, parked.attempts) == (JobState.COMPLETE, 0)
+    assert "disk is full" in str(parked.last_error) and "not counted" in str(parked.last_error)
+    assert not (spool.results_dir / str(job.id)).exists() and spool.due_sends() == []
+    assert space.restore()
+    again = spool.claim_next()
+    assert again is not None and process_job(again, spool, config, models, space).state is JobState.DONE
+    assert spool.job(job.id).attempts == 1
