@@ -70,6 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         min_free_bytes=config.spool.min_free_disk_mb * 2**20,
         destinations=len(config.send.destinations),
         spool_full=running and DiskSpace(config.spool.dir).is_full(),
+        unhealthy_after_s=config.send.unhealthy_after_s,
     )
     report = status_report(config, status, spool, running=running)
     spool.close()
