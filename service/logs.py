@@ -60,6 +60,17 @@ class WithholdDatasetText(logging.Filter):
         return True
 
 
+class ConnectionErrorsInOneLine(logging.Filter):
+    """pynetdicom logs a traceback with each connection error (a peer gone mid-PDU, a failed TLS handshake): one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if record.name.startswith("pynetdicom") and isinstance(error, OSError):
+            record.msg, record.args = f"{type(error).__name__}: {record.getMessage()}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                 file: TextIO | None = None, line: str | None = None) -> None:  # fmt: skip
     """``warnings.showwarning`` for the node: a WARNING record on ``py.warnings`` that keeps the origin.
@@ -83,6 +94,7 @@ def configure_logging(section: LogSection) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if section.format == "json" else logging.Formatter(TEXT_FORMAT))
     level = logging.getLevelName(section.level.upper())
+    handler.addFilter(ConnectionErrorsInOneLine())
     if level != logging.DEBUG:
         handler.addFilter(WithholdDatasetText())
     root = logging.getLogger()

@@ -14,6 +14,8 @@ PS3.4 Annex B.2.3 (C-STORE statuses), PS3.8 Section 9.3.4 (A-ASSOCIATE-RJ reason
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import struct
 import threading
 import zlib
@@ -245,7 +247,7 @@ class StorageSCP:
         address = (self.config.node.host, self.config.node.port)
         try:
             self._server = self.ae.start_server(address, block=False, evt_handlers=handlers,
-                                                ssl_context=server_context(self.config.tls))  # fmt: skip
+                                                ssl_context=_deferred_handshake(server_context(self.config.tls)))  # fmt: skip
         except OSError as error:
             why = f"cannot listen on {address[0]}:{address[1]} ([node] host, port): {error}"
             raise LiverfatError(Reason.CONFIG_INVALID, why) from error
@@ -365,6 +367,28 @@ class StorageSCP:
         with self._lock:
             self._series_by_assoc.pop(id(event.assoc), None)
         release_waiting_acceptor(event.assoc)
+
+
+class HandshakeOnFirstRead:
+    """Stands in for the listener's ``SSLContext``: wraps accepted sockets without the TLS handshake.
+
+    pynetdicom wraps each accepted socket on the listener's one accepting thread, and
+    ``SSLContext.wrap_socket`` does the server handshake right there by default, so a single
+    TCP connection that never sends a ClientHello stopped the listener accepting anyone.
+    Deferred, the handshake runs on the association's own thread at its first read, under
+    ``acse_timeout_s`` like any connection that has not associated yet.
+    """
+
+    def __init__(self, context: ssl.SSLContext) -> None:
+        self.context = context
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False) -> ssl.SSLSocket:
+        return self.context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+
+
+def _deferred_handshake(context: ssl.SSLContext | None) -> ssl.SSLContext | None:
+    # pynetdicom's listener only calls ``wrap_socket(sock, server_side=True)`` on its context
+    return None if context is None else cast(ssl.SSLContext, HandshakeOnFirstRead(context))
 
 
 def release_waiting_acceptor(assoc: Association) -> None:

@@ -97,3 +97,17 @@ def test_at_debug_warnings_are_logged_in_full(capsys: pytest.CaptureFixture[str]
     configure_logging(LogSection(level="DEBUG"))
     warnings.warn("SECRETSINGLE at debug", UserWarning, stacklevel=1)
     assert "UserWarning: SECRETSINGLE at debug" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_connection_error_that_pynetdicom_logs_with_a_traceback_is_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging(LogSection(level="INFO"))
+    try:
+        raise ConnectionResetError(104, "Connection reset by peer")
+    except ConnectionResetError as error:
+        logging.getLogger("pynetdicom.dul").exception(error)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "Traceback" not in lines[0]
+    assert lines[0].endswith("pynetdicom.dul: ConnectionResetError: [Errno 104] Connection reset by peer")

@@ -12,6 +12,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pydicom
@@ -30,7 +31,9 @@ from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.scp import StorageSCP, StoreStatus, check_uid, make_ae
 from liverfat.service.spool import Spool
+from liverfat.service.tls import client_context
 from tests.service.conftest import ECHOSCU, dcmtk, node_config, small_series
+from tests.service.test_scp import make_certificates
 
 SCP_LOGGER = "liverfat.service.scp"
 
@@ -161,6 +164,37 @@ def test_a_connection_that_stays_silent_is_closed_after_acse_timeout_s(
     assert closed_after < 3.0
     wait_until(lambda: held_slots(scp) == 0, timeout=2)
     assert echo(scp)
+
+
+def test_with_tls_a_silent_connection_neither_blocks_the_listener_nor_keeps_its_slot(
+    started: list[tuple[StorageSCP, Spool]], tmp_path: Path
+) -> None:
+    """Before, the listener's one accepting thread did each TLS handshake: one silent connection stopped it."""
+    tls = make_certificates(tmp_path / "tls")
+    scp = start(started, replace(node_config(tmp_path, max_associations=2), tls=tls))
+    ae = AE(ae_title="TESTSCU")
+    ae.acse_timeout = ae.network_timeout = 5
+
+    def tls_echo() -> bool:
+        assoc = ae.associate("127.0.0.1", scp.port, contexts=[build_context(Verification)], ae_title="LIVERFAT",
+                             tls_args=(client_context(tls), "localhost"))  # fmt: skip
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return bool(status) and status.Status == 0x0000
+
+    silent = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(2)]
+    try:
+        wait_until(lambda: held_slots(scp) == 2, timeout=5)
+        assert not tls_echo(), "both slots are held by the silent connections"
+        silent.pop().close()
+        closed_at = time.monotonic()
+        while not tls_echo():
+            assert time.monotonic() - closed_at < 1.0, "no TLS C-ECHO within 1 s of a silent connection closing"
+    finally:
+        for connection in silent:
+            connection.close()
 
 
 def test_association_limit_and_timeouts_come_from_the_node_section(tmp_path: Path) -> None:
