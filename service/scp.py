@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from io import BytesIO
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
@@ -61,6 +61,7 @@ CT_STORAGE_CLASSES = (CTImageStorage,)
 # unsupported_multiframe), so accepting these would only turn into a rejection after the transfer.
 REFUSED_MULTIFRAME_CT = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 VERIFICATION = UID("1.2.840.10008.1.1")  # PS3.4 Annex A, Verification SOP Class (C-ECHO)
+SOP_INSTANCE_UID_TAG = 0x00080018
 STUDY_UID_TAG = 0x0020000D
 SERIES_UID_TAG = 0x0020000E
 PREAMBLE = b"\x00" * 128 + b"DICM"  # PS3.10 Section 7.1
@@ -134,14 +135,24 @@ def refuse_caller(allowed: Sequence[Caller], ae_title: str, host: str) -> str | 
     return f"calling AE title {ae_title!r} is allowed only from {hosts}, not from {host}"
 
 
-def index_uids(dataset: bytes, transfer_syntax: UID) -> tuple[str | None, str]:
-    """The Study and Series Instance UIDs of an encoded data set (no file meta), read up to (0020,000E) only."""
+class IndexUids(NamedTuple):
+    """The UIDs the spool's index needs, as the data set holds them."""
+
+    sop_instance_uid: str
+    study_uid: str | None
+    series_uid: str
+
+
+def index_uids(dataset: bytes, transfer_syntax: UID) -> IndexUids:
+    """The SOP Instance, Study and Series Instance UIDs of an encoded data set (no file meta), read up to (0020,000E)."""
     if transfer_syntax.is_deflated:
         dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
     header = read_dataset(BytesIO(dataset), transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian,
-                          stop_when=_after_series_uid, specific_tags=[STUDY_UID_TAG, SERIES_UID_TAG])  # fmt: skip
+                          stop_when=_after_series_uid, specific_tags=[SOP_INSTANCE_UID_TAG, STUDY_UID_TAG,
+                                                                      SERIES_UID_TAG])  # fmt: skip
     study_uid = str(header.get("StudyInstanceUID", "")).strip()
-    return study_uid or None, str(header.get("SeriesInstanceUID", "")).strip()
+    return IndexUids(str(header.get("SOPInstanceUID", "")).strip(), study_uid or None,
+                     str(header.get("SeriesInstanceUID", "")).strip())  # fmt: skip
 
 
 def check_uid(value: str) -> str | None:
@@ -324,7 +335,7 @@ class StorageSCP:
         transfer_syntax = UID(event.context.transfer_syntax)
         dataset = event.encoded_dataset(include_meta=False)
         try:
-            study_uid, series_uid = index_uids(dataset, transfer_syntax)
+            indexed = index_uids(dataset, transfer_syntax)
         except RecursionError:  # one line, not pynetdicom's logged traceback of a thousand frames
             log.warning("answered 0xC210 to %s for instance %s: its sequences are nested too deep to read",
                         calling, _shown(sop_uid))  # fmt: skip
@@ -333,8 +344,10 @@ class StorageSCP:
             log.warning("answered 0xC210 to %s for instance %s: it cannot be read: %s", calling, _shown(sop_uid),
                         _shown(str(error), 200))  # fmt: skip
             return int(StoreStatus.CANNOT_UNDERSTAND)
+        study_uid, series_uid = indexed.study_uid, indexed.series_uid
         uids = {"(0000,1000) 'Affected SOP Instance UID'": sop_uid, "(0020,000E) 'Series Instance UID'": series_uid}
         uids |= {"(0020,000D) 'Study Instance UID'": study_uid} if study_uid is not None else {}
+        uids |= {"(0008,0018) 'SOP Instance UID'": indexed.sop_instance_uid} if indexed.sop_instance_uid else {}
         invalid = [f"{name} {why}" for name, uid in uids.items() if (why := check_uid(uid))]
         if invalid:  # the sender's error (not Out of Resources, which it would retry forever)
             log.warning("answered 0xC210 to %s for instance %s: %s (PS3.5 Section 9.1)", calling, _shown(sop_uid),

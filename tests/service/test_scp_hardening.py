@@ -32,7 +32,7 @@ from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.scp import StorageSCP, StoreStatus, check_uid, make_ae
 from liverfat.service.spool import Spool
 from liverfat.service.tls import client_context
-from tests.service.conftest import ECHOSCU, dcmtk, node_config, small_series
+from tests.service.conftest import ECHOSCU, dcmtk, node_config, small_series, storescu
 from tests.service.test_scp import make_certificates
 
 SCP_LOGGER = "liverfat.service.scp"
@@ -238,6 +238,23 @@ def test_an_invalid_uid_is_the_senders_error_not_out_of_resources(
     assert status.Status & 0xF000 == 0xC000 and status.Status == StoreStatus.CANNOT_UNDERSTAND
     assert why in caplog.text and "0xC210" in caplog.text
     assert scp.spool.jobs() == [] and list((scp.spool.root / "instances").rglob("*.dcm")) == []
+
+
+def test_an_over_long_sop_instance_uid_in_the_data_set_is_answered_cannot_understand(
+    started: list[tuple[StorageSCP, Spool]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dcmtk's storescu cuts the command's Affected SOP Instance UID to 64 characters; the data set keeps all 202."""
+    scp = start(started, node_config(tmp_path))
+    [path] = small_series(tmp_path / "series", slices=1)
+    ds = pydicom.dcmread(path)
+    with pydicom_config.disable_value_validation():
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1." + "3" * 200
+        ds.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    with caplog.at_level(logging.WARNING, logger=SCP_LOGGER):
+        result = storescu(scp.port, tmp_path / "bad.dcm", "-R", "-v")
+    assert "Received Store Response (Error: CannotUnderstand)" in result.stdout + result.stderr
+    assert "(0008,0018) 'SOP Instance UID' has 202 characters" in caplog.text
+    assert scp.spool.jobs() == []
 
 
 def test_check_uid_follows_ps3_5_section_9_1() -> None:
