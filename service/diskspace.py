@@ -26,6 +26,8 @@ FULL_BELOW_BYTES = 256 << 10
 RESUME_ABOVE_BYTES = 1 << 20
 PROBE_S = 2.0
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# SQLite cannot grow an index's -shm file (it writes into each new page): on Linux, a full disk
+SQLITE_IOERR_SHMSIZE = 4874
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -34,7 +36,8 @@ def is_disk_full(error: BaseException) -> bool:
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in FULL_ERRNOS:
             return True
-        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) in (sqlite3.SQLITE_FULL,
+                                                                                            SQLITE_IOERR_SHMSIZE):
             return True
         seen = seen.__cause__ or seen.__context__
     return False

@@ -304,14 +304,34 @@ def run(config: NodeConfig, load_model: BackendLoader | None = None) -> int:
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     node = Node(config, load_model)
     try:
-        node.start()
-        while not stop.wait(TICK_S):
-            node.tick()
+        if _start_when_the_index_opens(node, stop):
+            while not stop.wait(TICK_S):
+                node.tick()
     finally:
         node.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _start_when_the_index_opens(node: Node, stop: threading.Event) -> bool:
+    """Start the node; on a disk too full to open the spool's index, try again every ``PROBE_S`` until stopped.
+
+    The node's reserve normally leaves the index room (see ``diskspace``); this is for a disk that
+    something else filled completely while the node was in its disk-full state or stopped.
+    """
+    while True:
+        try:
+            node.start()
+            return True
+        except (sqlite3.Error, OSError) as error:
+            if not is_disk_full(error):
+                raise
+            log.error("cannot open the spool's index %s: the disk is full (%s); trying again every %.0f s",
+                      node.config.spool.dir, error, PROBE_S)  # fmt: skip
+            node.stop()
+        if stop.wait(PROBE_S):
+            return False
 
 
 def spool_in_use(config: NodeConfig) -> bool:

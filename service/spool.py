@@ -203,10 +203,14 @@ class Spool:
         self._db = sqlite3.connect(root / DB_NAME, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                                    check_same_thread=False)  # fmt: skip
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before Success is answered
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._create_schema()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before Success is answered
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._create_schema()
+        except BaseException:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -331,7 +335,7 @@ class Spool:
         if latest is not None and latest["state"] in OPEN_STATES:
             db.execute("UPDATE jobs SET state = ?, completed_at = NULL WHERE id = ?", (JobState.RECEIVED, latest["id"]))
             return int(latest["id"])
-        return _new_version(db, info, latest, JobState.RECEIVED, now)
+        return _new_version(db, latest, JobState.RECEIVED, now, info=info)
 
     # -- series completion ----------------------------------------------------------------
 
@@ -458,9 +462,8 @@ class Spool:
             if db.execute("SELECT 1 FROM instances WHERE series_uid = ?", (series_uid,)).fetchone() is None:
                 raise LiverfatError(Reason.UNKNOWN_SERIES, f"series {series_uid} has no instance left: retention "
                                     "deleted them ([spool] keep_days); send the series again")  # fmt: skip
-            info = InstanceInfo("", "", series_uid, latest["study_uid"], latest["calling_ae"])
             note = f"retry of v{latest['version']} ({latest['state']}) by liverfat retry"
-            job_id = _new_version(db, info, latest, JobState.COMPLETE, now, note=note)
+            job_id = _new_version(db, latest, JobState.COMPLETE, now, note=note)
         return self.job(job_id), True
 
     def clear_tmp(self) -> int:
@@ -595,8 +598,8 @@ def _mark_held(db: sqlite3.Connection, info: InstanceInfo, now: float) -> bool:
         return False
     job_id = int(latest["id"])
     if latest["state"] == JobState.FAILED:
-        job_id = _new_version(db, info, latest, JobState.RECEIVED, now, note=f"sent again after v{latest['version']} "
-                              "failed")  # fmt: skip
+        job_id = _new_version(db, latest, JobState.RECEIVED, now, info=info,
+                              note=f"sent again after v{latest['version']} failed")  # fmt: skip
         log.info("series %s was sent again after v%d failed: v%d opened", info.series_uid, latest["version"],
                  latest["version"] + 1)  # fmt: skip
     db.execute("UPDATE jobs SET last_instance_at = MAX(last_instance_at, ?) WHERE id = ?", (now, job_id))
@@ -609,15 +612,24 @@ def _latest_job(db: sqlite3.Connection, series_uid: str) -> sqlite3.Row | None:
     return row
 
 
-def _new_version(db: sqlite3.Connection, info: InstanceInfo, latest: sqlite3.Row | None, state: JobState, now: float,
-                 note: str | None = None) -> int:  # fmt: skip
-    """Insert the series' next version in ``state``; returns its job id."""
+def _new_version(db: sqlite3.Connection, latest: sqlite3.Row | None, state: JobState, now: float, *,
+                 info: InstanceInfo | None = None, note: str | None = None) -> int:  # fmt: skip
+    """Insert the series' next version in ``state``; returns its job id.
+
+    The series, study and caller come from the instance that opens it, else from ``latest``.
+    """
     version = 1 if latest is None else latest["version"] + 1
+    if info is not None:
+        series_uid, study_uid, calling_ae = info.series_uid, info.study_uid, info.calling_ae
+    elif latest is not None:
+        series_uid, study_uid, calling_ae = latest["series_uid"], latest["study_uid"], latest["calling_ae"]
+    else:
+        raise ValueError("a new version needs the instance that opens it or the series' latest version")
     cursor = db.execute(
         "INSERT INTO jobs (series_uid, version, study_uid, calling_ae, state, created_at, last_instance_at, "
         "completed_at, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (info.series_uid, version, info.study_uid, info.calling_ae, state, now, now,
-         now if state is JobState.COMPLETE else None, note),
+        (series_uid, version, study_uid, calling_ae, state, now, now, now if state is JobState.COMPLETE else None,
+         note),
     )  # fmt: skip
     return int(cursor.lastrowid or 0)
 

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -319,6 +320,25 @@ def test_a_full_disk_parks_the_series_and_the_node_serves_until_space_returns(
     assert health(node)[0] == 200
     assert node.terminate() == 0
     assert "space returned" in node.run_log()
+
+
+def test_a_node_started_on_a_disk_without_a_free_byte_waits_for_space_instead_of_exiting(
+    tmp_path: Path, receiver: Receiver, small_disk: Path
+) -> None:
+    """Filled completely while the node was in its disk-full state: its index cannot even be opened."""
+    node = make_node(tmp_path, receiver, spool={"dir": str(small_disk / "spool")})
+    node.start(wait_model=False)
+    filler = fill(small_disk)
+    wait_for(lambda: health(node)[0] == 503, 30, "the disk-full state")  # the reserve is released
+    assert node.terminate() == 0
+    fill(small_disk)
+    threading.Timer(8.0, filler.unlink).start()
+    node.start()  # ready only once the filler is gone
+    assert "cannot open the spool's index" in node.run_log() and "disk is full" in node.run_log()
+    send_series(node, phantom_series(tmp_path / "ct")[0].parent)
+    wait_for(lambda: unique_results(receiver) == RESULT_FILES, 90, "results")
+    assert health(node)[0] == 200
+    assert node.terminate() == 0
 
 
 def test_a_failed_series_is_processed_again_by_retry_or_by_sending_it_again(tmp_path: Path, receiver: Receiver) -> None:
