@@ -142,3 +142,22 @@ def pid_alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def sending_node(folder: Path, receiver_port: int, **extra: Mapping[str, Any]) -> NodeProcess:
+    """A node on free localhost ports, its spool in ``folder``, sending to ``PACS`` at ``receiver_port``.
+
+    Series complete after 1 s; sends retry fast. ``extra`` sections are merged over these.
+    """
+    from tests.service.conftest import free_port
+
+    sections: dict[str, dict[str, Any]] = {
+        "node": {"host": "127.0.0.1", "port": free_port()},
+        "spool": {"dir": str(folder / "spool"), "min_free_disk_mb": 0},
+        "series": {"stable_seconds": 1.0},
+        "send": {"destinations": [f"PACS@127.0.0.1:{receiver_port}"], "first_delay_s": 0.2, "max_delay_s": 1.0},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+    }
+    for name, keys in extra.items():
+        sections.setdefault(name, {}).update(keys)
+    return NodeProcess(folder / "node", sections)

@@ -19,7 +19,7 @@ from liverfat.service.logs import QUIET_LIBRARIES, WITHHELD, configure_logging
 from liverfat.service.spool import JobState
 from tests.phantom import SeriesHeader
 from tests.service.conftest import free_port, phantom_series, storescu
-from tests.service.node_process import NodeProcess, wait_for
+from tests.service.node_process import sending_node, wait_for
 from tests.service.test_sender import Receiver
 
 LONG_NAME = "LONGSECRETNAME" * 715  # 10,010 characters; PN allows 64 per component group
@@ -38,14 +38,7 @@ def receiver() -> Iterator[Receiver]:
 @pytest.mark.usefixtures("require_dcmtk")
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_the_node_log_holds_no_patient_name_or_id(tmp_path: Path, receiver: Receiver, log_format: str) -> None:
-    node = NodeProcess(tmp_path / "node", {
-        "node": {"host": "127.0.0.1", "port": free_port()},
-        "spool": {"dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
-        "series": {"stable_seconds": 1.0},
-        "send": {"destinations": [f"PACS@127.0.0.1:{receiver.port}"]},
-        "http": {"port": 0},
-        "log": {"level": "INFO", "format": log_format},
-    })  # fmt: skip
+    node = sending_node(tmp_path, receiver.port, log={"level": "INFO", "format": log_format})
     node.start()
     try:
         for index, (name, patient_id) in enumerate(PATIENTS):

@@ -30,7 +30,7 @@ from liverfat.service import cli
 from liverfat.service.scp import StoreStatus
 from liverfat.service.spool import ENDED_STATES, UNRELEASED_NOTE, JobState, OutboxState
 from tests.service.conftest import ECHOSCU, PHANTOM_LIVER_HU, dcmtk, free_port, phantom_series, small_series, storescu
-from tests.service.node_process import NodeProcess, wait_for
+from tests.service.node_process import NodeProcess, sending_node, wait_for
 from tests.service.small_disk import fill, small_disk  # noqa: F401 (a fixture)
 from tests.service.test_sender import Receiver
 
@@ -70,16 +70,7 @@ STARTED: list[NodeProcess] = []
 
 
 def make_node(tmp_path: Path, receiver: Receiver, **extra: dict[str, Any]) -> NodeProcess:
-    sections: dict[str, dict[str, Any]] = {
-        "node": {"host": "127.0.0.1", "port": free_port()},
-        "spool": {"dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
-        "series": {"stable_seconds": 1.0},
-        "send": {"destinations": [f"PACS@127.0.0.1:{receiver.port}"], "first_delay_s": 0.2, "max_delay_s": 1.0},
-        "http": {"host": "127.0.0.1", "port": free_port()},
-    }
-    for name, keys in extra.items():
-        sections.setdefault(name, {}).update(keys)
-    node = NodeProcess(tmp_path / "node", sections)
+    node = sending_node(tmp_path, receiver.port, **extra)
     STARTED.append(node)
     return node
 

@@ -14,7 +14,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from liverfat.service.spool import JobState
 from tests.service.conftest import PHANTOM_LIVER_HU, free_port, phantom_series, storescu
-from tests.service.node_process import NodeProcess, wait_for
+from tests.service.node_process import sending_node, wait_for
 from tests.service.test_sender import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("require_dcmtk")]
@@ -34,13 +34,7 @@ def test_a_deflated_series_is_stored_as_sent_and_analysed(tmp_path: Path, receiv
         ds = pydicom.dcmread(path)
         ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
         ds.save_as(deflated / path.name, enforce_file_format=True)
-    node = NodeProcess(tmp_path / "node", {
-        "node": {"host": "127.0.0.1", "port": free_port()},
-        "spool": {"dir": str(tmp_path / "spool"), "min_free_disk_mb": 0},
-        "series": {"stable_seconds": 1.0},
-        "send": {"destinations": [f"PACS@127.0.0.1:{receiver.port}"]},
-        "http": {"port": 0},
-    })  # fmt: skip
+    node = sending_node(tmp_path, receiver.port)
     node.start()
     try:
         result = storescu(node.config.node.port, deflated, "+sd", "-xd", "-v")
