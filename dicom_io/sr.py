@@ -350,9 +350,18 @@ def grade_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluatio
 
 
 def _grade_measurements(result: AnalysisResult) -> list[hd.sr.Measurement]:
-    """The graded value, the seed-exact DL-parenchymal when it differs, DL-axial and the threshold."""
+    """The graded value, the seed-exact DL-parenchymal when it differs, DL-axial and the threshold.
+
+    A series measured but not graded (contrast, a failed ROI) still carries its seed-exact
+    DL-parenchymal: the number is what research reads, the "undetermined" grade beside it says
+    that no grade rests on it.
+    """
     measurements = []
     graded = graded_value(result)
+    if result.grade is Grade.NOT_GRADED and result.parenchymal_hu is not None:
+        measurements.append(
+            _hu(codes.ATTENUATION_COEFFICIENT, result.parenchymal_hu, derivation=codes.MEAN, method=codes.DL_PARENCHYMAL)
+        )
     if graded is not None and result.grade is not Grade.NOT_GRADED:
         differs = graded_value_differs(result)
         method = codes.DL_PARENCHYMAL_REPLACED if differs else codes.DL_PARENCHYMAL

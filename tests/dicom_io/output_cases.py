@@ -145,7 +145,7 @@ def make_result(
         reasons=reasons,
         grade=grade,
         threshold_hu=THRESHOLD_HU,
-        parenchymal_hu=graded,
+        parenchymal_hu=parenchymal,  # measured whether or not a grade rests on it, as the pipeline reports it
         graded_hu=graded,
         grade_basis="" if withheld else "the seed's three ROIs",
         borderline=graded is not None and abs(graded - THRESHOLD_HU) < BORDERLINE_MARGIN_HU,
