@@ -112,7 +112,8 @@ def measure(ct: Volume, liver: Volume, placement: RoiPlacement, limits: QualityL
         roi = _measure_roi(geometry, hu[voxels], mask[voxels], pixel_area_mm2, RoiRule.SEED)
         failures = _check_roi(roi, hu[voxels], reference, limits)
         if failures:
-            replacement = _first_passing(ct, mask, liver, placement, geometry.label, reference, limits)
+            taken = {roi.slice_index for roi in rois}  # earlier replacements may hold a slice of their own
+            replacement = _first_passing(ct, mask, liver, placement, geometry.label, taken, reference, limits)
             if replacement is not None:
                 labels[voxels] = 0
                 labels[replacement[1].voxels] = geometry.label
@@ -164,12 +165,12 @@ def parenchymal_reference(hu: np.ndarray, mask: np.ndarray, spacing: tuple[float
 
 
 def _first_passing(
-    ct: Volume, mask: np.ndarray, liver: Volume, placement: RoiPlacement, label: int,
+    ct: Volume, mask: np.ndarray, liver: Volume, placement: RoiPlacement, label: int, taken_slices: set[int],
     reference: ParenchymalReference, limits: QualityLimits,
 ) -> tuple[RoiMeasurement, RoiCandidate] | None:  # fmt: skip
     """The first replacement candidate for ROI ``label`` whose measurement passes every check."""
     pixel_area_mm2 = ct.spacing[0] * ct.spacing[1]
-    for candidate in replacement_candidates(liver, placement, label):
+    for candidate in replacement_candidates(liver, placement, label, taken_slices):
         values = ct.array[candidate.voxels]
         if values.size == 0:
             continue

@@ -26,7 +26,7 @@ liver (the seed raises on ``np.min`` of nothing) gets no ROI and reports ``ROI_N
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -153,11 +153,14 @@ def place_rois(liver: Volume, mode: RoiMode = RoiMode.SEED) -> RoiPlacement:
     )
 
 
-def replacement_candidates(liver: Volume, placement: RoiPlacement, label: int) -> Iterator[RoiCandidate]:
+def replacement_candidates(
+    liver: Volume, placement: RoiPlacement, label: int, taken_slices: Collection[int] = ()
+) -> Iterator[RoiCandidate]:
     """Replacements for ROI ``label`` of ``placement``, in order of preference.
 
     First the seed's rule on the slices nearest to the failed one (up to
-    ``REPLACEMENT_MAX_SLICE_MM`` away, never a slice another ROI holds; on equal distance the
+    ``REPLACEMENT_MAX_SLICE_MM`` away, never a slice another seed ROI or a slice in
+    ``taken_slices`` (k indices: earlier replacements) holds; on equal distance the
     caudal slice first, away from the dome's partial volume), then the failed circle shifted by
     ``REPLACEMENT_SHIFTS_MM`` in eight directions on its own slice, nearest first. The caller
     measures each and keeps the first that passes its checks.
@@ -167,7 +170,7 @@ def replacement_candidates(liver: Volume, placement: RoiPlacement, label: int) -
     by_label = {roi.label: roi for roi in placement.rois}
     failed = by_label[label]
     failed_z = canonical.z_of(failed.slice_index)
-    taken = {canonical.z_of(roi.slice_index) for roi in placement.rois}
+    taken = {canonical.z_of(k) for k in (*(roi.slice_index for roi in placement.rois), *taken_slices)}
     sx, sy = canonical.spacing[0], canonical.spacing[1]
     kernel = ellipse_kernel(_odd_pixels(ROI_DIAMETER_MM, sy), _odd_pixels(ROI_DIAMETER_MM, sx))
     radius_mm = kernel.shape[1] * sx / 2

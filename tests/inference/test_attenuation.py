@@ -181,3 +181,18 @@ def test_vessel_that_widens_the_roi_spread_without_moving_its_mean_is_replaced()
     assert [w.code for w in result.warnings] == [Reason.ROI_REPLACED]
     assert "times the liver parenchyma's spread" in result.warnings[0].message
     assert result.rois[2].rule is RoiRule.NEXT_SLICE
+
+
+def test_two_replaced_rois_never_share_a_slice() -> None:
+    liver = elliptic_liver()
+    placement = place_rois(liver)
+    ct = ct_for(liver, 60.0, noise_sd_hu=8.0)
+    (_, j1, k1), (_, j2, k2) = placement.rois[0].centre_index, placement.rois[1].centre_index
+    for k, j in ((k1, j1), (k2, j2), (k2 - 1, j2)):  # dense vessels across ROI 1's, ROI 2's and the next caudal slice
+        ct.array[k, j - 3 : j + 4, :] = 180.0
+    result = measure(ct, liver, placement, LIMITS)
+    # ROI 1 moves to k1 - 1 = k2 + 1, the one clean slice ROI 2 could also take: ROI 2 shifts on its own slice
+    assert [roi.slice_index for roi in result.rois] == [k1 - 1, k2, placement.rois[2].slice_index]
+    assert [roi.rule for roi in result.rois] == [RoiRule.NEXT_SLICE, RoiRule.SHIFTED, RoiRule.SEED]
+    for roi in result.rois:  # each ROI's label map holds exactly the voxels it was measured on
+        assert np.count_nonzero(result.labels.array == roi.label) == roi.n_voxels
