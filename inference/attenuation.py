@@ -105,7 +105,9 @@ def measure(ct: Volume, liver: Volume, placement: RoiPlacement, limits: QualityL
     reference = parenchymal_reference(hu, mask, ct.spacing)
     pixel_area_mm2 = ct.spacing[0] * ct.spacing[1]
     labels = placement.labels.array.copy()
-    seed_voxels, rois, warnings = [], [], [*placement.warnings]
+    seed_voxels: list[tuple[np.ndarray, ...]] = []
+    rois: list[RoiMeasurement] = []
+    warnings = [*placement.warnings]
     for geometry in placement.rois:
         voxels = np.nonzero(placement.labels.array == geometry.label)
         seed_voxels.append(voxels)
