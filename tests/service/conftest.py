@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 from pathlib import Path
@@ -20,10 +21,27 @@ STORESCP = DCMTK_BIN / "storescp"
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+_PORTS_BELOW_EPHEMERAL = range(20000, 32768)  # Linux hands out 32768-60999 to outgoing connections
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A localhost port free now, below the kernel's ephemeral range.
+
+    A port from ``bind(("", 0))`` comes from the ephemeral range, which every outgoing connection
+    (dcmtk, the sender, probes) draws from too: between this probe and the node's own bind, one of
+    them could take it ("Address already in use" seen in CI). Below that range only another probe
+    of this kind could, and each probe checks.
+    """
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.choice(_PORTS_BELOW_EPHEMERAL)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free localhost port found below the ephemeral range")
 
 
 def small_series(folder: Path, slices: int = 6, size: int = 48, header: SeriesHeader | None = None) -> list[Path]:
