@@ -114,6 +114,16 @@ class AnalysisResult:
     working_masks: Masks | None = None  # on the 0.7 x 0.7 x 2.5 mm grid
     source_masks: Masks | None = None  # on the source series' own grid
 
+    def value_text(self) -> str:
+        """The measured value in a few words: the graded value, and the seed ROIs' when they differ."""
+        if self.graded_hu is not None and self.parenchymal_hu is not None and round(self.graded_hu, 1) != round(
+            self.parenchymal_hu, 1
+        ):
+            return f"graded on {self.graded_hu:.1f} HU (seed ROIs {self.parenchymal_hu:.1f} HU)"
+        if self.parenchymal_hu is not None:
+            return f"DL-parenchymal {self.parenchymal_hu:.1f} HU"
+        return ""
+
     def to_json(self) -> dict[str, Any]:
         def rounded(value: float | None) -> float | None:
             return None if value is None else round(float(value), 2)

@@ -111,7 +111,7 @@ def _skipped_reasons(inputs: Sequence[Path], limit: int = 5) -> str:
 
 def _summary_line(report: SeriesReport) -> str:
     result = report.result
-    value = "" if result.parenchymal_hu is None else f" DL-parenchymal {result.parenchymal_hu:.1f} HU"
+    value = f" {result.value_text()}" if result.value_text() else ""
     why = "; ".join(f.message for f in result.reasons) if report.outcome is not Outcome.PROCESSED else ""
     return f"{result.series_uid}: {report.outcome.value}, {result.grade.value}{value}" + (f" ({why})" if why else "")
 
