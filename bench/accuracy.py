@@ -25,8 +25,8 @@ from scipy import ndimage
 
 from liverfat.dicom_io.read import discover, load_series, read_mask, read_nifti
 from liverfat.dicom_io.series import CTSeries
-from liverfat.inference.models import load_backend
-from liverfat.inference.pipeline import analyze
+from liverfat.inference.models.registry import load_backend
+from liverfat.inference.pipeline import measure_series
 from liverfat.result import AnalysisResult
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         series = load_ct(case.ct)
         started = time.perf_counter()
-        predicted = analyze(series, backend, eligible=True, reasons=())
+        predicted = measure_series(series, backend, eligible=True, reasons=())
         seconds = time.perf_counter() - started
         reference_mask = read_mask(case.reference, series.volume, label=case.label)
-        reference = analyze(series, reference_mask, eligible=True, reasons=())
+        reference = measure_series(series, reference_mask, eligible=True, reasons=())
         rows.append({"case": case.name, "reference": case.reference_kind, "seconds": round(seconds, 1),
                      **compare(predicted, reference)})  # fmt: skip
     print(f"model: {backend.info.name} ({backend.info.version}, {backend.info.device})")

@@ -51,11 +51,11 @@ from liverfat.dicom_io.masks import read_mask_file  # noqa: E402
 from liverfat.dicom_io.nifti import read_nifti  # noqa: E402
 from liverfat.dicom_io.read import discover, load_series, read_mask  # noqa: E402
 from liverfat.dicom_io.resample import to_working_grid  # noqa: E402
-from liverfat.dicom_io.volume import Volume  # noqa: E402
-from liverfat.inference.default_backend import DefaultBackend  # noqa: E402
-from liverfat.inference.models import resolve_device  # noqa: E402
-from liverfat.inference.unet import TRAINED_INPUT, LiverUNet, load_keras_weights  # noqa: E402
-from liverfat.inference.weights import default_weights_path  # noqa: E402
+from liverfat.inference.models.default import DefaultBackend  # noqa: E402
+from liverfat.inference.models.devices import resolve_device  # noqa: E402
+from liverfat.inference.models.unet import TRAINED_INPUT, LiverUNet, load_keras_weights  # noqa: E402
+from liverfat.inference.models.weights import default_weights_path  # noqa: E402
+from liverfat.volume import Volume  # noqa: E402
 from tests.phantom import Grid, Phantom, render_volume  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

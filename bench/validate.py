@@ -3,7 +3,7 @@
 Every real chest CT in ``../shared/data/chest-ct/`` (each folder found there) and the labelled
 cases of ``bench/accuracy.py`` (3D-IRCADb 1.1 with its manual liver mask, the TotalSegmentator
 example with its label 5) go through the same orchestration as ``liverfat analyze``
-(``liverfat.service.analyze``: header filter, loading, image checks, grading, with no DICOM
+(``liverfat.analysis``: header filter, loading, image checks, grading, with no DICOM
 outputs written). Per case one row: status, grade or the reason codes why not, borderline flag,
 DL-parenchymal (seed-exact), the graded value, DL-volumetric, DL-axial, the radiologist's manual
 ROI value and the difference where the seed's CSVs hold one, Dice / HD95 / volume difference
@@ -38,18 +38,18 @@ from typing import Any
 # Run as a script, Python puts bench/ on sys.path: the shared helpers come from accuracy.py.
 from accuracy import CASES, SEED_FIGURES, SHARED_DATA, compare, load_ct
 
-from liverfat.dicom_io.read import discover, read_mask
-from liverfat.inference.backend import Backend
-from liverfat.inference.models import load_backend
-from liverfat.inference.pipeline import analyze
-from liverfat.result import AnalysisResult, Grade
-from liverfat.service.analyze import (
-    AnalyzeOptions,
+from liverfat.analysis import (
+    AnalysisOptions,
     ModelCache,
     SeriesReport,
     analyze_dicom_series,
     analyze_nifti,
 )
+from liverfat.dicom_io.read import discover, read_mask
+from liverfat.inference.backend import Backend
+from liverfat.inference.models.registry import load_backend
+from liverfat.inference.pipeline import measure_series
+from liverfat.result import AnalysisResult, Grade
 
 CHEST_CT = SHARED_DATA / "chest-ct"
 SEED = SHARED_DATA / "seed-dl-parenchymal"
@@ -124,7 +124,7 @@ def validation_cases() -> list[ValidationCase]:
     return cases
 
 
-def run_product(case: ValidationCase, options: AnalyzeOptions, models: ModelCache) -> list[SeriesReport]:
+def run_product(case: ValidationCase, options: AnalysisOptions, models: ModelCache) -> list[SeriesReport]:
     """The CLI's path for each series (or NIfTI file) found in ``case.ct``."""
     found = discover([case.ct])
     reports = [analyze_dicom_series(files, options, models) for files in found.series]
@@ -149,7 +149,7 @@ def rois_json(result: AnalysisResult) -> list[dict[str, Any]]:
              "rule": str(getattr(getattr(roi, "rule", None), "value", "seed"))} for roi in result.rois]  # fmt: skip
 
 
-def validate(case: ValidationCase, options: AnalyzeOptions, models: ModelCache) -> list[dict[str, Any]]:
+def validate(case: ValidationCase, options: AnalysisOptions, models: ModelCache) -> list[dict[str, Any]]:
     started = time.perf_counter()
     reports = run_product(case, options, models)
     seconds = time.perf_counter() - started
@@ -194,7 +194,7 @@ def validate(case: ValidationCase, options: AnalyzeOptions, models: ModelCache) 
     return rows
 
 
-def against_reference(case: ValidationCase, result: AnalysisResult, options: AnalyzeOptions,
+def against_reference(case: ValidationCase, result: AnalysisResult, options: AnalysisOptions,
                       models: ModelCache) -> dict[str, Any]:  # fmt: skip
     """Dice, HD95, volume and HU differences against the reference mask (measured the same way)."""
     assert case.reference is not None
@@ -205,7 +205,7 @@ def against_reference(case: ValidationCase, result: AnalysisResult, options: Ana
         if result.working_masks is None:
             return {"forced": True}
     series = load_ct(case.ct)
-    reference = analyze(series, read_mask(case.reference, series.volume, label=case.label), eligible=True, reasons=())
+    reference = measure_series(series, read_mask(case.reference, series.volume, label=case.label), eligible=True, reasons=())
     figures: dict[str, Any] = dict(compare(result, reference))
     measured = {"parenchymal_hu": figures.pop("parenchymal_hu"), "volume_ml": figures.pop("volume_ml")}
     if forced:  # what the forced run measured and decided; the row's own columns stay the product's
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     models = ModelCache(lambda: backend)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="liverfat-validate-") as out_dir:
-        options = AnalyzeOptions(out_dir=Path(out_dir), write_dicom=False)
+        options = AnalysisOptions(out_dir=Path(out_dir), write_dicom=False)
         for case in cases:
             print(f"{case.name} ...", file=sys.stderr, flush=True)
             rows += validate(case, options, models)

@@ -33,8 +33,8 @@ from pydicom.tag import BaseTag
 from pydicom.uid import UID, JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
 from pydicom.valuerep import VR
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.stacking import header_number, required_number, tag_label
+from liverfat.errors import LiverfatError, Reason
 
 __all__ = [
     "MAX_MATRIX",

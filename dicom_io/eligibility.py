@@ -58,7 +58,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage
 
-from liverfat.dicom_io.errors import Finding, Reason
+from liverfat.errors import Finding, Reason
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.nifti import is_nifti, read_nifti_image
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import LiverfatError, Reason
+from liverfat.volume import Volume
 
 log = logging.getLogger(__name__)
 

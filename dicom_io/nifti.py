@@ -10,9 +10,9 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import LiverfatError, Reason
+from liverfat.volume import Volume
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 

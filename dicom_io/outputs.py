@@ -17,15 +17,15 @@ from pydicom import Dataset
 from pydicom.charset import python_encoding
 from pydicom.valuerep import PersonName
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.keyimage import build_key_image
 from liverfat.dicom_io.seg import build_seg, checked_masks
 from liverfat.dicom_io.series import CTSeries, SeriesFiles
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr
 from liverfat.dicom_io.uids import output_uids
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import LiverfatError, Reason
 from liverfat.result import AnalysisResult
+from liverfat.volume import Volume
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,6 @@ from pydicom.uid import (
 )
 
 from liverfat.dicom_io.conformance import check_frame, check_header, check_volume_size, complete_character_set
-from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.masks import place_on_grid, read_mask_file
 from liverfat.dicom_io.nifti import is_nifti, read_nifti
 from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
@@ -53,7 +52,8 @@ from liverfat.dicom_io.stacking import (
     rounded,
     tag_label,
 )
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, LiverfatError, Reason
+from liverfat.volume import Volume
 
 __all__ = ["Discovery", "decode_hu", "discover", "load_series", "read_mask", "read_nifti"]
 

@@ -20,7 +20,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from liverfat.dicom_io.volume import Volume
+from liverfat.volume import Volume
 
 logger = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ import numpy as np
 from pydicom import Dataset
 
 from liverfat.dicom_io import codes
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.uids import OutputUids, creation_kwargs, frame_of_reference_fallback, stamp_instance_creation
+from liverfat.errors import LiverfatError, Reason
 from liverfat.result import USER_MASK, AnalysisResult, Masks, RoiMeasurement, RoiRule
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from liverfat.dicom_io.errors import Finding
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding
+from liverfat.volume import Volume
 
 
 @dataclass(frozen=True)

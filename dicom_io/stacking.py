@@ -22,7 +22,7 @@ from pydicom.datadict import dictionary_description, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
+from liverfat.errors import Finding, LiverfatError, Reason
 
 MIN_SLICES = 3
 SPACING_JITTER_FRACTION = 0.10  # of the median step between slices

@@ -50,10 +50,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from liverfat.dicom_io.errors import Finding, Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, Reason
 from liverfat.inference.roi import RoiCandidate, RoiGeometry, RoiPlacement, replacement_candidates
 from liverfat.result import RoiMeasurement, RoiRule
+from liverfat.volume import Volume
 
 REFERENCE_EROSION_MM = 5.0  # the parenchymal reference leaves out this rim of the mask
 REFERENCE_MIN_VOXELS = 1000  # below this the eroded mask is too small; the whole mask is used

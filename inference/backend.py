@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from liverfat.dicom_io.volume import Volume
 from liverfat.result import ModelInfo
+from liverfat.volume import Volume
 
 
 @runtime_checkable

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from liverfat.dicom_io.errors import Finding, Reason
+from liverfat.errors import Finding, Reason
 from liverfat.inference.attenuation import ENHANCEMENT_PERCENTILE, LiverMeasurement, QualityLimits
 from liverfat.result import Grade, RoiRule
 

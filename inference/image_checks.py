@@ -1,6 +1,6 @@
 """What the pixels say before any model runs: is this a CT in HU, and does it show the chest?
 
-Two checks on a HU :class:`~liverfat.dicom_io.volume.Volume`, pure numpy (and scipy.ndimage), no I/O:
+Two checks on a HU :class:`~liverfat.volume.Volume`, pure numpy (and scipy.ndimage), no I/O:
 
 - :func:`not_ct_finding`: a CT in Hounsfield units shows air (outside the body, in the lungs)
   far below -500 HU, soft tissue between -100 and 200 HU, and many distinct values (noise
@@ -32,8 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from liverfat.dicom_io.errors import Finding, Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, Reason
+from liverfat.volume import Volume
 
 # --- is it a CT? ----------------------------------------------------------------------------------
 SAMPLE_VOXELS = 2_000_000  # the intensity profile is taken on a regular sub-grid of at most this many voxels

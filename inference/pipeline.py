@@ -18,15 +18,15 @@ from typing import Any
 import numpy as np
 
 from liverfat import __version__
-from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.resample import WORKING_SPACING_MM, mask_to_grid, mask_to_source, to_working_grid
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, LiverfatError, Reason
 from liverfat.inference.attenuation import measure
 from liverfat.inference.backend import Backend
 from liverfat.inference.grading import GradingConfig, grade, grade_basis, is_borderline
 from liverfat.inference.roi import RoiMode, place_rois
 from liverfat.result import USER_MASK, AnalysisResult, Grade, Masks, ModelInfo
+from liverfat.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class AnalysisConfig:
         return cls(**values)
 
 
-def analyze(
+def measure_series(
     series: CTSeries,
     liver: Backend | Volume,
     *,

@@ -33,9 +33,9 @@ from enum import StrEnum
 import numpy as np
 from scipy import ndimage
 
-from liverfat.dicom_io.errors import Finding, Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, Reason
 from liverfat.result import RoiRule
+from liverfat.volume import Volume
 
 logger = logging.getLogger(__name__)
 

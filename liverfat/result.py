@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from liverfat.dicom_io.errors import Finding
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding
+from liverfat.volume import Volume
 
 
 class Grade(StrEnum):

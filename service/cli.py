@@ -10,16 +10,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from liverfat import __version__
+from liverfat.analysis import AnalysisOptions, Outcome, SeriesReport
 from liverfat.dicom_io.eligibility import EligibilityPolicy
-from liverfat.dicom_io.errors import LiverfatError
 from liverfat.dicom_io.read import discover
+from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
 from liverfat.inference.grading import GradingConfig
 from liverfat.inference.pipeline import AnalysisConfig
 from liverfat.inference.roi import RoiMode
-from liverfat.service.analyze import AnalyzeOptions, Outcome, SeriesReport, check_inputs, run_analyze
 from liverfat.service.models_cli import add_models_commands
 from liverfat.service.node_cli import add_node_commands
+from liverfat.service.research import analyze_inputs, check_inputs
 
 log = logging.getLogger("liverfat")
 
@@ -79,16 +80,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     config = AnalysisConfig(roi_mode=RoiMode(args.roi_mode), grading=GradingConfig(threshold_hu=args.threshold_hu))
-    options = AnalyzeOptions(out_dir=args.out, mask=args.mask, force=args.force, save_mask=args.save_mask,
+    options = AnalysisOptions(out_dir=args.out, mask=args.mask, force=args.force, save_mask=args.save_mask,
                              write_dicom=not args.no_dicom, config=config)  # fmt: skip
 
     def load_model() -> Backend:
-        from liverfat.inference.models import load_backend
+        from liverfat.inference.models.registry import load_backend
 
         return load_backend(args.model, device=args.device)
 
     progress = _progress_bar()
-    reports = run_analyze(args.inputs, options, load_model, on_series_done=progress)
+    reports = analyze_inputs(args.inputs, options, load_model, on_series_done=progress)
     for report in reports:
         print(_summary_line(report))
     failed = [r for r in reports if r.outcome is Outcome.FAILED]

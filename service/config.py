@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from liverfat.dicom_io.eligibility import EligibilityPolicy
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.site import DEFAULT_DISCLAIMER, OutputSettings
+from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.pipeline import AnalysisConfig
 
 ENV_PREFIX = "LIVERFAT_"
@@ -46,7 +46,7 @@ INELIGIBLE_RESULTS = ("nothing", "sr")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 PASS_THROUGH_SECTIONS = ("eligibility", "analysis", "grading")
-FOREIGN_VARIABLES = frozenset({"LIVERFAT_MODEL_CACHE"})  # read by liverfat.inference.weights, not a config key
+FOREIGN_VARIABLES = frozenset({"LIVERFAT_MODEL_CACHE"})  # read by liverfat.inference.models.weights, not a config key
 
 
 def check_ae_title(value: str) -> str | None:

@@ -33,14 +33,15 @@ def add_models_commands(subparsers: Any) -> None:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from liverfat.inference.weights import fetch_default_weights
+    from liverfat.inference.models.weights import fetch_default_weights
 
     print(f"default model weights: {fetch_default_weights(args.cache)}")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from liverfat.inference.models import BUILTIN_MODELS, default_model_store, store_models
+    from liverfat.inference.models.registry import BUILTIN_MODELS
+    from liverfat.inference.models.store import default_model_store, store_models
 
     for name, description in BUILTIN_MODELS.items():
         print(f"{name}\t{description}")
@@ -51,7 +52,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_import_nnunet_v1(args: argparse.Namespace) -> int:
-    from liverfat.inference.nnunet_v1 import import_command
+    from liverfat.inference.models.nnunet_v1 import import_command
 
     print(import_command(args.source, args.name, args.store))
     return 0

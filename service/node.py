@@ -30,8 +30,8 @@ from multiprocessing.context import SpawnProcess
 from types import FrameType
 from typing import TextIO, TypeVar
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.service.analyze import BackendLoader
+from liverfat.analysis import BackendLoader
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig
 from liverfat.service.diskspace import PROBE_S, DiskSpace, is_disk_full
 from liverfat.service.health import HealthServer, NodeStatus

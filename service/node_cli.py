@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.diskspace import DiskSpace
 from liverfat.service.health import NodeStatus, assess

@@ -49,7 +49,7 @@ from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import ThreadedAssociationServer
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import Caller, NodeConfig, NodeSection
 from liverfat.service.spool import InstanceInfo, Spool, StoreOutcome
 from liverfat.service.tls import server_context

@@ -34,7 +34,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.files import durable_write
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.spool_schema import SCHEMA_VERSION, migrate
@@ -540,10 +540,6 @@ class Spool:
         rows = self.query("SELECT DISTINCT destination FROM outbox WHERE state = ? ORDER BY destination",
                           (OutboxState.PENDING,))  # fmt: skip
         return [row["destination"] for row in rows]
-
-    def next_send_at(self) -> float | None:
-        row = self.query("SELECT MIN(next_attempt_at) AS t FROM outbox WHERE state = ?", (OutboxState.PENDING,))[0]
-        return None if row["t"] is None else float(row["t"])
 
     def mark_sent(self, send_id: int, now: float | None = None) -> None:
         with self.transaction() as db:

@@ -1,6 +1,6 @@
 """The worker: one process that takes complete series from the queue and analyses them, one at a time.
 
-It loads the model once and keeps it. Each job goes through ``analyze_dicom_series`` (the
+It loads the model once and keeps it. Each job goes through ``liverfat.analysis.analyze_dicom_series`` (the
 same code as ``liverfat analyze``): header eligibility first, so an ineligible series is
 rejected without its pixels being read; then the measurement and the DICOM outputs, which
 are queued for every destination in the same transaction that marks the job done.
@@ -29,10 +29,10 @@ from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
 
-from liverfat.dicom_io.errors import LiverfatError
+from liverfat.analysis import AnalysisOptions, BackendLoader, ModelCache, Outcome, analyze_dicom_series
 from liverfat.dicom_io.read import discover
+from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
-from liverfat.service.analyze import AnalyzeOptions, BackendLoader, ModelCache, Outcome, analyze_dicom_series
 from liverfat.service.config import NodeConfig, analysis_config, eligibility_policy, output_settings
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.logs import configure_logging
@@ -54,7 +54,7 @@ class ModelLoader:
         self.device = device
 
     def __call__(self) -> Backend:
-        from liverfat.inference.models import load_backend
+        from liverfat.inference.models.registry import load_backend
 
         return load_backend(self.name, device=self.device)
 
@@ -172,7 +172,7 @@ def _analyze(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfig, 
     if not matching:
         reasons = tuple(skipped.finding.to_json() for skipped in found.skipped)
         return JobResult(JobState.REJECTED, reasons=reasons, error="no readable CT instance in the series")
-    options = AnalyzeOptions(out_dir=spool.results_dir / str(job.id), policy=eligibility_policy(config),
+    options = AnalysisOptions(out_dir=spool.results_dir / str(job.id), policy=eligibility_policy(config),
                              config=analysis_config(config), site=output_settings(config),
                              not_applicable_sr=config.worker.ineligible_result == "sr")  # fmt: skip
     report = analyze_dicom_series(matching[0], options, models)

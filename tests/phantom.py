@@ -16,7 +16,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from liverfat.dicom_io.volume import Volume
+from liverfat.volume import Volume
 
 AIR_HU = -1000.0
 

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.dicom_io.read import discover, load_series
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, Reason
 from liverfat.result import AnalysisResult, Grade, Masks, ModelInfo, RoiMeasurement, RoiRule
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, write_series
 
 ROI_RADIUS_MM = 8.0

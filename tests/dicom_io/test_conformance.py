@@ -18,11 +18,11 @@ from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import get_encoder
 from pydicom.uid import UID, JPEG2000Lossless, JPEGLSLossless
 
-from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
+from liverfat.analysis import AnalysisOptions, not_analysed
 from liverfat.dicom_io.outputs import write_not_applicable_sr, write_outputs
 from liverfat.dicom_io.read import discover, load_series
 from liverfat.dicom_io.series import CTSeries
-from liverfat.service.analyze import AnalyzeOptions, not_analysed
+from liverfat.errors import Finding, LiverfatError, Reason
 from tests.dicom_io.output_cases import (
     SMALL_GRID,
     dciodvfy_available,
@@ -299,7 +299,7 @@ def test_a_rejected_japanese_series_gets_a_valid_not_applicable_sr_from_its_head
     rewrite(phantom_files(tmp_path / "ct"), encode)
     (files,) = discover([tmp_path / "ct"]).series
     reason = Finding(Reason.CONTRAST, "(0018,0010) 'Contrast/Bolus Agent' is 'IV'")
-    result = not_analysed(files.series_uid, str(files.headers[0].StudyInstanceUID), (reason,), AnalyzeOptions(tmp_path))
+    result = not_analysed(files.series_uid, str(files.headers[0].StudyInstanceUID), (reason,), AnalysisOptions(tmp_path))
 
     path = write_not_applicable_sr(files, result, tmp_path / "out")
 

@@ -12,7 +12,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, MRImageStorage
 
 from liverfat.dicom_io.eligibility import Eligibility, EligibilityPolicy, check_eligibility
-from liverfat.dicom_io.errors import Reason
+from liverfat.errors import Reason
 
 R = Reason
 

@@ -3,19 +3,17 @@ overlap, the borderline badge, text in words without DICOM tags, SC identity."""
 
 from __future__ import annotations
 
+import itertools
+import re
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
-
-import itertools
-import re
 
 import numpy as np
 import pydicom
 import pytest
 from scipy import ndimage
 
-from liverfat.dicom_io.errors import Finding, Reason
 from liverfat.dicom_io.keyimage import (
     ALERT_RGB,
     WINDOW_CENTRE_HU,
@@ -28,11 +26,12 @@ from liverfat.dicom_io.keyimage import (
     render_key_image,
     text_block,
 )
-from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.seg import LIVER_RGB, roi_rgb
 from liverfat.dicom_io.series import CTSeries
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.sr import grade_sentence
 from liverfat.dicom_io.uids import output_uids
+from liverfat.errors import Finding, Reason
 from liverfat.result import AnalysisResult, RoiRule
 from tests.dicom_io.output_cases import borderline, make_result, not_graded, phantom_series, with_replaced_roi
 

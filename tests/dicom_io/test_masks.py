@@ -14,10 +14,10 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.read import discover, load_series, read_mask
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import LiverfatError, Reason
+from liverfat.volume import Volume
 from tests.phantom import Ellipsoid, Grid, Phantom, SeriesHeader, render_volume, write_series
 
 # Slices from -80 to 80 mm: the liver (z within +-60 mm) is absent from the outer slices,

@@ -8,8 +8,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.nifti import is_nifti, nifti_stem, read_nifti
+from liverfat.errors import LiverfatError, Reason
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 

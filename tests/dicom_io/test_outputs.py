@@ -11,10 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.outputs import write_outputs
-from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.series import CTSeries
+from liverfat.dicom_io.site import OutputSettings
+from liverfat.errors import Finding, LiverfatError, Reason
 from liverfat.result import AnalysisResult, Grade, Masks
 from tests.dicom_io.output_cases import (
     borderline,

@@ -15,10 +15,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import get_encoder
 from pydicom.uid import (
+    JPEG2000,
     UID,
     EnhancedCTImageStorage,
     ExplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -27,10 +27,10 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.read import decode_hu, discover, load_series
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import LiverfatError, Reason
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, SeriesHeader, write_series
 
 # Small and coarse so every test writes its own series in a few milliseconds.

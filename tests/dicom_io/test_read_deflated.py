@@ -8,8 +8,8 @@ import numpy as np
 import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from liverfat.dicom_io.errors import Reason
 from liverfat.dicom_io.read import discover, load_series
+from liverfat.errors import Reason
 from tests.phantom import Grid, Phantom, write_series
 
 GRID = Grid(rows=48, columns=48, pixel_spacing_mm=7.0, slice_positions_mm=(-5.0, 0.0, 5.0, 10.0))

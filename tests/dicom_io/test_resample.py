@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from liverfat.dicom_io.resample import OUTSIDE_HU, WORKING_SPACING_MM, mask_to_grid, mask_to_source, to_working_grid
-from liverfat.dicom_io.volume import Volume
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, render_volume, storage_variants
 
 # a liver-centred field: 128 x 1.4 mm covers the phantom liver (x -140..10, y -90..80 mm)

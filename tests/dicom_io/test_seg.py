@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from liverfat.dicom_io import codes
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.seg import (
     LIVER_RGB,
     build_seg,
@@ -23,6 +22,7 @@ from liverfat.dicom_io.seg import (
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.site import DEFAULT_DISCLAIMER, OutputSettings
 from liverfat.dicom_io.uids import frame_of_reference_fallback, output_uids
+from liverfat.errors import LiverfatError, Reason
 from liverfat.result import USER_MASK, AnalysisResult, Masks, RoiRule
 from tests.dicom_io.output_cases import (
     dciodvfy_available,

@@ -23,10 +23,9 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from liverfat.dicom_io import codes
-from liverfat.dicom_io.errors import Finding, Reason
-from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.seg import LIVER_SEGMENT, build_seg, roi_segment_numbers, roi_tracking_id
 from liverfat.dicom_io.series import CTSeries
+from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.sr import (
     GRADE_TRACKING_ID,
     build_circle_sr,
@@ -36,6 +35,7 @@ from liverfat.dicom_io.sr import (
     without_tags,
 )
 from liverfat.dicom_io.uids import output_uids
+from liverfat.errors import Finding, Reason
 from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement, RoiRule
 from tests.dicom_io.output_cases import borderline, make_result, not_graded, phantom_series, with_replaced_roi
 

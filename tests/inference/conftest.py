@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from liverfat.inference.weights import fetch_default_weights
+from liverfat.inference.models.weights import fetch_default_weights
 
 
 @pytest.fixture(scope="session")

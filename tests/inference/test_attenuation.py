@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from liverfat.dicom_io.errors import Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Reason
 from liverfat.inference.attenuation import measure
 from liverfat.inference.grading import GradingConfig
 from liverfat.inference.roi import place_rois
 from liverfat.result import RoiRule
+from liverfat.volume import Volume
 
 SPACING = (0.7, 0.7, 2.5)
 LIMITS = GradingConfig().limits

@@ -15,14 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
 from liverfat.dicom_io.masks import read_mask_file
 from liverfat.dicom_io.nifti import read_nifti
 from liverfat.dicom_io.read import discover, load_series, read_mask
 from liverfat.dicom_io.resample import to_working_grid
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.backend import Backend
-from liverfat.inference.default_backend import (
+from liverfat.inference.models.default import (
     MODEL_NAME,
     TILE_OVERLAP,
     DefaultBackend,
@@ -35,8 +34,9 @@ from liverfat.inference.default_backend import (
     tiles,
     to_network_grid,
 )
-from liverfat.inference.unet import CONTEXT, TRAINED_OUTPUT
-from liverfat.inference.weights import MODEL_CACHE_ENV, WEIGHTS_FILENAME, WEIGHTS_SHA256
+from liverfat.inference.models.unet import CONTEXT, TRAINED_OUTPUT
+from liverfat.inference.models.weights import MODEL_CACHE_ENV, WEIGHTS_FILENAME, WEIGHTS_SHA256
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, render_volume
 
 TOTALSEGMENTATOR_LIVER_LABEL = 5

@@ -5,11 +5,11 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from liverfat.dicom_io.errors import Finding, Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, Reason
 from liverfat.inference.attenuation import LiverMeasurement
 from liverfat.inference.grading import DEFAULT_WITHHOLD_ON, GradingConfig, grade, grade_basis, is_borderline
 from liverfat.result import Grade, RoiMeasurement, RoiRule
+from liverfat.volume import Volume
 
 CONFIG = GradingConfig()
 

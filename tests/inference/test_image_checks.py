@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from liverfat.dicom_io.errors import Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Reason
 from liverfat.inference.image_checks import (
     MIN_BELOW_RIGHT_LUNG_BASE_MM,
     MIN_LUNG_VOLUME_ML,
@@ -15,6 +14,7 @@ from liverfat.inference.image_checks import (
     region_evidence,
     region_finding,
 )
+from liverfat.volume import Volume
 from tests.chest_phantom import CHEST_GRID, LUNG_HU, ChestPhantom
 from tests.phantom import Grid, Phantom, render_volume, storage_variants
 

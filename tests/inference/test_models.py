@@ -9,17 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.backend import Backend
-from liverfat.inference.models import (
-    default_model_store,
-    describe_backend,
-    load_backend,
-    resolve_device,
-    resolve_model_folder,
-    store_models,
-)
-from liverfat.inference.nnunet import NnUNetBackend
+from liverfat.inference.models.devices import resolve_device
+from liverfat.inference.models.nnunet import NnUNetBackend
+from liverfat.inference.models.registry import load_backend, resolve_model_folder
+from liverfat.inference.models.store import default_model_store, store_models
 from tests.inference.tiny_nnunet import write_tiny_model
 
 
@@ -32,9 +27,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_models_module_imports_without_torch_or_nnunet() -> None:
+def test_registry_and_devices_import_without_torch_or_nnunet() -> None:
     code = (
-        "import sys, liverfat.inference.models as m; "
+        "import sys, liverfat.inference.models.registry, liverfat.inference.models.devices as m; "
         "print(sorted(n for n in ('torch', 'nnunetv2') if n in sys.modules), m.DEVICE_CHOICES)"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -90,14 +85,6 @@ def test_a_file_is_not_a_model_folder(tmp_path: Path) -> None:
 
     with pytest.raises(LiverfatError, match="is a file, expected an nnU-Net v2 trained-model folder"):
         resolve_model_folder(str(checkpoint))
-
-
-def test_describe_backend_matches_the_loaded_backend_without_building_it(store: Path) -> None:
-    described = describe_backend("tiny", store=store)
-    loaded = load_backend("tiny", device="cpu", store=store).info
-
-    assert (described.name, described.version, described.checksum) == (loaded.name, loaded.version, loaded.checksum)
-    assert described.device is None
 
 
 def test_cpu_and_auto_devices_resolve() -> None:

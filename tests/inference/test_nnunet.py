@@ -14,10 +14,9 @@ import SimpleITK as sitk
 import torch
 from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.backend import Backend
-from liverfat.inference.nnunet import (
+from liverfat.inference.models.nnunet import (
     NnUNetBackend,
     find_liver_label,
     inspect_model_folder,
@@ -25,6 +24,7 @@ from liverfat.inference.nnunet import (
     network_orientation,
     nnunet_input,
 )
+from liverfat.volume import Volume
 from tests.inference.tiny_nnunet import MODEL_SPACING_ZYX, TinyFold, TinyModel, write_tiny_model
 from tests.phantom import Ellipsoid, Grid, Phantom, render_volume
 

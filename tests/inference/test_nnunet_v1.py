@@ -25,24 +25,24 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.dicom_io.volume import Volume
-from liverfat.inference.models import load_backend, store_models
-from liverfat.inference.nnunet import NnUNetBackend, nnunet_input
-from liverfat.inference.nnunet_v1 import (
+from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.models.nnunet import NnUNetBackend, nnunet_input
+from liverfat.inference.models.nnunet_v1 import (
     PROVENANCE_FILE,
     import_command,
     import_nnunet_v1,
     load_v1_checkpoint,
     load_v1_pickle,
 )
-from liverfat.inference.nnunet_v1_network import V1_NETWORK_CLASS_NAME
-from liverfat.inference.nnunet_v1_predictor import (
+from liverfat.inference.models.nnunet_v1_network import V1_NETWORK_CLASS_NAME
+from liverfat.inference.models.nnunet_v1_predictor import (
     V1_PLANS_KEY,
     V1Inference,
     remove_all_but_largest_regions,
     seed_largest_component,
 )
+from liverfat.inference.models.registry import load_backend, store_models
+from liverfat.volume import Volume
 from tests.inference.tiny_nnunet import write_tiny_model
 from tests.phantom import Ellipsoid, Grid, Phantom, render_volume
 

@@ -8,13 +8,13 @@ import pytest
 import SimpleITK as sitk
 
 from liverfat import __version__
-from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Finding, LiverfatError, Reason
 from liverfat.inference.grading import GradingConfig
-from liverfat.inference.pipeline import AnalysisConfig, analyze
+from liverfat.inference.pipeline import AnalysisConfig, measure_series
 from liverfat.inference.roi import MEDIAL_OFFSET_MM, RoiMode
 from liverfat.result import USER_MASK, AnalysisResult, Grade, ModelInfo
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, render_volume, storage_variants
 
 LIVER = Phantom().liver
@@ -34,7 +34,7 @@ def run(
     liver_hu: float = 55.0, variant: str = "head-first", config: AnalysisConfig = AnalysisConfig()
 ) -> AnalysisResult:
     series, liver = phantom_series(liver_hu, variant)
-    return analyze(series, liver, eligible=True, reasons=(), config=config)
+    return measure_series(series, liver, eligible=True, reasons=(), config=config)
 
 
 class AnalyticLiverBackend:
@@ -122,7 +122,7 @@ def test_value_within_the_margin_of_40_hu_keeps_the_seed_grade_and_is_flagged_bo
 def test_values_outside_the_margin_and_ungraded_series_are_not_borderline() -> None:
     assert not run(45.0).borderline and not run(35.0).borderline
     series, liver = phantom_series(40.0)
-    ineligible = analyze(series, liver, eligible=False, reasons=(Finding(Reason.CONTRAST, "IV contrast"),))
+    ineligible = measure_series(series, liver, eligible=False, reasons=(Finding(Reason.CONTRAST, "IV contrast"),))
     assert ineligible.grade is Grade.NOT_GRADED and not ineligible.borderline
 
 
@@ -141,7 +141,7 @@ def test_contrast_enhanced_liver_is_measured_but_not_graded() -> None:
 def test_ineligible_series_is_measured_but_not_graded_and_says_why() -> None:
     series, liver = phantom_series(35.0)
     why = Finding(Reason.ABDOMINAL, "StudyDescription 'CT ABDOMEN' names an abdominal study")
-    result = analyze(series, liver, eligible=False, reasons=(why,))
+    result = measure_series(series, liver, eligible=False, reasons=(why,))
     assert result.grade is Grade.NOT_GRADED and result.reasons == (why,)
     assert result.parenchymal_hu == pytest.approx(35.0, abs=1.0) and not result.eligible
 
@@ -154,7 +154,7 @@ def test_robust_mode_keeps_rois_that_already_fit() -> None:
 
 def test_backend_mask_is_used_and_its_model_reported() -> None:
     series, _ = phantom_series()
-    result = analyze(series, AnalyticLiverBackend(), eligible=True, reasons=())
+    result = measure_series(series, AnalyticLiverBackend(), eligible=True, reasons=())
     assert result.model == AnalyticLiverBackend.info
     assert result.grade is Grade.NONE_OR_MILD
     # x and z: the row of the lateral-most column's tip is sub-voxel sensitive, see test_roi
@@ -165,7 +165,7 @@ def test_backend_mask_is_used_and_its_model_reported() -> None:
 def test_backend_mask_on_another_grid_is_a_mask_mismatch() -> None:
     series, _ = phantom_series()
     with pytest.raises(LiverfatError, match="not on the working grid") as raised:
-        analyze(series, WrongGridBackend(), eligible=True, reasons=())
+        measure_series(series, WrongGridBackend(), eligible=True, reasons=())
     assert raised.value.reason is Reason.MASK_MISMATCH
 
 
@@ -174,7 +174,7 @@ def test_user_mask_with_several_labels_is_a_mask_mismatch() -> None:
     labels = liver.with_array(liver.array.astype(np.uint8) * 5)
     labels.array[0, 0, 0] = 2
     with pytest.raises(LiverfatError, match=r"labels \[2, 5\]") as raised:
-        analyze(series, labels, eligible=True, reasons=())
+        measure_series(series, labels, eligible=True, reasons=())
     assert raised.value.reason is Reason.MASK_MISMATCH
 
 
@@ -182,13 +182,13 @@ def test_user_mask_outside_the_ct_is_a_mask_mismatch() -> None:
     series, liver = phantom_series()
     elsewhere = Volume(liver.array, liver.spacing, (1000.0, 0.0, 0.0), liver.direction)
     with pytest.raises(LiverfatError, match="frame of reference") as raised:
-        analyze(series, elsewhere, eligible=True, reasons=())
+        measure_series(series, elsewhere, eligible=True, reasons=())
     assert raised.value.reason is Reason.MASK_MISMATCH
 
 
 def test_empty_user_mask_gives_no_liver_and_no_grade() -> None:
     series, liver = phantom_series()
-    result = analyze(series, liver.with_array(np.zeros_like(liver.array)), eligible=True, reasons=())
+    result = measure_series(series, liver.with_array(np.zeros_like(liver.array)), eligible=True, reasons=())
     assert result.grade is Grade.NOT_GRADED and [r.code for r in result.reasons] == [Reason.NO_LIVER]
     assert result.rois == () and result.parenchymal_hu is None
 
@@ -212,7 +212,7 @@ def test_seed_case_rois_match_the_seed_through_the_pipeline(shared_data: Path) -
     liver = liver.with_array(liver.array > 0)
     ct = liver.with_array(np.full(liver.array.shape, 50, np.int16))  # the CT is not published
     series = CTSeries(volume=ct, series_uid="1.2.3", study_uid=None)
-    result = analyze(series, liver, eligible=True, reasons=())
+    result = measure_series(series, liver, eligible=True, reasons=())
     seed_rois = sitk.GetArrayFromImage(sitk.ReadImage(str(seed / "LIDC-IDRI_0002_AI_ROI_seg.nii.gz")))
     assert [roi.slice_index for roi in result.rois] == [17, 15, 13]
     for roi in result.rois:
@@ -236,7 +236,7 @@ def test_portal_venous_ircadb_liver_is_recognised_as_contrast_enhanced(shared_da
     ircadb = shared_data / "3dircadb-1.1"
     ct, mask = read(ircadb / "PATIENT_DICOM"), read(ircadb / "MASKS_DICOM" / "liver")
     series = CTSeries(volume=ct, series_uid="1.2.3", study_uid=None)
-    result = analyze(series, mask.with_array(mask.array > 0), eligible=True, reasons=())
+    result = measure_series(series, mask.with_array(mask.array > 0), eligible=True, reasons=())
     assert result.grade is Grade.NOT_GRADED
     assert Reason.IMAGE_SUGGESTS_CONTRAST in [r.code for r in result.reasons]
     assert result.volumetric_hu is not None and result.volumetric_hu > 95.0

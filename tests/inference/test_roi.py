@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from liverfat.dicom_io.errors import Reason
-from liverfat.dicom_io.volume import Volume
+from liverfat.errors import Reason
 from liverfat.inference.roi import (
     MEDIAL_OFFSET_MM,
     ROBUST_MARGIN_MM,
@@ -17,6 +16,7 @@ from liverfat.inference.roi import (
     ellipse_kernel,
     place_rois,
 )
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, render_volume, storage_variants
 
 SEED = Path("seed-dl-parenchymal")

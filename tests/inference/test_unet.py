@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.inference.unet import (
+from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.models.unet import (
     ALL_SPECS,
     PARAMETER_COUNT,
     TRAINED_INPUT,

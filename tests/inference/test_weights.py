@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.inference.weights import (
+from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.models.weights import (
     LICENSE_FILENAME,
     LICENSE_MEMBER,
     MODEL_CACHE_ENV,

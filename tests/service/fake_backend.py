@@ -7,9 +7,9 @@ from functools import partial
 
 import numpy as np
 
-from liverfat.dicom_io.volume import Volume
 from liverfat.inference.backend import Backend
 from liverfat.result import ModelInfo
+from liverfat.volume import Volume
 from tests.phantom import Phantom
 
 

@@ -12,13 +12,14 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+from liverfat.analysis import AnalysisOptions, ModelCache, Outcome, SeriesReport
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
-from liverfat.dicom_io.errors import Reason
 from liverfat.dicom_io.read import discover, load_series
+from liverfat.errors import Reason
 from liverfat.inference.backend import Backend
 from liverfat.inference.image_checks import MIN_LUNG_VOLUME_ML, not_ct_finding, region_evidence, region_finding
-from liverfat.service.analyze import AnalyzeOptions, ModelCache, Outcome, SeriesReport, run_analyze
 from liverfat.service.cli import main
+from liverfat.service.research import analyze_inputs
 from liverfat.service.spool import JobState
 from liverfat.service.worker import process_job
 from tests.chest_phantom import CHEST_GRID, ChestPhantom
@@ -38,8 +39,8 @@ def no_model() -> Backend:
 
 
 def analyze(inputs: list[Path], out: Path, *, force: bool = False, mask: Path | None = None) -> list[SeriesReport]:
-    options = AnalyzeOptions(out_dir=out, force=force, mask=mask, write_dicom=False)
-    return run_analyze(inputs, options, no_model)
+    options = AnalysisOptions(out_dir=out, force=force, mask=mask, write_dicom=False)
+    return analyze_inputs(inputs, options, no_model)
 
 
 def codes(report: SeriesReport) -> list[str]:
@@ -232,9 +233,9 @@ def test_series_without_study_uid_is_rejected_with_its_reason_and_no_not_applica
         dataset = pydicom.dcmread(path)
         del dataset.StudyInstanceUID
         dataset.save_as(path)
-    options = AnalyzeOptions(out_dir=tmp_path / "out", not_applicable_sr=True)
+    options = AnalysisOptions(out_dir=tmp_path / "out", not_applicable_sr=True)
 
-    (report,) = run_analyze([tmp_path / "in"], options, no_model)
+    (report,) = analyze_inputs([tmp_path / "in"], options, no_model)
 
     assert report.outcome is Outcome.REJECTED and codes(report) == ["missing_attribute"]
     assert "Study Instance UID" in report.result.reasons[0].message

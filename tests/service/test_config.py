@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import Caller, Destination, check_ae_title, load_config, output_settings
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "liverfat.example.toml"

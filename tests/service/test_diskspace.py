@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service.diskspace import RESERVE_BYTES, DiskSpace, is_disk_full
 from liverfat.service.health import NodeStatus, assess
 from liverfat.service.spool import InstanceInfo, JobState, Spool, StoreOutcome

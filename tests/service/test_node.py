@@ -24,9 +24,9 @@ import pytest
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, build_context
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.service.node import Node
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service import cli
+from liverfat.service.node import Node
 from liverfat.service.scp import StoreStatus
 from liverfat.service.spool import ENDED_STATES, UNRELEASED_NOTE, JobState, OutboxState
 from tests.service.conftest import ECHOSCU, PHANTOM_LIVER_HU, dcmtk, free_port, phantom_series, small_series, storescu

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from liverfat.dicom_io.errors import Reason
+from liverfat.analysis import AnalysisOptions, ModelCache, Outcome, SeriesReport, analyze_dicom_series
 from liverfat.dicom_io.read import discover, read_mask
-from liverfat.inference.models import load_backend
+from liverfat.errors import Reason
+from liverfat.inference.models.registry import load_backend
 from liverfat.result import Grade
-from liverfat.service.analyze import AnalyzeOptions, ModelCache, Outcome, SeriesReport, analyze_dicom_series
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 
@@ -31,7 +31,7 @@ def models() -> ModelCache:
 
 def run(folder: Path, models: ModelCache, tmp_path: Path) -> SeriesReport:
     (series,) = discover([folder]).series
-    return analyze_dicom_series(series, AnalyzeOptions(out_dir=tmp_path, write_dicom=False), models)
+    return analyze_dicom_series(series, AnalysisOptions(out_dir=tmp_path, write_dicom=False), models)
 
 
 def test_lidc_idri_0002_is_graded_within_the_seed_error_of_the_manual_roi(

@@ -29,7 +29,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import Caller, NodeConfig, SeriesSection, TlsSection
 from liverfat.service.scp import StorageSCP, StoreStatus, index_uids, part10_header, refuse_caller
 from liverfat.service.spool import JobState, Spool

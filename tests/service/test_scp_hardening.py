@@ -27,7 +27,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.scp import StorageSCP, StoreStatus, check_uid, make_ae
 from liverfat.service.spool import Spool

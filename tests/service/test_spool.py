@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
+from liverfat.service.retention import Purged, purge_expired
 from liverfat.service.spool import (
     DB_NAME,
     SCHEMA_VERSION,
+    UNRELEASED_NOTE,
     InstanceInfo,
     JobResult,
     JobState,
     OutboxState,
     OutputFile,
-    UNRELEASED_NOTE,
     Spool,
     StoreOutcome,
     file_name,
 )
-from liverfat.service.retention import Purged, purge_expired
 from liverfat.service.spool_schema import migrate
 
 SERIES = "1.2.3.4"

@@ -10,7 +10,7 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
-from liverfat.service.analyze import ModelCache
+from liverfat.analysis import ModelCache
 from liverfat.service.config import Destination, NodeConfig, NodeSection, OutputsSection, SendSection, WorkerSection
 from liverfat.service.diskspace import DiskSpace
 from liverfat.service.spool import InstanceInfo, Job, JobState, Spool

@@ -26,16 +26,17 @@ import numpy as np
 import pydicom
 import pytest
 
+from liverfat.analysis import AnalysisOptions, Outcome
 from liverfat.dicom_io.outputs import write_outputs
 from liverfat.dicom_io.read import discover, load_series
 from liverfat.dicom_io.seg import LIVER_RGB, roi_name, roi_rgb
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.sr import grade_sentence
-from liverfat.dicom_io.volume import Volume
-from liverfat.inference.models import load_backend
-from liverfat.inference.pipeline import analyze
+from liverfat.inference.models.registry import load_backend
+from liverfat.inference.pipeline import measure_series
 from liverfat.result import AnalysisResult
-from liverfat.service.analyze import AnalyzeOptions, Outcome, run_analyze
+from liverfat.service.research import analyze_inputs
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, SeriesHeader, render_volume, write_series
 from tests.viewer import pixels
 from tests.viewer.expected import RULER_MM, SegRoi, seg_rois, slice_probes
@@ -129,7 +130,7 @@ def _analysed(name: str, folder: Path, liver: Volume) -> StudyCase:
     """Read the series under ``folder / 'ct'``, analyse it with ``liver`` as mask, write our outputs."""
     (files,) = discover([folder / "ct"]).series
     series = load_series(files)
-    result = analyze(series, liver, eligible=True, reasons=())
+    result = measure_series(series, liver, eligible=True, reasons=())
     outputs = write_outputs(series, result, folder / "outputs")
     return StudyCase(name, series, list(files.files), result, outputs)
 
@@ -165,7 +166,7 @@ def ircadb_case(shared_data: Path, folder: Path) -> StudyCase:
 def lidc_case(shared_data: Path, folder: Path) -> StudyCase:
     """LIDC-IDRI-0002 (261 slices, unenhanced chest CT) through ``liverfat analyze`` with the default model on CPU."""
     root = shared_data / "chest-ct" / "lidc-idri-0002"
-    (report,) = run_analyze([root], AnalyzeOptions(out_dir=folder / "outputs"), lambda: load_backend(device="cpu"))
+    (report,) = analyze_inputs([root], AnalysisOptions(out_dir=folder / "outputs"), lambda: load_backend(device="cpu"))
     assert report.outcome is Outcome.PROCESSED, f"LIDC-IDRI-0002 was not processed: {report.result.reasons}"
     (files,) = discover([root]).series
     dicom_outputs = [path for path in report.outputs if path.suffix == ".dcm"]

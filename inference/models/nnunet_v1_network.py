@@ -22,7 +22,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import StackedConvBlocks
 from torch import nn
 
-V1_NETWORK_CLASS_NAME = "liverfat.inference.nnunet_v1_network.V1CompatibleUNet"
+V1_NETWORK_CLASS_NAME = "liverfat.inference.models.nnunet_v1_network.V1CompatibleUNet"
 """The dotted name nnunetv2 locates this class by (``architecture.network_class_name``)."""
 
 

@@ -20,8 +20,6 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK as sitk
 
-FloatArray = npt.NDArray[np.floating]
-
 
 @dataclass(frozen=True, eq=False)
 class Volume:

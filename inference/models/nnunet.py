@@ -48,9 +48,9 @@ nnU-Net with ``torch.load(..., weights_only=False)``: load only model folders yo
 
 Converted nnU-Net v1 models
 ---------------------------
-A folder written by :func:`liverfat.inference.nnunet_v1.import_nnunet_v1` carries a
+A folder written by :func:`liverfat.inference.models.nnunet_v1.import_nnunet_v1` carries a
 ``liverfat_nnunet_v1`` entry in ``plans.json``. Such a model runs through
-:class:`~liverfat.inference.nnunet_v1_predictor.V1Predictor` (v1's preprocessing order, softmax
+:class:`~liverfat.inference.models.nnunet_v1_predictor.V1Predictor` (v1's preprocessing order, softmax
 averaging and float32 accumulation, and the v1 folder's ``postprocessing.json``), and its liver
 mask then goes through the seed's own largest-component step. Every other model runs through
 nnunetv2's own ``nnUNetPredictor``.
@@ -75,20 +75,19 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.dicom_io.volume import Volume
-from liverfat.inference.models import (
+from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.models.devices import device_label, resolve_device
+from liverfat.inference.models.nnunet_options import (
     NNUNET_CHECKPOINT_FINAL,
     NNUNET_DEFAULT_TILE_STEP_SIZE,
     NNUNET_ORIENTATIONS,
     ORIENTATION_AUTO,
     ORIENTATION_LPS,
     ORIENTATION_RAS,
-    device_label,
-    resolve_device,
 )
-from liverfat.inference.nnunet_v1_predictor import V1Inference, V1Predictor, seed_largest_component
+from liverfat.inference.models.nnunet_v1_predictor import V1Inference, V1Predictor, seed_largest_component
 from liverfat.result import ModelInfo
+from liverfat.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -275,19 +274,6 @@ def inspect_model_folder(
         configuration=configuration,
         v1_inference=v1_inference,
     )
-
-
-def describe_model_folder(
-    path: Path | str,
-    *,
-    folds: Sequence[Fold] | None = None,
-    checkpoint_name: str = NNUNET_CHECKPOINT_FINAL,
-    orientation: str = ORIENTATION_AUTO,
-) -> ModelInfo:
-    """Name, version and checkpoint checksum of an nnU-Net model folder, without loading the network."""
-    return inspect_model_folder(
-        path, folds=folds, checkpoint_name=checkpoint_name, orientation=orientation
-    ).model_info()
 
 
 def checkpoints_sha256(paths: Sequence[Path]) -> str:

@@ -1,18 +1,16 @@
-"""``liverfat analyze`` and ``liverfat check``: the pipeline run over files and folders.
+"""One series, end to end: eligibility -> load -> image checks -> measurement -> outputs -> ``result.json``.
 
-This module only orchestrates: reading and eligibility come from ``dicom_io``, the
-measurement from ``inference``; here we decide per series what to run, and write
-``<out>/<SeriesInstanceUID>/result.json`` (plus DICOM outputs) and ``<out>/results.csv``.
+The node's worker and ``liverfat analyze`` both run a series through here. Reading and
+eligibility come from ``dicom_io``, the measurement from ``inference``; this module decides
+per series what to run and writes ``<out>/<series>/result.json`` beside the DICOM outputs.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -22,24 +20,18 @@ import SimpleITK as sitk
 
 from liverfat import __version__
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
-from liverfat.dicom_io.errors import Finding, LiverfatError, Reason
 from liverfat.dicom_io.outputs import write_not_applicable_sr, write_outputs
-from liverfat.dicom_io.read import discover, load_series, read_mask, read_nifti
-from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
+from liverfat.dicom_io.read import load_series, read_mask, read_nifti
+from liverfat.dicom_io.series import CTSeries, SeriesFiles
 from liverfat.dicom_io.site import OutputSettings
+from liverfat.errors import Finding, LiverfatError, Reason
 from liverfat.files import durable_write
 from liverfat.inference.backend import Backend
 from liverfat.inference.image_checks import not_ct_finding, region_finding
-from liverfat.inference.pipeline import AnalysisConfig, analyze
+from liverfat.inference.pipeline import AnalysisConfig, measure_series
 from liverfat.result import AnalysisResult, Grade, ModelInfo
 
 log = logging.getLogger(__name__)
-
-CSV_COLUMNS = (
-    "series_uid", "study_uid", "status", "eligible", "grade", "borderline", "graded_hu", "parenchymal_hu",
-    "volumetric_hu", "axial_hu", "liver_volume_ml", "threshold_hu", "borderline_margin_hu", "model", "reasons",
-    "warnings",
-)  # fmt: skip
 
 NOT_RUN = ModelInfo(name="none", version="n/a")
 _UNUSABLE_HEADERS = frozenset({Reason.MISSING_ATTRIBUTE, Reason.INVALID_ATTRIBUTE})
@@ -54,7 +46,7 @@ class Outcome(StrEnum):
 
 
 @dataclass(frozen=True)
-class AnalyzeOptions:
+class AnalysisOptions:
     """Everything ``analyze`` needs besides the inputs."""
 
     out_dir: Path
@@ -81,51 +73,6 @@ class SeriesReport:
 BackendLoader = Callable[[], Backend]
 
 
-def check_inputs(inputs: Sequence[Path], policy: EligibilityPolicy) -> Iterator[dict[str, Any]]:
-    """One JSON-ready decision per series (headers only), then one per file that is no CT series."""
-    found = discover(inputs)
-    for series in found.series:
-        decision = check_eligibility(series.headers, policy)
-        yield {
-            "series_uid": series.series_uid,
-            "files": len(series.files),
-            "eligible": decision.eligible,
-            "reasons": [f.to_json() for f in decision.findings],
-            "pending": [f.to_json() for f in decision.pending],  # left to the image (analyze decides)
-        }
-    for path in found.nifti:
-        yield {"series_uid": None, "file": str(path), "files": 1, "eligible": None,
-               "reasons": [no_headers_finding(path).to_json()]}  # fmt: skip
-    for skipped in found.skipped:
-        yield _skipped_json(skipped)
-
-
-def run_analyze(inputs: Sequence[Path], options: AnalyzeOptions, load_model: BackendLoader,
-                on_series_done: Callable[[SeriesReport], None] | None = None) -> list[SeriesReport]:  # fmt: skip
-    """Analyse every series found in ``inputs``; write per-series results and ``results.csv``.
-
-    ``load_model`` is called at most once, on the first series that needs a model, so a run
-    that only rejects series (or uses ``--mask``) never loads one.
-    """
-    found = discover(inputs)
-    for skipped in found.skipped:
-        log.info("skipped %s: %s", skipped.path, skipped.finding.message)
-    models = ModelCache(load_model)
-    reports: list[SeriesReport] = []
-    for item in (*found.series, *found.nifti):
-        if isinstance(item, SeriesFiles):
-            report = analyze_dicom_series(item, options, models)
-        else:
-            report = analyze_nifti(item, options, models)
-        reports.append(report)
-        if on_series_done is not None:
-            on_series_done(report)
-    write_results_csv(options.out_dir / "results.csv", reports)
-    if found.skipped:
-        write_json_atomically(options.out_dir / "skipped.json", [_skipped_json(s) for s in found.skipped])
-    return reports
-
-
 class ModelCache:
     """Loads the backend once, on first use."""
 
@@ -139,7 +86,7 @@ class ModelCache:
         return self._backend
 
 
-def analyze_dicom_series(files: SeriesFiles, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
+def analyze_dicom_series(files: SeriesFiles, options: AnalysisOptions, models: ModelCache) -> SeriesReport:
     """Eligibility from the headers, then (if eligible or forced) the full analysis of one series.
 
     Headers that name no body region leave it to the image (``Eligibility.region_from_image``, see
@@ -156,7 +103,7 @@ def analyze_dicom_series(files: SeriesFiles, options: AnalyzeOptions, models: Mo
     return report
 
 
-def _analyze_dicom(files: SeriesFiles, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
+def _analyze_dicom(files: SeriesFiles, options: AnalysisOptions, models: ModelCache) -> SeriesReport:
     decision = check_eligibility(files.headers, options.policy)
     study_uid = str(files.headers[0].get("StudyInstanceUID", "")) or None
     if not decision.eligible and not options.force:
@@ -173,7 +120,7 @@ def _analyze_dicom(files: SeriesFiles, options: AnalyzeOptions, models: ModelCac
                            confirm_region=decision.region_from_image)
 
 
-def analyze_nifti(path: Path, options: AnalyzeOptions, models: ModelCache) -> SeriesReport:
+def analyze_nifti(path: Path, options: AnalysisOptions, models: ModelCache) -> SeriesReport:
     """A NIfTI volume has no headers to check: it is analysed, with a warning that says so."""
     started = time.perf_counter()
     try:
@@ -185,7 +132,7 @@ def analyze_nifti(path: Path, options: AnalyzeOptions, models: ModelCache) -> Se
     return _analyze_loaded(series, True, (no_headers_finding(path),), options, models, {"load": load_s})
 
 
-def _analyze_loaded(series: CTSeries, eligible: bool, reasons: Sequence[Finding], options: AnalyzeOptions,
+def _analyze_loaded(series: CTSeries, eligible: bool, reasons: Sequence[Finding], options: AnalysisOptions,
                     models: ModelCache, timings: dict[str, float], *,
                     confirm_region: bool = False) -> SeriesReport:  # fmt: skip
     started = time.perf_counter()
@@ -199,7 +146,7 @@ def _analyze_loaded(series: CTSeries, eligible: bool, reasons: Sequence[Finding]
         eligible = False  # --force: a region the image does not confirm is measured, not graded
     try:
         liver: Backend | Any = read_mask(options.mask, series.volume) if options.mask else models.get()
-        result = analyze(series, liver, eligible=eligible, reasons=reasons, config=options.config)
+        result = measure_series(series, liver, eligible=eligible, reasons=reasons, config=options.config)
     except LiverfatError as error:
         outcome = Outcome.FAILED if error.reason is Reason.BACKEND_UNAVAILABLE else Outcome.REJECTED
         result = not_analysed(series.series_uid, series.study_uid, (*reasons, error.finding), options)
@@ -224,7 +171,7 @@ def _check_image(series: CTSeries, confirm_region: bool) -> tuple[CTSeries, Find
     return series, region
 
 
-def _finish(result: AnalysisResult, outcome: Outcome, options: AnalyzeOptions, *, series: CTSeries | None) -> SeriesReport:
+def _finish(result: AnalysisResult, outcome: Outcome, options: AnalysisOptions, *, series: CTSeries | None) -> SeriesReport:
     """Write the series' files; ``result.json`` last, with the time the others took as ``timings_s.write``."""
     series_dir = options.out_dir / safe_folder_name(result.series_uid)
     series_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +193,7 @@ def _finish(result: AnalysisResult, outcome: Outcome, options: AnalyzeOptions, *
 
 
 def not_analysed(series_uid: str, study_uid: str | None, reasons: Sequence[Finding],
-                 options: AnalyzeOptions) -> AnalysisResult:  # fmt: skip
+                 options: AnalysisOptions) -> AnalysisResult:  # fmt: skip
     """The result of a series that was rejected before any measurement."""
     return AnalysisResult(
         series_uid=series_uid, study_uid=study_uid, eligible=False, reasons=tuple(reasons),
@@ -266,28 +213,5 @@ def safe_folder_name(series_uid: str) -> str:
     return cleaned.strip(".") or "series"
 
 
-def write_results_csv(path: Path, reports: Sequence[SeriesReport]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for report in reports:
-            data = report.result.to_json()
-            writer.writerow({
-                **{key: data[key] for key in CSV_COLUMNS if key in data},
-                "status": report.outcome.value,
-                "model": report.result.model.name,
-                "reasons": "; ".join(r["code"] for r in data["reasons"]),
-                "warnings": "; ".join(w["code"] for w in data["warnings"]),
-            })  # fmt: skip
-    os.replace(tmp, path)
-
-
 def write_json_atomically(path: Path, data: Any) -> None:
     durable_write(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def _skipped_json(skipped: SkippedFile) -> dict[str, Any]:
-    return {"series_uid": None, "file": str(skipped.path), "files": 1, "eligible": False,
-            "reasons": [skipped.finding.to_json()]}  # fmt: skip

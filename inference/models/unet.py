@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Protocol, cast
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, cast
 
 import h5py
 import numpy as np
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ checks that it is that kind of model (task, fold, files, a one-class CT ``3d_ful
 preprocessed as v1's ``GenericPreprocessor`` does), and writes an nnU-Net v2 trained-model
 folder into the model store (``~/.cache/liverfat/models/nnunet/<name>/``), where
 ``--model <name>`` finds it: ``plans.json``, ``dataset.json`` and ``fold_N/checkpoint_final.pth``
-(:mod:`liverfat.inference.nnunet_v1_convert`), and ``liverfat_provenance.json``: where it came
+(:mod:`liverfat.inference.models.nnunet_v1_convert`), and ``liverfat_provenance.json``: where it came
 from (SHA-256 of the source and of each file read, the v1 plans' identity, liverfat's version).
-The backend then runs it with v1's inference (:mod:`liverfat.inference.nnunet_v1_predictor`)
+The backend then runs it with v1's inference (:mod:`liverfat.inference.models.nnunet_v1_predictor`)
 and the seed's post-processing.
 
 Nothing in the source is executed. v1 stores pickles: ``model_final_checkpoint.model.pkl`` and
@@ -41,11 +41,11 @@ import numpy as np
 import torch
 
 from liverfat import __version__
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.inference.models import default_model_store
-from liverfat.inference.nnunet import read_json_object
-from liverfat.inference.nnunet_v1_convert import V1_CONFIGURATION, V1Model, write_v2_folder
-from liverfat.inference.nnunet_v1_predictor import V1Inference
+from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.models.nnunet import read_json_object
+from liverfat.inference.models.nnunet_v1_convert import V1_CONFIGURATION, V1Model, write_v2_folder
+from liverfat.inference.models.nnunet_v1_predictor import V1Inference
+from liverfat.inference.models.store import default_model_store
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""nnU-Net v1's inference, run through nnunetv2 on a model converted by :mod:`liverfat.inference.nnunet_v1`.
+"""nnU-Net v1's inference, run through nnunetv2 on a model converted by :mod:`liverfat.inference.models.nnunet_v1`.
 
 A converted v1 model loads into nnunetv2 unchanged (its network is
-:class:`~liverfat.inference.nnunet_v1_network.V1CompatibleUNet`), but nnunetv2 2.8 does three
+:class:`~liverfat.inference.models.nnunet_v1_network.V1CompatibleUNet`), but nnunetv2 2.8 does three
 things differently from nnU-Net v1.7.1's ``nnUNet_predict``, and each changes masks:
 
 1. **Order of preprocessing.** v1 resamples the CT to the model's spacing *then* clips and

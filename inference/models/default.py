@@ -36,11 +36,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.dicom_io.volume import Volume
-from liverfat.inference.models import DEVICE_AUTO, device_label, resolve_device
-from liverfat.inference.unet import CONTEXT, TRAINED_OUTPUT, LiverUNet, load_keras_weights
-from liverfat.inference.weights import (
+from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.models.devices import DEVICE_AUTO, device_label, resolve_device
+from liverfat.inference.models.unet import CONTEXT, TRAINED_OUTPUT, LiverUNet, load_keras_weights
+from liverfat.inference.models.weights import (
     SOURCE_PACKAGE,
     SOURCE_VERSION,
     WEIGHTS_SHA256,
@@ -48,6 +47,7 @@ from liverfat.inference.weights import (
     verify_weights,
 )
 from liverfat.result import ModelInfo
+from liverfat.volume import Volume
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class DefaultBackend:
     ----------
     weights:
         The HDF5 weight file; default: the verified file in the model cache (see
-        ``liverfat.inference.weights``). A given file is checked against the recorded SHA-256 too.
+        ``liverfat.inference.models.weights``). A given file is checked against the recorded SHA-256 too.
     device:
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     """

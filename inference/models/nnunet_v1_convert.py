@@ -2,7 +2,7 @@
 
 :func:`write_v2_folder` writes what nnunetv2's predictor loads (``plans.json``,
 ``dataset.json``, ``fold_N/checkpoint_final.pth``) for a :class:`V1Model` read and checked by
-:mod:`liverfat.inference.nnunet_v1`:
+:mod:`liverfat.inference.models.nnunet_v1`:
 
 - the plans' stage gives spacing, patch size, kernels and pooling (already in the transposed
   axis order, as v2 keeps them), ``transpose_forward/backward`` carry over;
@@ -10,13 +10,13 @@
   statistics (v1's ``sd``, ``mn``, ``mx`` are v2's ``std``, ``min``, ``max``);
 - v1's resampling orders (data 3, probabilities 1, 0 along a separately resampled axis) and
   ``segmentation_export_params`` when the plans have them;
-- the network is :class:`~liverfat.inference.nnunet_v1_network.V1CompatibleUNet`;
+- the network is :class:`~liverfat.inference.models.nnunet_v1_network.V1CompatibleUNet`;
   ``Generic_UNet``'s weights map one to one onto its names (``conv_blocks_context`` ->
   ``encoder.stages``, the bottleneck's two blocks -> one stage, ``conv_blocks_localization`` ->
   ``decoder.stages``, ``tu`` -> ``decoder.transpconvs`` and ``seg_outputs`` ->
   ``decoder.seg_layers`` with zero biases, which v1 does not have), plus the duplicate names
   nnunetv2's state dicts carry;
-- ``plans.json`` gets the :data:`~liverfat.inference.nnunet_v1_predictor.V1_PLANS_KEY` entry
+- ``plans.json`` gets the :data:`~liverfat.inference.models.nnunet_v1_predictor.V1_PLANS_KEY` entry
   that makes liverfat's backend run the model with v1's inference.
 """
 
@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
-from liverfat.inference.models import NNUNET_CHECKPOINT_FINAL
-from liverfat.inference.nnunet_v1_network import V1_NETWORK_CLASS_NAME
-from liverfat.inference.nnunet_v1_predictor import V1_PLANS_KEY, V1Inference
+from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.models.nnunet_options import NNUNET_CHECKPOINT_FINAL
+from liverfat.inference.models.nnunet_v1_network import V1_NETWORK_CLASS_NAME
+from liverfat.inference.models.nnunet_v1_predictor import V1_PLANS_KEY, V1Inference
 
 V1_CONFIGURATION = "3d_fullres"
 V1_MAX_FEATURES_3D = 320

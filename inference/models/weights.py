@@ -22,7 +22,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from liverfat.dicom_io.errors import LiverfatError, Reason
+from liverfat.errors import LiverfatError, Reason
 from liverfat.files import durable_write
 
 logger = logging.getLogger(__name__)
