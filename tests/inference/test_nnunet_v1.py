@@ -510,3 +510,12 @@ def test_v1_postprocessing_settings_survive_plans_json() -> None:
     assert restored == settings
     assert V1Inference.from_plans({}) is None
     assert V1Inference.from_v1_postprocessing(None) == V1Inference()
+
+
+def test_models_imported_by_liverfat_0_1_still_locate_their_network() -> None:
+    """0.1.0 wrote the network's old dotted name into plans.json; nnunetv2 finds it with pydoc.locate."""
+    import pydoc
+
+    from liverfat.inference.models.nnunet_v1_network import V1CompatibleUNet
+
+    assert pydoc.locate("liverfat.inference.nnunet_v1_network.V1CompatibleUNet") is V1CompatibleUNet
