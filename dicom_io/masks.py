@@ -90,7 +90,7 @@ def _seg_mask(path: Path, label: int | None) -> Volume:
         ) from exc
     # highdicom orders array axes and affine columns (slice, row, column); a Volume's are (i, j, k)
     array = segment.array[..., 0] >= FRACTION_THRESHOLD
-    return Volume(array, tuple(segment.spacing[::-1]), tuple(segment.position), segment.direction[:, ::-1])
+    return Volume(array, segment.spacing[::-1], segment.position, segment.direction[:, ::-1])
 
 
 def _liver_segment(seg: hd.seg.Segmentation, label: int | None, path: Path) -> int:

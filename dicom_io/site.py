@@ -9,11 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import TypedDict
 
 DEFAULT_DISCLAIMER = (
     "For research / decision support only. Not a diagnosis: "
     "a radiologist must review the images and the measurement regions."
 )
+
+
+class EquipmentKwargs(TypedDict):
+    """General Equipment attributes, as highdicom's keyword arguments (see ``equipment_kwargs``)."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+    institution_name: str | None
+    institutional_department_name: str | None
 
 
 @dataclass(frozen=True)
@@ -49,7 +61,7 @@ class OutputSettings:
             if not 0 < getattr(self, name) < 2**31:
                 raise ValueError(f"output setting {name}={getattr(self, name)} must be a positive integer below 2**31")
 
-    def equipment_kwargs(self, software_version: str) -> dict[str, str | None]:
+    def equipment_kwargs(self, software_version: str) -> EquipmentKwargs:
         """The General Equipment attributes every output carries, as highdicom's keyword arguments."""
         return {
             "manufacturer": self.manufacturer,

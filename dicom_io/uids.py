@@ -24,6 +24,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, time
+from typing import TypedDict
 
 import numpy as np
 from pydicom import Dataset
@@ -108,7 +109,16 @@ def frame_of_reference_fallback(series_uid: str) -> str:
     return derived_uid(series_uid, "frame-of-reference")
 
 
-def creation_kwargs(created: datetime) -> dict[str, date | time]:
+class CreationKwargs(TypedDict):
+    """Content and series date/time, as highdicom's keyword arguments (see ``creation_kwargs``)."""
+
+    content_date: date
+    content_time: time
+    series_date: date
+    series_time: time
+
+
+def creation_kwargs(created: datetime) -> CreationKwargs:
     """Content and series date/time for a highdicom constructor, all from ``created``.
 
     The caller chooses ``created`` (the service passes the job's first processing time),

@@ -61,7 +61,7 @@ class V1Model:
 
     @property
     def stage_plans(self) -> Mapping[str, Any]:
-        return self.plans["plans_per_stage"][self.stage]  # type: ignore[no-any-return]
+        return self.plans["plans_per_stage"][self.stage]
 
 
 def _architecture(model: V1Model) -> dict[str, Any]:

@@ -26,7 +26,7 @@ V1_NETWORK_CLASS_NAME = "liverfat.inference.models.nnunet_v1_network.V1Compatibl
 """The dotted name nnunetv2 locates this class by (``architecture.network_class_name``)."""
 
 
-class V1CompatibleUNet(PlainConvUNet):  # type: ignore[misc]
+class V1CompatibleUNet(PlainConvUNet):
     """``PlainConvUNet`` whose decoder stage ``u`` uses nnU-Net v1's kernel ``kernel_sizes[-(u + 1)]``.
 
     Takes exactly ``PlainConvUNet``'s arguments; the state-dict keys are ``PlainConvUNet``'s.

@@ -148,7 +148,7 @@ class _Geometry:
         return tuple(high - low for low, high in self.bbox)
 
 
-class V1Predictor(nnUNetPredictor):  # type: ignore[misc]
+class V1Predictor(nnUNetPredictor):
     """An ``nnUNetPredictor`` that computes what nnU-Net v1's ``nnUNet_predict`` computes.
 
     Build it like ``nnUNetPredictor`` plus the model's :class:`V1Inference`, then
