@@ -130,7 +130,8 @@ def render_metrics(status: NodeStatus) -> str:
            [("", counts.instances)])  # fmt: skip
     metric("liverfat_series", "gauge", "Series versions by job state.",
            [(f'{{state="{state.value}"}}', n) for state, n in counts.jobs.items()])  # fmt: skip
-    buckets = [(f'_bucket{{le="{_number(le)}"}}', n) for le, n in counts.processing_buckets.items()]
+    buckets: list[tuple[str, float]] = [(f'_bucket{{le="{_number(le)}"}}', n)
+                                         for le, n in counts.processing_buckets.items()]  # fmt: skip
     buckets += [('_bucket{le="+Inf"}', counts.processing_count), ("_sum", counts.processing_sum_s),
                 ("_count", counts.processing_count)]  # fmt: skip
     lines.extend(("# HELP liverfat_processing_seconds Time to process one series, from claim to outputs recorded.",

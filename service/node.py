@@ -287,9 +287,9 @@ class Node:
             return
         if self._disk_write("noting a release", lambda: spool.note_released(series_uids)) is None:
             return
-        if self.config.series.complete_on_release and self._disk_write(
-            "completing released series", lambda: spool.complete_series(series_uids)
-        ):
+        if not self.config.series.complete_on_release:
+            return
+        if self._disk_write("completing released series", lambda: spool.complete_series(series_uids)):
             self._worker_wake.set()
 
 
