@@ -9,7 +9,9 @@ settings (see ``uids.py``), so writing the same result twice gives the same inst
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr
 from liverfat.dicom_io.uids import output_uids
 from liverfat.errors import LiverfatError, Reason
+from liverfat.files import durable_write
 from liverfat.result import AnalysisResult
 from liverfat.volume import Volume
 
@@ -38,6 +41,22 @@ UTF8_CHARACTER_SET = "ISO_IR 192"
 _DEFAULT_REPERTOIRE = ("", "ISO_IR 6")
 _TEXT_VRS = frozenset({"SH", "LO", "ST", "LT", "UT", "UC", "PN"})
 
+
+@dataclass(frozen=True)
+class WrittenFile:
+    """One DICOM object as written: its file and the File Meta Information a C-STORE of it needs.
+
+    References
+    ----------
+    DICOM PS3.10 7.1 (DICOM File Meta Information).
+    """
+
+    path: Path
+    sop_class_uid: str  # (0002,0002) 'Media Storage SOP Class UID'
+    sop_instance_uid: str  # (0002,0003) 'Media Storage SOP Instance UID'
+    transfer_syntax_uid: str  # (0002,0010) 'Transfer Syntax UID'
+
+
 def write_outputs(
     series: CTSeries,
     result: AnalysisResult,
@@ -45,7 +64,7 @@ def write_outputs(
     *,
     site: OutputSettings = OutputSettings(),
     created_at: datetime | None = None,
-) -> list[Path]:
+) -> list[WrittenFile]:
     """Write ``seg.dcm``, ``sr.dcm``, ``sr-summary.dcm`` and ``keyimage.dcm`` into ``out_dir``.
 
     The SEG is written only when the result has a non-empty liver mask (the summary SR
@@ -57,7 +76,7 @@ def write_outputs(
 
     Returns
     -------
-    list[Path]
+    list[WrittenFile]
         The files written, in the order SEG (if any), circle SR (if any), summary SR, key image.
 
     Raises
@@ -80,7 +99,6 @@ def write_outputs(
         checked_masks(series, result)
     created = created_at or datetime.now()
     uids = output_uids(result, site.digest())
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     has_liver = result.source_masks is not None and bool(result.source_masks.liver.array.any())
     seg = build_seg(series, result, uids, site, created) if has_liver else None
@@ -104,7 +122,7 @@ def write_not_applicable_sr(
     *,
     site: OutputSettings = OutputSettings(),
     created_at: datetime | None = None,
-) -> Path:
+) -> WrittenFile:
     """The short "not applicable" SR of a rejected series: its reasons, no measurement, from headers only.
 
     It is the summary SR (``sr-summary.dcm``, shown as text by OHIF) of a result without ROIs
@@ -115,7 +133,6 @@ def write_not_applicable_sr(
     placeholder = Volume(np.zeros((1, 1, 1), dtype=np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     series = CTSeries(volume=placeholder, series_uid=files.series_uid, study_uid=result.study_uid,
                       datasets=files.headers, source_files=files.files)  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
     summary = build_summary_sr(series, result, None, output_uids(result, site.digest()), site,
                                created_at or datetime.now())  # fmt: skip
     return _save(summary, out_dir / SR_SUMMARY_FILE)
@@ -163,10 +180,14 @@ def _switch_to_utf8(dataset: Dataset) -> None:
                 element.value = str(element.value)
 
 
-def _save(dataset: Dataset, path: Path) -> Path:
-    """Write via a temporary name and rename, so a crash never leaves half a file."""
+def _save(dataset: Dataset, path: Path) -> WrittenFile:
+    """Encode ``dataset`` as a DICOM file and write it durably (``durable_write``): never half a file."""
     fit_character_set(dataset)
-    partial = path.with_name(path.name + ".partial")
-    dataset.save_as(partial, enforce_file_format=True)
-    partial.replace(path)
-    return path
+    meta = dataset.file_meta  # set here as dcmwrite would, so what is returned is what the file holds
+    meta.MediaStorageSOPClassUID = dataset.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    encoded = BytesIO()
+    dataset.save_as(encoded, enforce_file_format=True)
+    durable_write(path, encoded.getvalue())
+    return WrittenFile(path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
+                       str(meta.TransferSyntaxUID))  # fmt: skip

@@ -2,7 +2,8 @@
 
 Two steps, so that a caller can decide from headers alone before paying for pixels:
 
-- ``discover`` reads headers only and groups DICOM files by SeriesInstanceUID;
+- ``discover`` reads headers only and groups DICOM files by SeriesInstanceUID (``read_series``
+  does the same for the files of one series known in advance, such as the node's spool);
 - ``load_series`` decodes one series, orders its slices by their position along the slice
   normal and builds the ``Volume``.
 
@@ -55,7 +56,7 @@ from liverfat.dicom_io.stacking import (
 from liverfat.errors import Finding, LiverfatError, Reason
 from liverfat.volume import Volume
 
-__all__ = ["Discovery", "decode_hu", "discover", "load_series", "read_mask", "read_nifti"]
+__all__ = ["Discovery", "decode_hu", "discover", "load_series", "read_mask", "read_nifti", "read_series"]
 
 log = logging.getLogger(__name__)
 
@@ -89,25 +90,30 @@ def discover(inputs: Sequence[Path]) -> Discovery:
     SeriesInstanceUID is empty are grouped by folder, under a UID derived from the folder's
     path; ``load_series`` reports this as a warning.
     """
-    groups: dict[str, list[tuple[Path, Dataset]]] = {}
     skipped: list[SkippedFile] = []
+    dicom: list[Path] = []
     nifti: list[Path] = []
     for path in _input_files(inputs, skipped):
-        if is_nifti(path):
-            nifti.append(path)
-            continue
-        header = _read_header(path)
-        if isinstance(header, Finding):
-            skipped.append(SkippedFile(path, header))
-            continue
-        uid = str(header.get("SeriesInstanceUID", "") or "") or _folder_uid(path.parent)
-        groups.setdefault(uid, []).append((path, header))
-    series = tuple(
-        SeriesFiles(uid, tuple(path for path, _ in members), tuple(header for _, header in members))
-        for uid, members in sorted(groups.items())
-    )
+        (nifti if is_nifti(path) else dicom).append(path)
+    groups = _group_by_series(dicom, skipped)
+    series = tuple(_series_files(uid, members) for uid, members in sorted(groups.items()))
     log.debug("discovered %d series, %d NIfTI, %d skipped", len(series), len(nifti), len(skipped))
-    return Discovery(series, tuple(sorted(skipped, key=lambda s: s.path)), tuple(nifti))
+    return Discovery(series, _sorted(skipped), tuple(nifti))
+
+
+def read_series(series_uid: str, files: Sequence[Path]) -> Discovery:
+    """The ``SeriesFiles`` of ``files``, known to hold the one series ``series_uid``: ``discover`` without the search.
+
+    Reads headers only, and reports a file that is missing, not DICOM, not CT or unreadable
+    in ``skipped`` exactly as ``discover`` does; so is a file whose header names another
+    series. ``series`` is empty when no file was a readable CT instance of the series.
+    """
+    skipped: list[SkippedFile] = []
+    groups = _group_by_series(_input_files(files, skipped), skipped)
+    members = groups.pop(series_uid, [])
+    for others in groups.values():
+        skipped += (SkippedFile(path, _other_series(path, header, series_uid)) for path, header in others)
+    return Discovery((_series_files(series_uid, members),) if members else (), _sorted(skipped))
 
 
 def load_series(series: SeriesFiles) -> CTSeries:
@@ -216,6 +222,34 @@ def _input_files(inputs: Sequence[Path], skipped: list[SkippedFile]) -> list[Pat
         for path in found:
             files.setdefault(path.resolve(), path)
     return sorted(files.values())
+
+
+def _group_by_series(paths: Iterable[Path], skipped: list[SkippedFile]) -> dict[str, list[tuple[Path, Dataset]]]:
+    """Each readable CT file's header under its SeriesInstanceUID (or its folder's UID); the rest to ``skipped``."""
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path in paths:
+        header = _read_header(path)
+        if isinstance(header, Finding):
+            skipped.append(SkippedFile(path, header))
+            continue
+        uid = str(header.get("SeriesInstanceUID", "") or "") or _folder_uid(path.parent)
+        groups.setdefault(uid, []).append((path, header))
+    return groups
+
+
+def _series_files(series_uid: str, members: Sequence[tuple[Path, Dataset]]) -> SeriesFiles:
+    return SeriesFiles(series_uid, tuple(path for path, _ in members), tuple(header for _, header in members))
+
+
+def _sorted(skipped: list[SkippedFile]) -> tuple[SkippedFile, ...]:
+    return tuple(sorted(skipped, key=lambda s: s.path))
+
+
+def _other_series(path: Path, header: Dataset, expected: str) -> Finding:
+    uid = str(header.get("SeriesInstanceUID", "") or "")
+    observed = f"'{uid}'" if uid else "empty"
+    message = f"{path}: {tag_label('SeriesInstanceUID')} is {observed}; expected '{expected}'"
+    return Finding(Reason.INVALID_ATTRIBUTE, message)
 
 
 def _read_header(path: Path) -> Dataset | Finding:

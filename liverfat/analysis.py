@@ -20,12 +20,12 @@ import SimpleITK as sitk
 
 from liverfat import __version__
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
-from liverfat.dicom_io.outputs import write_not_applicable_sr, write_outputs
+from liverfat.dicom_io.outputs import WrittenFile, write_not_applicable_sr, write_outputs
 from liverfat.dicom_io.read import load_series, read_mask, read_nifti
 from liverfat.dicom_io.series import CTSeries, SeriesFiles
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.errors import Finding, LiverfatError, Reason
-from liverfat.files import durable_write
+from liverfat.files import durable_path, durable_write
 from liverfat.inference.backend import Backend
 from liverfat.inference.image_checks import not_ct_finding, region_finding
 from liverfat.inference.pipeline import AnalysisConfig, measure_series
@@ -67,7 +67,13 @@ class SeriesReport:
     series_uid: str
     outcome: Outcome
     result: AnalysisResult
-    outputs: tuple[Path, ...] = ()
+    files: tuple[Path, ...] = ()  # ``result.json``, then the saved mask if any
+    dicom: tuple[WrittenFile, ...] = ()  # the DICOM outputs, in the order written
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        """Every file written for the series: ``result.json``, the mask, then the DICOM outputs."""
+        return (*self.files, *(written.path for written in self.dicom))
 
 
 BackendLoader = Callable[[], Backend]
@@ -97,9 +103,9 @@ def analyze_dicom_series(files: SeriesFiles, options: AnalysisOptions, models: M
     report = _analyze_dicom(files, options, models)
     refused_headers = any(reason.code in _UNUSABLE_HEADERS for reason in report.result.reasons)
     if report.outcome is Outcome.REJECTED and options.not_applicable_sr and options.write_dicom and not refused_headers:
-        folder = report.outputs[0].parent
+        folder = report.files[0].parent
         summary = write_not_applicable_sr(files, report.result, folder, site=options.site)
-        report = replace(report, outputs=(*report.outputs, summary))
+        report = replace(report, dicom=(*report.dicom, summary))
     return report
 
 
@@ -174,22 +180,23 @@ def _check_image(series: CTSeries, confirm_region: bool) -> tuple[CTSeries, Find
 def _finish(result: AnalysisResult, outcome: Outcome, options: AnalysisOptions, *, series: CTSeries | None) -> SeriesReport:
     """Write the series' files; ``result.json`` last, with the time the others took as ``timings_s.write``."""
     series_dir = options.out_dir / safe_folder_name(result.series_uid)
-    series_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    outputs: list[Path] = []
+    files: list[Path] = []
+    dicom: list[WrittenFile] = []
     if series is not None and options.save_mask and result.source_masks is not None:
         mask_path = series_dir / "liver_mask.nii.gz"
-        sitk.WriteImage(result.source_masks.liver.with_array(result.source_masks.liver.array.astype("uint8")).to_sitk(),
-                        str(mask_path), useCompression=True)  # fmt: skip
-        outputs.append(mask_path)
+        liver = result.source_masks.liver
+        with durable_path(mask_path) as tmp:
+            sitk.WriteImage(liver.with_array(liver.array.astype("uint8")).to_sitk(), str(tmp), useCompression=True)
+        files.append(mask_path)
     if series is not None and series.is_dicom and options.write_dicom:
-        outputs += write_outputs(series, result, series_dir, site=options.site)
+        dicom = write_outputs(series, result, series_dir, site=options.site)
     if series is not None:
         result = replace(result, timings_s={**result.timings_s, "write": time.perf_counter() - started})
     result_json = series_dir / "result.json"
     write_json_atomically(result_json, {**result.to_json(), "status": outcome.value})
     log.info("series %s: %s, grade %s", result.series_uid, outcome.value, result.grade.value)
-    return SeriesReport(result.series_uid, outcome, result, (result_json, *outputs))
+    return SeriesReport(result.series_uid, outcome, result, (result_json, *files), tuple(dicom))
 
 
 def not_analysed(series_uid: str, study_uid: str | None, reasons: Sequence[Finding],

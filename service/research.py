@@ -6,8 +6,8 @@ Each series found goes through :mod:`liverfat.analysis`, the same code the node'
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from liverfat.analysis import (
 from liverfat.dicom_io.eligibility import EligibilityPolicy, check_eligibility
 from liverfat.dicom_io.read import discover
 from liverfat.dicom_io.series import SeriesFiles, SkippedFile
+from liverfat.files import durable_write
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ def analyze_inputs(inputs: Sequence[Path], options: AnalysisOptions, load_model:
         log.info("skipped %s: %s", skipped.path, skipped.finding.message)
     models = ModelCache(load_model)
     reports: list[SeriesReport] = []
-    for item in (*found.series, *found.nifti):
+    items: tuple[SeriesFiles | Path, ...] = (*found.series, *found.nifti)
+    for item in items:
         if isinstance(item, SeriesFiles):
             report = analyze_dicom_series(item, options, models)
         else:
@@ -81,21 +83,19 @@ def analyze_inputs(inputs: Sequence[Path], options: AnalysisOptions, load_model:
 
 
 def write_results_csv(path: Path, reports: Sequence[SeriesReport]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for report in reports:
-            data = report.result.to_json()
-            writer.writerow({
-                **{key: data[key] for key in CSV_COLUMNS if key in data},
-                "status": report.outcome.value,
-                "model": report.result.model.name,
-                "reasons": "; ".join(r["code"] for r in data["reasons"]),
-                "warnings": "; ".join(w["code"] for w in data["warnings"]),
-            })  # fmt: skip
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for report in reports:
+        data = report.result.to_json()
+        writer.writerow({
+            **{key: data[key] for key in CSV_COLUMNS if key in data},
+            "status": report.outcome.value,
+            "model": report.result.model.name,
+            "reasons": "; ".join(r["code"] for r in data["reasons"]),
+            "warnings": "; ".join(w["code"] for w in data["warnings"]),
+        })  # fmt: skip
+    durable_write(path, text.getvalue().encode())
 
 
 def _skipped_json(skipped: SkippedFile) -> dict[str, Any]:

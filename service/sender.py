@@ -75,15 +75,22 @@ class Sender:
     def __init__(self, config: NodeConfig, spool: Spool) -> None:
         self.config = config
         self.spool = spool
+        self._configured = {str(destination): destination for destination in config.send.destinations}
         self._stop = threading.Event()
         self._destinations: dict[str, DestinationSender] = {}
         self._threads: dict[str, threading.Thread] = {}
         self._thread: threading.Thread | None = None
 
     def destination(self, name: str) -> DestinationSender:
-        """The sender for destination ``name`` (``AE@host:port``), made on first use."""
+        """The sender for destination ``name`` (``AE@host:port``, the outbox's key), made on first use.
+
+        A configured destination is used as configured. Outbox rows may name one that is no
+        longer in the configuration (queued before it was removed): they are still sent, to
+        the destination their text names.
+        """
         if name not in self._destinations:
-            self._destinations[name] = DestinationSender(parse_destination(name), self.config, self.spool, self._stop)
+            destination = self._configured.get(name) or parse_destination(name)
+            self._destinations[name] = DestinationSender(destination, self.config, self.spool, self._stop)
         return self._destinations[name]
 
     def send_due(self, now: float | None = None) -> int:
@@ -106,8 +113,9 @@ class Sender:
         self._threads.clear()
 
     def _names(self) -> list[str]:
-        configured = [str(d) for d in self.config.send.destinations]
-        return configured + [name for name in self.spool.pending_destinations() if name not in configured]
+        """The configured destinations, then any other that outbox rows still wait for."""
+        others = [name for name in self.spool.pending_destinations() if name not in self._configured]
+        return [*self._configured, *others]
 
     def _watch(self) -> None:
         while not self._stop.is_set():

@@ -17,7 +17,6 @@ import ctypes.util
 import errno
 import logging
 import multiprocessing
-import os
 import shutil
 import signal
 import sqlite3
@@ -27,10 +26,9 @@ from dataclasses import replace
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
-from pydicom.filereader import read_file_meta_info
-
 from liverfat.analysis import AnalysisOptions, BackendLoader, ModelCache, Outcome, analyze_dicom_series
-from liverfat.dicom_io.read import discover
+from liverfat.dicom_io.outputs import WrittenFile
+from liverfat.dicom_io.read import read_series
 from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
 from liverfat.service.config import NodeConfig, analysis_config, eligibility_policy, output_settings
@@ -166,50 +164,31 @@ def _park_for_space(job: Job, spool: Spool, space: DiskSpace | None, error: Base
 
 def _analyze(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfig, models: ModelCache) -> JobResult:
     started = time.monotonic()
-    found = discover(files)
+    found = read_series(job.series_uid, files)
     discover_s = time.monotonic() - started
-    matching = [s for s in found.series if s.series_uid == job.series_uid]
-    if not matching:
+    if not found.series:
         reasons = tuple(skipped.finding.to_json() for skipped in found.skipped)
         return JobResult(JobState.REJECTED, reasons=reasons, error="no readable CT instance in the series")
     options = AnalysisOptions(out_dir=spool.results_dir / str(job.id), policy=eligibility_policy(config),
                              config=analysis_config(config), site=output_settings(config),
                              not_applicable_sr=config.worker.ineligible_result == "sr")  # fmt: skip
-    report = analyze_dicom_series(matching[0], options, models)
+    report = analyze_dicom_series(found.series[0], options, models)
     result = report.result
-    dicom_files = [path for path in report.outputs if path.suffix == ".dcm"]
-    _fsync_files(report.outputs)
     return JobResult(
         state=STATES[report.outcome],
         grade=result.grade.value,
         parenchymal_hu=result.parenchymal_hu,
         reasons=tuple(f.to_json() for f in result.reasons),
         timings={"discover": discover_s, **result.timings_s},
-        outputs=tuple(_output_file(path, spool.root) for path in dicom_files),
+        outputs=tuple(_output_file(written, spool.root) for written in report.dicom),
         error="; ".join(f.message for f in result.reasons) if report.outcome is Outcome.FAILED else None,
     )
 
 
-def _output_file(path: Path, root: Path) -> OutputFile:
-    meta = read_file_meta_info(path)
-    return OutputFile(str(path.relative_to(root)), str(meta.MediaStorageSOPClassUID),
-                      str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID))  # fmt: skip
-
-
-def _fsync_files(paths: Sequence[Path]) -> None:
-    """The outbox will point at these files: make them durable before the job is recorded done."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    for folder in {path.parent for path in paths}:
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _output_file(written: WrittenFile, root: Path) -> OutputFile:
+    """The outbox row of a DICOM output (already durable: ``liverfat.files``), from what the writer knew."""
+    return OutputFile(str(written.path.relative_to(root)), written.sop_class_uid, written.sop_instance_uid,
+                      written.transfer_syntax_uid)  # fmt: skip
 
 
 def _die_with_parent() -> None:

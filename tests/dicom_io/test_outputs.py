@@ -1,4 +1,4 @@
-"""write_outputs: four valid objects (dciodvfy), new series of the source study, deterministic UIDs."""
+"""write_outputs: four valid objects (dciodvfy), new series of the source study, deterministic UIDs, what was written."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.filereader import read_file_meta_info
 
-from liverfat.dicom_io.outputs import write_outputs
+from liverfat.dicom_io.outputs import WrittenFile, write_outputs
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.errors import Finding, LiverfatError, Reason
@@ -46,7 +48,11 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> tuple[CTSeries, np.ndarray
 @pytest.fixture(scope="module")
 def written(case: tuple[CTSeries, np.ndarray, AnalysisResult], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     series, _, result = case
-    return write_outputs(series, result, tmp_path_factory.mktemp("out"), created_at=CREATED)
+    return _write(series, result, tmp_path_factory.mktemp("out"), created_at=CREATED)
+
+
+def _write(series: CTSeries, result: AnalysisResult, folder: Path, **options: Any) -> list[Path]:
+    return [written.path for written in write_outputs(series, result, folder, **options)]
 
 
 def _uids(paths: list[Path]) -> list[tuple[str, str]]:
@@ -84,7 +90,7 @@ def test_not_graded_outputs_have_no_dciodvfy_errors(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], tmp_path: Path
 ) -> None:
     series, liver, _ = case
-    for path in write_outputs(series, not_graded(series, liver), tmp_path, created_at=CREATED):
+    for path in _write(series, not_graded(series, liver), tmp_path, created_at=CREATED):
         assert dciodvfy_errors(path) == [], path.name
 
 
@@ -95,13 +101,13 @@ def test_real_series_outputs_have_no_dciodvfy_errors_and_the_seg_round_trips(sha
 
     series, liver = ircadb_series(shared_data)
     result = make_result(series, liver, roi_offsets=(-3, 0, 3))
-    paths = write_outputs(series, result, tmp_path, created_at=CREATED)
+    paths = _write(series, result, tmp_path, created_at=CREATED)
     assert [path.name for path in paths] == list(FILES)
     for path in paths:
         assert dciodvfy_errors(path) == [], path.name
     # a borderline grade on a replaced ROI: every flag and label the outputs can carry
     flagged = with_replaced_roi(borderline(result, 43.0), shift_hu=-2.0)
-    for path in write_outputs(series, flagged, tmp_path / "flagged", created_at=CREATED):
+    for path in _write(series, flagged, tmp_path / "flagged", created_at=CREATED):
         assert dciodvfy_errors(path) == [], f"flagged {path.name}"
     seg = hd.seg.segread(paths[0])
     masks = seg.get_pixels_by_source_instance(
@@ -142,7 +148,7 @@ def test_each_kind_of_answer_is_valid_flagged_preliminary_and_carries_the_discla
     series, liver, result = case
     shown = VARIANTS[variant](series, liver, result)
     site = OutputSettings(disclaimer="Research use only. Not a diagnosis.")
-    paths = {path.name: path for path in write_outputs(series, shown, tmp_path, site=site, created_at=CREATED)}
+    paths = {path.name: path for path in _write(series, shown, tmp_path, site=site, created_at=CREATED)}
     assert list(paths) == list(FILES)
     if dciodvfy_available():
         for path in paths.values():
@@ -162,12 +168,26 @@ def test_each_kind_of_answer_is_valid_flagged_preliminary_and_carries_the_discla
     assert identifiers == [("liverfat liver ROI 2 (next slice)" if variant == "replaced ROI" else "liverfat liver ROI 2")]
 
 
+def test_each_file_is_returned_with_the_file_meta_it_was_written_with_and_nothing_else_is_left(
+    case: tuple[CTSeries, np.ndarray, AnalysisResult], tmp_path: Path
+) -> None:
+    series, _, result = case
+    written = write_outputs(series, result, tmp_path / "out", created_at=CREATED)
+    for record in written:
+        meta = read_file_meta_info(record.path)
+        assert record == WrittenFile(record.path, meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID,
+                                     meta.TransferSyntaxUID)  # fmt: skip
+        dataset = pydicom.dcmread(record.path, stop_before_pixels=True)
+        assert (dataset.SOPClassUID, dataset.SOPInstanceUID) == (record.sop_class_uid, record.sop_instance_uid)
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == sorted(FILES)  # no temporary files
+
+
 def test_writing_the_same_result_twice_gives_identical_files(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], written: list[Path], tmp_path: Path
 ) -> None:
     series, _, result = case
     time.sleep(0.01)  # the clock moves on; nothing may depend on it
-    again = write_outputs(series, replace(result, timings_s={"total": 99.0}), tmp_path, created_at=CREATED)
+    again = _write(series, replace(result, timings_s={"total": 99.0}), tmp_path, created_at=CREATED)
     for first, second in zip(written, again):
         assert first.read_bytes() == second.read_bytes(), first.name
 
@@ -176,7 +196,7 @@ def test_uids_do_not_depend_on_the_time_of_writing(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], written: list[Path], tmp_path: Path
 ) -> None:
     series, _, result = case
-    later = write_outputs(series, result, tmp_path, created_at=datetime(2025, 1, 1))
+    later = _write(series, result, tmp_path, created_at=datetime(2025, 1, 1))
     assert _uids(later) == _uids(written)
 
 
@@ -204,7 +224,7 @@ def test_a_changed_result_gets_new_uids(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], written: list[Path], tmp_path: Path, change: object
 ) -> None:
     series, _, result = case
-    changed = write_outputs(series, change(result), tmp_path, created_at=CREATED)  # type: ignore[operator]
+    changed = _write(series, change(result), tmp_path, created_at=CREATED)  # type: ignore[operator]
     before, after = _uids(written), _uids(changed)
     assert all(old[0] != new[0] and old[1] != new[1] for old, new in zip(before, after))
 
@@ -213,7 +233,7 @@ def test_other_site_settings_get_new_uids(
     case: tuple[CTSeries, np.ndarray, AnalysisResult], written: list[Path], tmp_path: Path
 ) -> None:
     series, _, result = case
-    other = write_outputs(series, result, tmp_path, site=OutputSettings(disclaimer="Other words."), created_at=CREATED)
+    other = _write(series, result, tmp_path, site=OutputSettings(disclaimer="Other words."), created_at=CREATED)
     assert all(old[1] != new[1] for old, new in zip(_uids(written), _uids(other)))
 
 
@@ -230,7 +250,7 @@ def test_without_liver_only_the_summary_report_and_key_image_are_written(
             series.volume.with_array(empty.astype(bool)), series.volume.with_array(empty.astype(np.uint8))
         ),
     )
-    paths = write_outputs(series, no_liver, tmp_path, created_at=CREATED)
+    paths = _write(series, no_liver, tmp_path, created_at=CREATED)
     assert [path.name for path in paths] == ["sr-summary.dcm", "keyimage.dcm"]
     if dciodvfy_available():
         assert all(dciodvfy_errors(path) == [] for path in paths)
@@ -263,8 +283,8 @@ def test_character_set_is_the_sources_unless_site_text_needs_utf8(
         for dataset in series.datasets:
             dataset.PatientName = "Müller^Jürgen"  # fits the phantom's ISO_IR 100
         result = make_result(series, liver)
-        latin = write_outputs(series, result, tmp_path / "latin", site=OutputSettings(institution_name="Klinikum Süd"))
-        czech = write_outputs(series, result, tmp_path / "utf8", site=OutputSettings(institution_name="Nemocnice Čáslav"))
+        latin = _write(series, result, tmp_path / "latin", site=OutputSettings(institution_name="Klinikum Süd"))
+        czech = _write(series, result, tmp_path / "utf8", site=OutputSettings(institution_name="Nemocnice Čáslav"))
     finally:
         for dataset, name in zip(series.datasets, source_names):
             dataset.PatientName = name

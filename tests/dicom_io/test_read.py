@@ -1,4 +1,4 @@
-"""Reading CT series: discovery, slice order and geometry, decoding, and every rejection."""
+"""Reading CT series: discovery (and the files of a known series), slice order and geometry, decoding, and every rejection."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from liverfat.dicom_io.read import decode_hu, discover, load_series
+from liverfat.dicom_io.read import decode_hu, discover, load_series, read_series
 from liverfat.dicom_io.series import CTSeries
 from liverfat.errors import LiverfatError, Reason
 from liverfat.volume import Volume
@@ -155,6 +155,32 @@ def test_discover_reads_datasets_written_without_preamble(tmp_path: Path) -> Non
     assert paths[0].read_bytes()[128:132] != b"DICM"
 
     assert np.array_equal(load_one(tmp_path).volume.array, reference)
+
+
+def test_read_series_gives_the_known_series_as_discover_does_and_skips_the_rest_with_reasons(tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "ct", EXACT, GRID, SeriesHeader(series_uid="1.2.3.1"))
+    other = write_series(tmp_path / "other", EXACT, GRID, SeriesHeader(series_uid="1.2.3.2"))
+    (tmp_path / "broken.dcm").write_bytes(b"\0" * 200)
+
+    found = read_series("1.2.3.1", [*reversed(paths), other[0], tmp_path / "broken.dcm", tmp_path / "gone.dcm"])
+
+    (expected,) = discover([tmp_path / "ct"]).series
+    (series,) = found.series
+    assert (series.series_uid, series.files) == (expected.series_uid, expected.files)
+    assert [h.SOPInstanceUID for h in series.headers] == [h.SOPInstanceUID for h in expected.headers]
+    assert all("PixelData" not in header for header in series.headers)
+    reasons = {s.path: s.finding.code for s in found.skipped}
+    assert reasons == {other[0]: Reason.INVALID_ATTRIBUTE, tmp_path / "broken.dcm": Reason.NOT_DICOM,
+                       tmp_path / "gone.dcm": Reason.NOT_READABLE}  # fmt: skip
+    assert "'1.2.3.2'; expected '1.2.3.1'" in {s.path: s for s in found.skipped}[other[0]].finding.message
+
+
+def test_read_series_of_no_readable_instance_is_no_series(tmp_path: Path) -> None:
+    (tmp_path / "broken.dcm").write_bytes(b"\0" * 200)
+
+    found = read_series("1.2.3.1", [tmp_path / "broken.dcm"])
+
+    assert found.series == () and [s.finding.code for s in found.skipped] == [Reason.NOT_DICOM]
 
 
 # ---------------------------------------------------------------------------------------

@@ -115,6 +115,21 @@ def test_results_are_sent_with_contexts_for_exactly_their_sop_classes(tmp_path: 
     assert outbox_states(spool) == [OutboxState.SENT] * 3
 
 
+def test_a_configured_destination_is_used_as_configured(tmp_path: Path, receiver: Receiver) -> None:
+    destination = Destination("PACS", "127.0.0.1", receiver.port)
+    config, spool = queue_results(tmp_path, destination)
+    assert Sender(config, spool).destination(str(destination)).destination is destination
+
+
+def test_results_queued_for_a_destination_no_longer_configured_are_still_sent_to_it(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", receiver.port))
+    reconfigured = replace(config, send=replace(config.send, destinations=()))
+    assert Sender(reconfigured, spool).send_due() == 3
+    assert len(receiver.stored) == 3 and outbox_states(spool) == [OutboxState.SENT] * 3
+
+
 def test_destination_down_is_retried_with_backoff_and_gets_everything_after_a_restart(tmp_path: Path) -> None:
     port = free_port()
     config, spool = queue_results(tmp_path, Destination("PACS", "127.0.0.1", port))
