@@ -1,0 +1,80 @@
+"""The spool's folders and its SQLite index: one connection, transactions and queries, the schema at open.
+
+``SpoolDatabase`` is the base of the spool's parts (``spool_instances``, ``spool_queue``,
+``spool_outbox``): they share its one connection and its lock. The schema and its migrations
+are in ``spool_schema``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from liverfat.service.spool_schema import SCHEMA_VERSION, migrate
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "index.sqlite"
+BUSY_TIMEOUT_S = 30.0
+
+
+class SpoolDatabase:
+    """The spool folder and one connection to its index; safe to share between the threads of one process."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp_dir = root / "tmp"
+        self.results_dir = root / "results"
+        for folder in (root, root / "instances", self.tmp_dir, self.results_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(root / DB_NAME, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)  # fmt: skip
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before Success is answered
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._create_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _create_schema(self) -> None:
+        with self.transaction() as db:
+            found = migrate(db, self.root / DB_NAME)
+        if 0 < found < SCHEMA_VERSION:
+            log.info("spool index %s migrated from schema version %d to %d", self.root / DB_NAME, found, SCHEMA_VERSION)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (or rollback on error), holding the connection's lock."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # a failed COMMIT (disk full) may or may not have rolled back
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def clear_tmp(self) -> int:
+        """Remove partial writes left by a crash; returns how many."""
+        leftovers = list(self.tmp_dir.iterdir())
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
