@@ -280,7 +280,7 @@ def test_valid_character_sets_give_outputs_without_dciodvfy_errors(tmp_path: Pat
     series = load_one(tmp_path / "ct")
     liver = phantom.liver_at(np.stack([ds_points(ds) for ds in series.datasets]))
 
-    written = write_outputs(series, make_result(series, liver), tmp_path / "out")
+    written = [w.path for w in write_outputs(series, make_result(series, liver), tmp_path / "out")]
 
     assert [path.name for path in written] == ["seg.dcm", "sr.dcm", "sr-summary.dcm", "keyimage.dcm"]
     for path in written:
@@ -301,7 +301,7 @@ def test_a_rejected_japanese_series_gets_a_valid_not_applicable_sr_from_its_head
     reason = Finding(Reason.CONTRAST, "(0018,0010) 'Contrast/Bolus Agent' is 'IV'")
     result = not_analysed(files.series_uid, str(files.headers[0].StudyInstanceUID), (reason,), AnalysisOptions(tmp_path))
 
-    path = write_not_applicable_sr(files, result, tmp_path / "out")
+    path = write_not_applicable_sr(files, result, tmp_path / "out").path
 
     assert dciodvfy_errors(path) == []
     assert str(pydicom.dcmread(path).PatientName) == patient_name

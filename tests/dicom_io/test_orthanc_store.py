@@ -16,7 +16,8 @@ from tests.orthanc import orthanc_server
 @pytest.mark.slow
 def test_orthanc_files_the_outputs_as_four_new_series_of_the_source_study(tmp_path: Path) -> None:
     series, liver = phantom_series(tmp_path / "ct")
-    outputs = write_outputs(series, make_result(series, liver), tmp_path / "out", created_at=datetime(2024, 5, 6))
+    written = write_outputs(series, make_result(series, liver), tmp_path / "out", created_at=datetime(2024, 5, 6))
+    outputs = [w.path for w in written]
     expected = {
         dataset.SeriesInstanceUID: (dataset.Modality, dataset.SeriesDescription, dataset.SOPInstanceUID)
         for dataset in (pydicom.dcmread(path, stop_before_pixels=True) for path in outputs)

@@ -131,7 +131,7 @@ def _analysed(name: str, folder: Path, liver: Volume) -> StudyCase:
     (files,) = discover([folder / "ct"]).series
     series = load_series(files)
     result = measure_series(series, liver, eligible=True, reasons=())
-    outputs = write_outputs(series, result, folder / "outputs")
+    outputs = [w.path for w in write_outputs(series, result, folder / "outputs")]
     return StudyCase(name, series, list(files.files), result, outputs)
 
 
