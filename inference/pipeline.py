@@ -46,10 +46,12 @@ class AnalysisConfig:
             raise ValueError(
                 f"analysis setting 'roi_mode' must be one of {[m.value for m in RoiMode]}, got {self.roi_mode!r}"
             ) from error
-        spacing = tuple(self.working_spacing_mm)
+        spacing = tuple(self.working_spacing_mm) if isinstance(self.working_spacing_mm, list | tuple) else ()
         numbers = all(isinstance(s, int | float) and not isinstance(s, bool) and s > 0 for s in spacing)
         if len(spacing) != 3 or not numbers:
-            raise ValueError(f"analysis setting 'working_spacing_mm' must be three positive mm, got {spacing}")
+            raise ValueError(
+                f"analysis setting 'working_spacing_mm' must be three positive mm, got {self.working_spacing_mm!r}"
+            )
         object.__setattr__(self, "working_spacing_mm", tuple(float(s) for s in spacing))
 
     @classmethod

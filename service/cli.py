@@ -7,24 +7,22 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from liverfat import __version__
 from liverfat.analysis import AnalysisOptions, Outcome, SeriesReport
-from liverfat.dicom_io.eligibility import EligibilityPolicy
 from liverfat.dicom_io.read import discover
 from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
-from liverfat.inference.grading import GradingConfig
-from liverfat.inference.pipeline import AnalysisConfig
+from liverfat.inference.models.devices import DEVICE_CHOICES, device_problem
 from liverfat.inference.roi import RoiMode
+from liverfat.service.config import load_config
 from liverfat.service.models_cli import add_models_commands
 from liverfat.service.node_cli import add_node_commands
 from liverfat.service.research import analyze_inputs, check_inputs
 
 log = logging.getLogger("liverfat")
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,14 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM files/folders or NIfTI files")
     analyze.add_argument("--out", type=Path, required=True, help="output folder")
     analyze.add_argument("--mask", type=Path, help="your own liver mask (NIfTI or DICOM SEG) instead of a model")
-    analyze.add_argument("--model", default="default", help="'default', an nnU-Net v2 model folder, or a model name")
-    analyze.add_argument("--device", choices=DEVICES, default="auto")
+    analyze.add_argument("--model", help="'default', an nnU-Net v2 model folder, or a model name "
+                         "(default: [model] name)")  # fmt: skip
+    analyze.add_argument("--device", type=device_arg, help=f"{', '.join(DEVICE_CHOICES)} or cuda:N "
+                         "(default: [model] device)")  # fmt: skip
     analyze.add_argument("--force", action="store_true", help="process header-ineligible series anyway")
     analyze.add_argument("--save-mask", action="store_true", help="write liver_mask.nii.gz on the source grid")
     analyze.add_argument("--no-dicom", action="store_true", help="write no SEG/SR/key image")
-    analyze.add_argument("--roi-mode", choices=[m.value for m in RoiMode], default=RoiMode.SEED.value)
-    analyze.add_argument("--threshold-hu", type=float, default=GradingConfig().threshold_hu,
-                         help="DL-parenchymal below this (strictly) is moderate-to-severe steatosis")  # fmt: skip
+    analyze.add_argument("--roi-mode", choices=[m.value for m in RoiMode], help="default: [analysis] roi_mode")
+    analyze.add_argument("--threshold-hu", type=float, help="DL-parenchymal below this (strictly) is "
+                         "moderate-to-severe steatosis (default: [grading] threshold_hu)")  # fmt: skip
     analyze.set_defaults(command=cmd_analyze)
 
     add_models_commands(commands)
@@ -72,21 +72,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def device_arg(value: str) -> str:
+    """``--device``: a device name that ``liverfat.inference.models.devices`` accepts."""
+    problem = device_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    for decision in check_inputs(args.inputs, EligibilityPolicy()):
+    for decision in check_inputs(args.inputs, load_config().eligibility):
         print(json.dumps(decision), flush=True)
     return 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    config = AnalysisConfig(roi_mode=RoiMode(args.roi_mode), grading=GradingConfig(threshold_hu=args.threshold_hu))
+    """The node's configuration (embedded defaults and ``LIVERFAT_*``), with the options given here on top."""
+    node = load_config()
+    analysis = node.analysis
+    if args.roi_mode is not None:
+        analysis = replace(analysis, roi_mode=RoiMode(args.roi_mode))
+    if args.threshold_hu is not None:
+        analysis = replace(analysis, grading=replace(analysis.grading, threshold_hu=args.threshold_hu))
     options = AnalysisOptions(out_dir=args.out, mask=args.mask, force=args.force, save_mask=args.save_mask,
-                             write_dicom=not args.no_dicom, config=config)  # fmt: skip
+                             write_dicom=not args.no_dicom, policy=node.eligibility, config=analysis)  # fmt: skip
 
     def load_model() -> Backend:
         from liverfat.inference.models.registry import load_backend
 
-        return load_backend(args.model, device=args.device)
+        return load_backend(args.model or node.model.name, device=args.device or node.model.device,
+                            cache_dir=node.model.cache)  # fmt: skip
 
     progress = _progress_bar()
     reports = analyze_inputs(args.inputs, options, load_model, on_series_done=progress)

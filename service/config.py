@@ -6,11 +6,11 @@ Layout (every section and key is optional; ``deploy/liverfat.example.toml`` list
                   network_timeout_s
     [spool]       dir, min_free_disk_mb, keep_days
     [series]      stable_seconds, complete_on_release
-    [model]       name, device
+    [model]       name, device, cache
     [worker]      max_attempts, shutdown_grace_s, ineligible_result
-    [eligibility] passed to ``EligibilityPolicy.from_mapping``
-    [analysis]    passed to ``AnalysisConfig.from_mapping`` (roi_mode, working_spacing_mm)
-    [grading]     passed to ``GradingConfig.from_mapping`` (threshold_hu, ...)
+    [eligibility] built by ``EligibilityPolicy.from_mapping``
+    [analysis]    built by ``AnalysisConfig.from_mapping`` (roi_mode, working_spacing_mm)
+    [grading]     built by ``GradingConfig.from_mapping`` (threshold_hu, ...); the analysis's grading
     [outputs]     institution_name, institutional_department_name, disclaimer
     [send]        destinations, max_attempts, first_delay_s, backoff_factor, max_delay_s, timeout_s,
                   connect_timeout_s, acse_timeout_s, dimse_timeout_s, probe_interval_s, unhealthy_after_s
@@ -21,32 +21,56 @@ Layout (every section and key is optional; ``deploy/liverfat.example.toml`` list
 
 ``LIVERFAT_<SECTION>_<KEY>`` overrides ``[section] key`` (``LIVERFAT_NODE_AE_TITLE=PACSNODE``,
 ``LIVERFAT_SEND_DESTINATIONS=ORTHANC@10.0.0.5:4242,BACKUP@10.0.0.6:104``). Defaults live only
-in the dataclasses below; the environment is read by :func:`load_config`, never at import.
+in the models below; the environment is read by :func:`load_config`, never at import.
+
+The sections are frozen dataclasses that pydantic validates (their ``__pydantic_config__``
+forbids unknown keys): :func:`load_config` converts and checks TOML and environment text, while
+code that builds a section itself (tests, benchmarks) gets it as written, and
+``dataclasses.replace`` works on all of them.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_type_hints
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from liverfat.dicom_io.eligibility import EligibilityPolicy
 from liverfat.dicom_io.site import DEFAULT_DISCLAIMER, OutputSettings
 from liverfat.errors import LiverfatError, Reason
+from liverfat.inference.grading import GradingConfig
+from liverfat.inference.models.devices import DEVICE_AUTO, device_problem
+from liverfat.inference.models.weights import DEFAULT_MODEL_CACHE
 from liverfat.inference.pipeline import AnalysisConfig
 
 ENV_PREFIX = "LIVERFAT_"
 AE_TITLE_MAX_LENGTH = 16  # PS3.5 Table 6.2-1, VR AE
-DEVICES = ("auto", "cpu", "cuda")
-INELIGIBLE_RESULTS = ("nothing", "sr")
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-LOG_FORMATS = ("text", "json")
-PASS_THROUGH_SECTIONS = ("eligibility", "analysis", "grading")
-FOREIGN_VARIABLES = frozenset({"LIVERFAT_MODEL_CACHE"})  # read by liverfat.inference.models.weights, not a config key
+TOML_VALUED_SECTIONS = ("eligibility", "analysis", "grading")
+"""Sections whose owners take TOML values: their environment values are parsed as TOML, not as text."""
+
+T = TypeVar("T")
+
+
+class _Validated:
+    """Unknown keys are refused; defaults are validated too, so relative default paths resolve."""
+
+    __pydantic_config__: ClassVar[ConfigDict] = ConfigDict(extra="forbid", validate_default=True)
 
 
 def check_ae_title(value: str) -> str | None:
@@ -64,144 +88,288 @@ def check_ae_title(value: str) -> str | None:
     return None
 
 
+# Field types: pydantic parses TOML and environment text; these add liverfat's rules.
+
+
+def _ae_title(value: str) -> str:
+    why = check_ae_title(value)
+    if why is not None:
+        raise ValueError(f"{why} ({value!r})")
+    return value
+
+
+def _device(value: str) -> str:
+    problem = device_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+def _no_booleans(kind: str) -> BeforeValidator:
+    """pydantic reads ``true`` as 1; a number written as true or false is a mistake."""
+
+    def refuse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise PydanticCustomError(f"{kind}_type", "not a number")
+        return value
+
+    return BeforeValidator(refuse)
+
+
+def _blank_is_none(value: Any) -> Any:
+    """An empty value (``LIVERFAT_TLS_CERTIFICATE=``) unsets an optional key."""
+    return None if value == "" else value
+
+
+def _resolve(value: Path, info: ValidationInfo) -> Path:
+    """``~`` expanded; a relative path taken from ``base`` in the validation context (set by load_config)."""
+    value = value.expanduser()
+    base = (info.context or {}).get("base")
+    return value if base is None or value.is_absolute() else base / value
+
+
+def _upper(value: Any) -> Any:
+    return value.upper() if isinstance(value, str) else value
+
+
+def _split(value: Any) -> Any:
+    """A comma-separated environment value as a list; TOML lists pass through."""
+    return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+def _destination_table(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    ae_title, at, address = value.strip().partition("@")
+    host, colon, port = address.rpartition(":")
+    if not at or not colon or not host:
+        raise ValueError(f"a destination is written AE@host:port, got {value.strip()!r}")
+    return {"ae_title": ae_title, "host": host.strip("[]"), "port": port}
+
+
+def _caller_table(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    ae_title, _, host = value.strip().partition("@")
+    return {"ae_title": ae_title, "host": host or None}
+
+
+Int = Annotated[int, _no_booleans("int")]
+Float = Annotated[float, _no_booleans("float")]
+PositiveInt = Annotated[Int, Field(gt=0)]
+PositiveFloat = Annotated[Float, Field(gt=0)]
+NonNegativeFloat = Annotated[Float, Field(ge=0)]
+Port = Annotated[Int, Field(ge=1, le=65535)]
+AeTitle = Annotated[str, AfterValidator(_ae_title)]
+Device = Annotated[str, AfterValidator(_device)]
+ConfigPath = Annotated[Path, AfterValidator(_resolve)]
+OptionalPath = Annotated[ConfigPath | None, BeforeValidator(_blank_is_none)]
+OptionalText = Annotated[str | None, BeforeValidator(_blank_is_none)]
+
+
 @dataclass(frozen=True)
-class Destination:
+class Destination(_Validated):
     """A DICOM node that receives our results (``AE@host:port``)."""
 
-    ae_title: str
+    ae_title: AeTitle
     host: str
-    port: int
+    port: Port
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
-class Caller:
+class Caller(_Validated):
     """A calling AE title allowed to send to us, optionally only from one host."""
 
-    ae_title: str
+    ae_title: AeTitle
     host: str | None = None
 
     def __str__(self) -> str:
         return self.ae_title if self.host is None else f"{self.ae_title}@{self.host}"
 
 
+Destinations = Annotated[tuple[Annotated[Destination, BeforeValidator(_destination_table)], ...],
+                         BeforeValidator(_split)]  # fmt: skip
+Callers = Annotated[tuple[Annotated[Caller, BeforeValidator(_caller_table)], ...], BeforeValidator(_split)]
+
+
+def _tls_file(value: Path | None, info: ValidationInfo) -> Path | None:
+    """A TLS file is required, and must exist, when ``enabled`` (validated before it) is true."""
+    if not info.data.get("enabled"):
+        return value
+    if value is None:
+        raise ValueError("required when TLS is enabled")
+    if not value.is_file():
+        raise ValueError(f"no such file {value}")
+    return value
+
+
+TlsFile = Annotated[OptionalPath, AfterValidator(_tls_file)]
+
+
 @dataclass(frozen=True)
-class NodeSection:
-    ae_title: str = "LIVERFAT"
+class NodeSection(_Validated):
+    ae_title: AeTitle = "LIVERFAT"
     host: str = "0.0.0.0"
-    port: int = 11112
-    allowed_callers: tuple[Caller, ...] = ()  # empty: any caller
-    max_associations: int = 10  # concurrent associations; a connection waiting for its A-ASSOCIATE-RQ counts
-    acse_timeout_s: float = 10.0  # a connection that sends no A-ASSOCIATE-RQ within this is closed
-    network_timeout_s: float = 60.0  # an association idle this long is aborted
+    port: Port = 11112
+    allowed_callers: Callers = ()  # empty: any caller
+    max_associations: PositiveInt = 10  # concurrent associations; a connection waiting for its A-ASSOCIATE-RQ counts
+    acse_timeout_s: PositiveFloat = 10.0  # a connection that sends no A-ASSOCIATE-RQ within this is closed
+    network_timeout_s: PositiveFloat = 60.0  # an association idle this long is aborted
 
 
 @dataclass(frozen=True)
-class SpoolSection:
-    dir: Path = Path("liverfat-spool")
-    min_free_disk_mb: int = 500  # below this, C-STORE answers 0xA700 Out of Resources
-    keep_days: float = 7.0  # received CT and results of a finished series are deleted after this; 0: never
+class SpoolSection(_Validated):
+    dir: ConfigPath = Path("liverfat-spool")
+    min_free_disk_mb: Annotated[Int, Field(ge=0)] = 500  # below this, C-STORE answers 0xA700 Out of Resources
+    keep_days: NonNegativeFloat = 7.0  # received CT and results of a finished series are deleted after this; 0: never
 
 
 @dataclass(frozen=True)
-class SeriesSection:
-    stable_seconds: float = 10.0  # a series is complete after this long without a new instance
+class SeriesSection(_Validated):
+    stable_seconds: PositiveFloat = 10.0  # a series is complete after this long without a new instance
     complete_on_release: bool = False  # also complete a sender's series when it releases the association
 
 
 @dataclass(frozen=True)
-class ModelSection:
+class ModelSection(_Validated):
     name: str = "default"
-    device: str = "auto"
+    device: Device = DEVICE_AUTO
+    cache: ConfigPath = DEFAULT_MODEL_CACHE  # the default model's weights and the model store
 
 
 @dataclass(frozen=True)
-class WorkerSection:
-    max_attempts: int = 3  # a series whose processing killed the worker this often is marked failed
-    shutdown_grace_s: float = 30.0  # on SIGTERM, wait this long for the series in hand, then park it
-    ineligible_result: str = "nothing"  # "nothing" or "sr" (a short "not applicable" SR)
+class WorkerSection(_Validated):
+    max_attempts: PositiveInt = 3  # a series whose processing killed the worker this often is marked failed
+    shutdown_grace_s: NonNegativeFloat = 30.0  # on SIGTERM, wait this long for the series in hand, then park it
+    ineligible_result: Literal["nothing", "sr"] = "nothing"  # "sr": a short "not applicable" SR
 
 
 @dataclass(frozen=True)
-class OutputsSection:
+class OutputsSection(_Validated):
     """What the SEG, SRs and key image say about the site (the station name is ``[node] ae_title``)."""
 
-    institution_name: str | None = None
-    institutional_department_name: str | None = None
+    institution_name: OptionalText = None
+    institutional_department_name: OptionalText = None
     disclaimer: str = DEFAULT_DISCLAIMER
 
+    def settings(self, station_name: str) -> OutputSettings:
+        return OutputSettings(station_name=station_name, institution_name=self.institution_name,
+                              institutional_department_name=self.institutional_department_name,
+                              disclaimer=self.disclaimer)  # fmt: skip
 
-@dataclass(frozen=True)
-class SendSection:
-    destinations: tuple[Destination, ...] = ()
-    max_attempts: int = 50  # with the delays below: about 7.5 hours of retrying
-    first_delay_s: float = 10.0
-    backoff_factor: float = 2.0
-    max_delay_s: float = 600.0
-    timeout_s: float = 30.0  # an association that receives nothing for this long is aborted
-    connect_timeout_s: float = 5.0  # TCP connection to a destination
-    acse_timeout_s: float = 10.0  # a destination that does not answer the association request in this long is down
-    dimse_timeout_s: float = 30.0  # waiting for one C-STORE or C-ECHO response
-    probe_interval_s: float = 10.0  # a destination that is down is probed (C-ECHO) this often
-    unhealthy_after_s: float = 180.0  # results failing this long to a destination make /healthz answer 503
+
+def _valid_outputs(outputs: OutputsSection) -> OutputsSection:
+    """OutputSettings' limits, checked at load; the station name is checked as ``[node] ae_title``."""
+    outputs.settings(OutputSettings.station_name)
+    return outputs
 
 
 @dataclass(frozen=True)
-class HttpSection:
+class SendSection(_Validated):
+    destinations: Destinations = ()
+    max_attempts: PositiveInt = 50  # with the delays below: about 7.5 hours of retrying
+    first_delay_s: NonNegativeFloat = 10.0
+    backoff_factor: Annotated[Float, Field(ge=1)] = 2.0
+    max_delay_s: PositiveFloat = 600.0
+    timeout_s: PositiveFloat = 30.0  # an association that receives nothing for this long is aborted
+    connect_timeout_s: PositiveFloat = 5.0  # TCP connection to a destination
+    acse_timeout_s: PositiveFloat = 10.0  # a destination not answering the association request this long is down
+    dimse_timeout_s: PositiveFloat = 30.0  # waiting for one C-STORE or C-ECHO response
+    probe_interval_s: PositiveFloat = 10.0  # a destination that is down is probed (C-ECHO) this often
+    unhealthy_after_s: PositiveFloat = 180.0  # results failing this long to a destination make /healthz answer 503
+
+
+@dataclass(frozen=True)
+class HttpSection(_Validated):
     host: str = "127.0.0.1"
-    port: int = 9112  # 0: no HTTP server
+    port: Annotated[Int, Field(ge=0, le=65535)] = 9112  # 0: no HTTP server
 
 
 @dataclass(frozen=True)
-class TlsSection:
+class TlsSection(_Validated):
     enabled: bool = False
-    certificate: Path | None = None
-    private_key: Path | None = None
-    ca_certificates: Path | None = None
+    certificate: TlsFile = None
+    private_key: TlsFile = None
+    ca_certificates: TlsFile = None
     require_client_certificate: bool = True
     check_hostname: bool = False  # destinations are often addressed by IP
 
 
 @dataclass(frozen=True)
-class LogSection:
-    level: str = "INFO"
-    format: str = "text"
+class LogSection(_Validated):
+    level: Annotated[Literal["DEBUG", "INFO", "WARNING", "ERROR"], BeforeValidator(_upper)] = "INFO"
+    format: Literal["text", "json"] = "text"
+
+
+def _table(value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError(f"must be a table, got {value!r}")  # noqa: TRY004 (pydantic reports ValueErrors)
+    return value
+
+
+def _built(value: Any, owner: type[T], from_mapping: Callable[[Mapping[str, Any]], T]) -> T:
+    """A section its owner builds (dicom_io and inference know no pydantic); an instance passes as it is."""
+    return value if isinstance(value, owner) else from_mapping(_table(value))
+
+
+def _eligibility(value: Any) -> EligibilityPolicy:
+    return _built(value, EligibilityPolicy, EligibilityPolicy.from_mapping)
+
+
+def _grading(value: Any) -> GradingConfig:
+    return _built(value, GradingConfig, GradingConfig.from_mapping)
+
+
+def _analysis(value: Any) -> AnalysisConfig:
+    if isinstance(value, Mapping) and "grading" in value:
+        raise ValueError("grading settings belong in the [grading] section, not in [analysis]")
+    return _built(value, AnalysisConfig, AnalysisConfig.from_mapping)
 
 
 @dataclass(frozen=True)
-class NodeConfig:
-    """Everything ``liverfat serve`` needs, validated; ``source`` is the file it came from."""
+class NodeConfig(_Validated):
+    """Everything ``liverfat serve`` (and the research commands) need, validated; ``source`` is the file."""
 
     node: NodeSection = field(default_factory=NodeSection)
     spool: SpoolSection = field(default_factory=SpoolSection)
     series: SeriesSection = field(default_factory=SeriesSection)
     model: ModelSection = field(default_factory=ModelSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
-    eligibility: Mapping[str, Any] = field(default_factory=dict)
-    analysis: Mapping[str, Any] = field(default_factory=dict)
-    grading: Mapping[str, Any] = field(default_factory=dict)
-    outputs: OutputsSection = field(default_factory=OutputsSection)
+    eligibility: Annotated[EligibilityPolicy, PlainValidator(_eligibility)] = field(default_factory=EligibilityPolicy)
+    analysis: Annotated[AnalysisConfig, PlainValidator(_analysis)] = field(default_factory=AnalysisConfig)
+    grading: Annotated[GradingConfig, PlainValidator(_grading)] = field(default_factory=GradingConfig)
+    outputs: Annotated[OutputsSection, AfterValidator(_valid_outputs)] = field(default_factory=OutputsSection)
     send: SendSection = field(default_factory=SendSection)
     http: HttpSection = field(default_factory=HttpSection)
     tls: TlsSection = field(default_factory=TlsSection)
     log: LogSection = field(default_factory=LogSection)
     source: Path | None = None
 
+    def __post_init__(self) -> None:
+        """``[grading]`` is the analysis's grading: ``analysis.grading`` is always ``grading``."""
+        if self.analysis.grading is not self.grading:
+            object.__setattr__(self, "analysis", replace(self.analysis, grading=self.grading))
 
-SECTIONS: dict[str, type] = {
-    "node": NodeSection, "spool": SpoolSection, "series": SeriesSection, "model": ModelSection,
-    "worker": WorkerSection, "outputs": OutputsSection, "send": SendSection, "http": HttpSection, "tls": TlsSection, "log": LogSection,
-}  # fmt: skip
+    @cached_property
+    def site(self) -> OutputSettings:
+        """``[outputs]``, with this node's AE title as station name and device observer."""
+        return self.outputs.settings(self.node.ae_title.strip())
+
+
+SECTIONS = tuple(f.name for f in fields(NodeConfig) if f.name != "source")
+_NODE_CONFIG = TypeAdapter(NodeConfig)
+_DESTINATION = TypeAdapter(Annotated[Destination, BeforeValidator(_destination_table)])
 
 
 def load_config(path: Path | None = None, environ: Mapping[str, str] | None = None) -> NodeConfig:
     """Read ``path`` (or the embedded defaults), apply ``LIVERFAT_*`` overrides, validate.
 
     Relative paths are resolved against the config file's folder, or against the current
-    folder when there is no file. Raises ``LiverfatError(Reason.CONFIG_INVALID)`` with the
-    section, key and what was wrong.
+    folder when there is no file. Raises ``LiverfatError(Reason.CONFIG_INVALID)`` listing every
+    problem, one per line, each with its section and key.
     """
     raw: dict[str, Any] = {}
     if path is not None:
@@ -209,223 +377,90 @@ def load_config(path: Path | None = None, environ: Mapping[str, str] | None = No
             raw = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as error:
             raise LiverfatError(Reason.CONFIG_INVALID, f"cannot read configuration {path}: {error}") from error
-    raw = _apply_environment(raw, os.environ if environ is None else environ)
-    base = path.resolve().parent if path is not None else Path.cwd()
-    unknown = sorted(set(raw) - set(SECTIONS) - set(PASS_THROUGH_SECTIONS))
-    if unknown:
-        known = ", ".join([*SECTIONS, *PASS_THROUGH_SECTIONS])
-        raise _invalid(f"unknown section(s) {', '.join(unknown)}; known: {known}")
-    sections: dict[str, Any] = {}
-    for name, cls in SECTIONS.items():
-        values = raw.get(name, {})
-        if not isinstance(values, Mapping):
-            raise _invalid(f"[{name}] must be a table, got {values!r}")
-        sections[name] = _build_section(name, cls, values, base)
-    for name in PASS_THROUGH_SECTIONS:
-        sections[name] = dict(raw.get(name, {}))
-    config = NodeConfig(**sections, source=path.resolve() if path is not None else None)
-    _validate(config)
+    raw, problems = _apply_environment(raw, os.environ if environ is None else environ)
+    problems += [f"unknown section [{name}]; known: {', '.join(SECTIONS)}" for name in sorted(set(raw) - set(SECTIONS))]
+    source = path.resolve() if path is not None else None
+    sections = {name: raw.get(name, {}) for name in SECTIONS}  # every section validated: its defaults' paths resolve
+    config = None
+    try:
+        config = _NODE_CONFIG.validate_python({**sections, "source": source},
+                                              context={"base": source.parent if source else Path.cwd()})  # fmt: skip
+    except ValidationError as error:
+        problems += [_problem(details) for details in error.errors()]
+    if problems or config is None:
+        where = source or "the embedded defaults"
+        raise _invalid(f"configuration from {where} is invalid:\n  " + "\n  ".join(problems))
     return config
 
 
-def parse_destination(value: Any) -> Destination:
-    """``"AE@host:port"`` or ``{ae_title, host, port}`` as a :class:`Destination`."""
-    if isinstance(value, Mapping):
-        extra = set(value) - {"ae_title", "host", "port"}
-        if extra or not {"ae_title", "host", "port"} <= set(value):
-            raise _invalid(f"a destination needs exactly ae_title, host and port, got {dict(value)!r}")
-        return Destination(str(value["ae_title"]), str(value["host"]), _to_int("send", "destinations", value["port"]))
-    text = str(value).strip()
-    ae_title, at, address = text.partition("@")
-    host, colon, port = address.rpartition(":")
-    if not at or not colon or not host:
-        raise _invalid(f"a destination is written AE@host:port, got {text!r}")
-    return Destination(ae_title, host.strip("[]"), _to_int("send", "destinations", port))
+def parse_destination(value: str) -> Destination:
+    """``"AE@host:port"`` (how the outbox names a destination) as a :class:`Destination`."""
+    try:
+        return _DESTINATION.validate_python(value)
+    except ValidationError as error:
+        raise _invalid("; ".join(_problem({**d, "loc": ("send", "destinations", *d["loc"])}) for d in error.errors()))
 
 
-def parse_caller(value: Any) -> Caller:
-    """``"AE"`` or ``"AE@host"`` as a :class:`Caller`."""
-    ae_title, _, host = str(value).strip().partition("@")
-    return Caller(ae_title, host or None)
-
-
-def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
     merged = {name: dict(values) if isinstance(values, Mapping) else values for name, values in raw.items()}
+    problems = []
     for variable, value in environ.items():
-        if not variable.startswith(ENV_PREFIX) or variable in FOREIGN_VARIABLES:
+        if not variable.startswith(ENV_PREFIX):
             continue
         section, _, key = variable[len(ENV_PREFIX) :].lower().partition("_")
-        if section not in SECTIONS and section not in PASS_THROUGH_SECTIONS:
+        if section not in SECTIONS:
             continue  # LIVERFAT_* variables of other parts of liverfat
         if not key:
-            raise _invalid(f"environment variable {variable} names no key; write {ENV_PREFIX}{section.upper()}_<KEY>")
+            problems.append(f"environment variable {variable} names no key; write {ENV_PREFIX}{section.upper()}_<KEY>")
+            continue
         target = merged.setdefault(section, {})
-        target[key] = value if section in SECTIONS else _toml_value(value)
-    return merged
+        if isinstance(target, dict):  # else: not a table, reported by validation
+            target[key] = _toml_value(value) if section in TOML_VALUED_SECTIONS else value
+    return merged, problems
 
 
 def _toml_value(text: str) -> Any:
-    """An environment value for a pass-through section: a TOML value if it parses as one, else the text."""
+    """An environment value for a TOML-valued section: a TOML value if it parses as one, else the text."""
     try:
         return tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         return text
 
 
-def _build_section(name: str, cls: type, values: Mapping[str, Any], base: Path) -> Any:
-    hints = get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise _invalid(f"unknown key(s) {', '.join(unknown)} in [{name}]; known: {', '.join(sorted(known))}")
-    converted = {key: _convert(name, key, value, hints[key]) for key, value in values.items()}
-    section = cls(**converted)
-    relative = {f.name: base / value for f in fields(cls)
-                if isinstance(value := getattr(section, f.name), Path) and not value.is_absolute()}  # fmt: skip
-    return replace(section, **relative)
+_TYPE_PROBLEMS = {
+    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number", "float_type": "must be a number", "float_parsing": "must be a number",
+    "bool_type": "must be true or false", "bool_parsing": "must be true or false", "string_type": "must be a string",
+    "path_type": "must be a path", "tuple_type": "must be a list", "dataclass_type": "must be a table",
+    "dataclass_args_type": "must be a table", "literal_error": "must be one of {expected}",
+    "greater_than": "must be greater than {gt}", "less_than_equal": "must be at most {le}",
+}  # fmt: skip
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "extra_forbidden")
 
 
-def _convert(section: str, key: str, value: Any, hint: Any) -> Any:
-    optional = get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint)
-    if optional:
-        if value in (None, ""):
-            return None
-        hint = next(arg for arg in get_args(hint) if arg is not type(None))
-    if hint is bool:
-        return _to_bool(section, key, value)
-    if hint is int:
-        return _to_int(section, key, value)
-    if hint is float:
-        return _to_float(section, key, value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise _invalid(f"[{section}] {key} must be a string, got {value!r}")
-        return value
-    if hint is Path:
-        return Path(str(value)).expanduser()
-    if get_origin(hint) is tuple:
-        item_type = get_args(hint)[0]
-        items = [part for part in value.split(",") if part.strip()] if isinstance(value, str) else list(value)
-        parse = {Destination: parse_destination, Caller: parse_caller}[item_type]
-        return tuple(parse(item) for item in items)
-    raise TypeError(f"no conversion for [{section}] {key}: {hint}")  # a programming error in the dataclasses
+def _problem(error: ErrorDetails) -> str:
+    """One pydantic error as a line: ``[section] key must ..., got value``, or ``[section] key: message``."""
+    loc, kind, ctx = error["loc"], error["type"], error.get("ctx", {})
+    if kind in _UNKNOWN_KEY:
+        known = ""
+        if len(loc) == 2:  # a key of a section
+            known = f"; known: {', '.join(f.name for f in fields(get_type_hints(NodeConfig)[str(loc[0])]))}"
+        return f"unknown key {loc[-1]} in {_where(loc[:-1])}{known}"
+    if kind == "value_error":  # a message of ours or of a section's owner, about the value named before it
+        return f"{_where(loc)}{':' if len(loc) > 1 else ''} {ctx['error']}"
+    if kind in ("missing", "missing_argument"):
+        return f"{_where(loc)} is required"
+    if kind == "greater_than_equal":
+        wrong = "must not be negative" if ctx["ge"] == 0 else f"must be at least {ctx['ge']}"
+    else:
+        wrong = _TYPE_PROBLEMS[kind].format(**ctx) if kind in _TYPE_PROBLEMS else error["msg"]
+    return f"{_where(loc)} {wrong}, got {error['input']!r}"
 
 
-def _to_bool(section: str, key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise _invalid(f"[{section}] {key} must be true or false, got {value!r}")
-
-
-def _to_int(section: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-        raise _invalid(f"[{section}] {key} must be a whole number, got {value!r}")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise _invalid(f"[{section}] {key} must be a whole number, got {value!r}") from None
-
-
-def _to_float(section: str, key: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise _invalid(f"[{section}] {key} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise _invalid(f"[{section}] {key} must be a number, got {value!r}") from None
-
-
-def _validate(config: NodeConfig) -> None:
-    problems: list[str] = []
-    titles = [("[node] ae_title", config.node.ae_title)]
-    titles += [("[node] allowed_callers", c.ae_title) for c in config.node.allowed_callers]
-    titles += [("[send] destinations", d.ae_title) for d in config.send.destinations]
-    problems += [f"{where}: {why} ({title!r})" for where, title in titles if (why := check_ae_title(title))]
-    ports = [("[node] port", config.node.port, 1), ("[http] port", config.http.port, 0)]
-    ports += [("[send] destinations", d.port, 1) for d in config.send.destinations]
-    problems += [f"{where}: port {port} is outside {low}..65535" for where, port, low in ports
-                 if not low <= port <= 65535]  # fmt: skip
-    positive = {
-        "[series] stable_seconds": config.series.stable_seconds,
-        "[node] max_associations": config.node.max_associations,
-        "[node] network_timeout_s": config.node.network_timeout_s, "[worker] max_attempts": config.worker.max_attempts,
-        "[node] acse_timeout_s": config.node.acse_timeout_s,
-        "[send] max_attempts": config.send.max_attempts, "[send] timeout_s": config.send.timeout_s,
-        "[send] max_delay_s": config.send.max_delay_s,
-        "[send] connect_timeout_s": config.send.connect_timeout_s, "[send] acse_timeout_s": config.send.acse_timeout_s,
-        "[send] dimse_timeout_s": config.send.dimse_timeout_s, "[send] probe_interval_s": config.send.probe_interval_s,
-        "[send] unhealthy_after_s": config.send.unhealthy_after_s,
-    }  # fmt: skip
-    problems += [f"{where} must be greater than 0, got {value}" for where, value in positive.items() if value <= 0]
-    not_negative = {
-        "[spool] min_free_disk_mb": config.spool.min_free_disk_mb, "[spool] keep_days": config.spool.keep_days,
-        "[send] first_delay_s": config.send.first_delay_s,
-        "[worker] shutdown_grace_s": config.worker.shutdown_grace_s,
-    }  # fmt: skip
-    problems += [f"{where} must not be negative, got {value}" for where, value in not_negative.items() if value < 0]
-    if config.send.backoff_factor < 1:
-        problems.append(f"[send] backoff_factor must be at least 1, got {config.send.backoff_factor}")
-    choices = [
-        ("[model] device", config.model.device, DEVICES), ("[log] level", config.log.level.upper(), LOG_LEVELS),
-        ("[log] format", config.log.format, LOG_FORMATS),
-        ("[worker] ineligible_result", config.worker.ineligible_result, INELIGIBLE_RESULTS),
-    ]  # fmt: skip
-    problems += [f"{where} must be one of {', '.join(allowed)}, got {value!r}" for where, value, allowed in choices
-                 if value not in allowed]  # fmt: skip
-    problems += _tls_problems(config.tls)
-    try:
-        output_settings(config)
-    except ValueError as error:
-        problems.append(f"[outputs] {error}")
-    problems += _pass_through_problems(config)
-    if problems:
-        source = config.source or "the embedded defaults"
-        raise _invalid(f"configuration from {source} is invalid:\n  " + "\n  ".join(problems))
-
-
-def _tls_problems(tls: TlsSection) -> list[str]:
-    if not tls.enabled:
-        return []
-    required = {"certificate": tls.certificate, "private_key": tls.private_key, "ca_certificates": tls.ca_certificates}
-    problems = [f"[tls] {key} is required when TLS is enabled" for key, value in required.items() if value is None]
-    problems += [f"[tls] {key}: no such file {value}" for key, value in required.items()
-                 if value is not None and not value.is_file()]  # fmt: skip
-    return problems
-
-
-def _pass_through_problems(config: NodeConfig) -> list[str]:
-    """Eligibility, analysis and grading keys are checked by their owners' ``from_mapping``."""
-    problems = []
-    for name, build in (("eligibility", eligibility_policy), ("analysis", analysis_config)):
-        try:
-            build(config)
-        except (LiverfatError, ValueError, TypeError) as error:
-            problems.append(f"[{name}] {getattr(error, 'message', error)}")
-    return problems
-
-
-def eligibility_policy(config: NodeConfig) -> EligibilityPolicy:
-    return EligibilityPolicy.from_mapping(config.eligibility)
-
-
-def analysis_config(config: NodeConfig) -> AnalysisConfig:
-    """``[analysis]`` with ``[grading]`` as its grading settings."""
-    if "grading" in config.analysis:
-        raise ValueError("grading settings belong in the [grading] section, not in [analysis]")
-    return AnalysisConfig.from_mapping({**config.analysis, "grading": config.grading})
-
-
-def output_settings(config: NodeConfig) -> OutputSettings:
-    """``[outputs]``, with this node's AE title as station name and device observer."""
-    outputs = config.outputs
-    return OutputSettings(station_name=config.node.ae_title.strip(), institution_name=outputs.institution_name,
-                          institutional_department_name=outputs.institutional_department_name,
-                          disclaimer=outputs.disclaimer)  # fmt: skip
+def _where(loc: tuple[int | str, ...]) -> str:
+    """``("send", "destinations", 0, "port")`` as ``[send] destinations[0] port``."""
+    section, *keys = loc
+    return f"[{section}]" + "".join(f"[{key}]" if isinstance(key, int) else f" {key}" for key in keys)
 
 
 def _invalid(message: str) -> LiverfatError:

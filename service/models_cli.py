@@ -1,6 +1,7 @@
 """``liverfat models ...``: fetch the default weights, list the model store, import the seed's v1 model.
 
-torch and nnU-Net are imported inside the commands, so the rest of the CLI starts fast.
+torch and nnU-Net are imported inside the commands, so the rest of the CLI starts fast. The model
+cache is the configuration's ``[model] cache`` (embedded defaults and ``LIVERFAT_MODEL_CACHE``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
+
+from liverfat.service.config import load_config
 
 
 def add_models_commands(subparsers: Any) -> None:
@@ -35,7 +38,7 @@ def add_models_commands(subparsers: Any) -> None:
 def cmd_fetch(args: argparse.Namespace) -> int:
     from liverfat.inference.models.weights import fetch_default_weights
 
-    print(f"default model weights: {fetch_default_weights(args.cache)}")
+    print(f"default model weights: {fetch_default_weights(args.cache or load_config().model.cache)}")
     return 0
 
 
@@ -45,14 +48,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     for name, description in BUILTIN_MODELS.items():
         print(f"{name}\t{description}")
-    store = args.store or default_model_store()
-    for name in store_models(args.store):
+    store = args.store or default_model_store(load_config().model.cache)
+    for name in store_models(store):
         print(f"{name}\tnnU-Net v2 model in {store / name}")
     return 0
 
 
 def cmd_import_nnunet_v1(args: argparse.Namespace) -> int:
     from liverfat.inference.models.nnunet_v1 import import_command
+    from liverfat.inference.models.store import default_model_store
 
-    print(import_command(args.source, args.name, args.store))
+    print(import_command(args.source, args.name, args.store or default_model_store(load_config().model.cache)))
     return 0

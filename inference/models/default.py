@@ -40,6 +40,7 @@ from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.models.devices import DEVICE_AUTO, device_label, resolve_device
 from liverfat.inference.models.unet import CONTEXT, TRAINED_OUTPUT, LiverUNet, load_keras_weights
 from liverfat.inference.models.weights import (
+    DEFAULT_MODEL_CACHE,
     SOURCE_PACKAGE,
     SOURCE_VERSION,
     WEIGHTS_SHA256,
@@ -78,15 +79,18 @@ class DefaultBackend:
     Parameters
     ----------
     weights:
-        The HDF5 weight file; default: the verified file in the model cache (see
+        The HDF5 weight file; default: the verified file in ``cache_dir`` (see
         ``liverfat.inference.models.weights``). A given file is checked against the recorded SHA-256 too.
     device:
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    cache_dir:
+        The model cache (``[model] cache``) that holds the weights when ``weights`` is not given.
     """
 
-    def __init__(self, weights: Path | None = None, device: str = DEVICE_AUTO) -> None:
+    def __init__(self, weights: Path | None = None, device: str = DEVICE_AUTO,
+                 cache_dir: Path = DEFAULT_MODEL_CACHE) -> None:  # fmt: skip
         if weights is None:
-            weights = default_weights_path()
+            weights = default_weights_path(cache_dir)
         else:
             verify_weights(weights)
         self._device = resolve_device(device)

@@ -9,8 +9,7 @@ A model is named in one of three ways:
 - a path to an nnU-Net v2 trained-model folder (``dataset.json``, ``plans.json``,
   ``fold_N/checkpoint_final.pth``), for example TotalSegmentator's;
 - the name of a folder in liverfat's model store, ``<store>/<name>/``, by default the ``nnunet``
-  folder of the model cache: ``$LIVERFAT_MODEL_CACHE/nnunet/<name>/`` or
-  ``~/.cache/liverfat/models/nnunet/<name>/``.
+  folder of the model cache (``[model] cache``, default ``~/.cache/liverfat/models/nnunet/<name>/``).
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from liverfat.inference.models.nnunet_options import (
     ORIENTATION_AUTO,
 )
 from liverfat.inference.models.store import default_model_store, store_models
+from liverfat.inference.models.weights import DEFAULT_MODEL_CACHE
 
 if TYPE_CHECKING:
     from liverfat.inference.backend import Backend
@@ -82,6 +82,7 @@ def load_backend(
     checkpoint_name: str = NNUNET_CHECKPOINT_FINAL,
     orientation: str = ORIENTATION_AUTO,
     store: Path | None = None,
+    cache_dir: Path = DEFAULT_MODEL_CACHE,
 ) -> Backend:
     """A fully initialised segmentation backend for ``model`` on ``device``.
 
@@ -98,18 +99,20 @@ def load_backend(
         trained on (``auto`` from its plans, ``LPS``, or ``RAS`` for TotalSegmentator's models).
         They do not apply to the default model and are ignored there with a warning when changed.
     store
-        The model store for named models; default :func:`default_model_store`.
+        The model store for named models; default: the one in ``cache_dir``.
+    cache_dir
+        The model cache (``[model] cache``): the default model's weights and the model store.
     """
     if model == DEFAULT_MODEL:
         _warn_unused_nnunet_options(folds, use_mirroring, tile_step_size, checkpoint_name, orientation)
         from liverfat.inference.models.default import DefaultBackend
 
-        return DefaultBackend(device=device)
+        return DefaultBackend(device=device, cache_dir=cache_dir)
 
     from liverfat.inference.models.nnunet import NnUNetBackend
 
     return NnUNetBackend(
-        resolve_model_folder(model, store),
+        resolve_model_folder(model, default_model_store(cache_dir) if store is None else store),
         device=device,
         folds=folds,
         use_mirroring=use_mirroring,

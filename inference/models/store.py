@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from liverfat.inference.models.weights import model_cache_dir
+from liverfat.inference.models.weights import DEFAULT_MODEL_CACHE
 
 MODEL_STORE_FOLDER = "nnunet"
 """The model store's folder in the model cache, unless a store is given explicitly."""
 
 
-def default_model_store() -> Path:
-    """The folder that holds named nnU-Net models: ``nnunet`` in the model cache (see ``weights``)."""
-    return model_cache_dir() / MODEL_STORE_FOLDER
+def default_model_store(cache_dir: Path = DEFAULT_MODEL_CACHE) -> Path:
+    """The folder that holds named nnU-Net models: ``nnunet`` in the model cache ``cache_dir``."""
+    return cache_dir.expanduser() / MODEL_STORE_FOLDER
 
 
 def store_models(store: Path | None = None) -> list[str]:

@@ -7,15 +7,14 @@ HDF5 weight file is taken out of it, checked against the SHA-256 recorded here a
 atomically into the model cache. Nothing is downloaded at analysis time: a missing file is an
 error that says how to fetch it.
 
-The cache folder is, in order: the ``cache_dir`` argument, the ``LIVERFAT_MODEL_CACHE``
-environment variable (read when called, not at import), ``~/.cache/liverfat/models``.
+The cache folder is passed in (the node's ``[model] cache``, which ``LIVERFAT_MODEL_CACHE``
+overrides); this module reads no environment variable. ``~`` in it is expanded.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,8 +26,8 @@ from liverfat.files import durable_write
 
 logger = logging.getLogger(__name__)
 
-MODEL_CACHE_ENV = "LIVERFAT_MODEL_CACHE"
 DEFAULT_MODEL_CACHE = Path("~/.cache/liverfat/models")
+"""The model cache unless configured (``[model] cache``)."""
 
 SOURCE_PACKAGE = "pyliverlesionseg"
 SOURCE_VERSION = "0.3"
@@ -46,14 +45,6 @@ LICENSE_FILENAME = "pyliverlesionseg-0.3.LICENSE"
 
 _FETCH_HINT = "run `liverfat models fetch` (or deploy/setup.sh, as in the README) to download and check them"
 _PIP_TIMEOUT_S = 600
-
-
-def model_cache_dir(cache_dir: Path | None = None) -> Path:
-    """The folder that holds model weights: ``cache_dir``, else $LIVERFAT_MODEL_CACHE, else ~/.cache/liverfat/models."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    from_env = os.environ.get(MODEL_CACHE_ENV)
-    return Path(from_env).expanduser() if from_env else DEFAULT_MODEL_CACHE.expanduser()
 
 
 def sha256_of(path: Path) -> str:
@@ -75,9 +66,9 @@ def verify_weights(path: Path, expected_sha256: str = WEIGHTS_SHA256) -> None:
         )
 
 
-def default_weights_path(cache_dir: Path | None = None) -> Path:
+def default_weights_path(cache_dir: Path = DEFAULT_MODEL_CACHE) -> Path:
     """The cached, checksum-verified weight file of the default model, or a BACKEND_UNAVAILABLE error."""
-    path = model_cache_dir(cache_dir) / WEIGHTS_FILENAME
+    path = cache_dir.expanduser() / WEIGHTS_FILENAME
     if not path.is_file():
         raise LiverfatError(
             Reason.BACKEND_UNAVAILABLE,
@@ -87,14 +78,14 @@ def default_weights_path(cache_dir: Path | None = None) -> Path:
     return path
 
 
-def fetch_default_weights(cache_dir: Path | None = None) -> Path:
+def fetch_default_weights(cache_dir: Path = DEFAULT_MODEL_CACHE) -> Path:
     """Download the weights from PyPI into the cache (if not already there and valid); return their path.
 
     Runs ``python -m pip download --no-deps --only-binary=:all: --python-version 3.6
     pyliverlesionseg==0.3`` into a temporary folder, checks the wheel's SHA-256, extracts and
     checks the HDF5 file and writes it (with the package's LICENSE beside it) atomically.
     """
-    target = model_cache_dir(cache_dir) / WEIGHTS_FILENAME
+    target = cache_dir.expanduser() / WEIGHTS_FILENAME
     if target.is_file() and sha256_of(target) == WEIGHTS_SHA256:
         logger.info("default model weights already present: %s", target)
         return target

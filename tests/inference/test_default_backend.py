@@ -35,7 +35,7 @@ from liverfat.inference.models.default import (
     to_network_grid,
 )
 from liverfat.inference.models.unet import CONTEXT, TRAINED_OUTPUT
-from liverfat.inference.models.weights import MODEL_CACHE_ENV, WEIGHTS_FILENAME, WEIGHTS_SHA256
+from liverfat.inference.models.weights import WEIGHTS_FILENAME, WEIGHTS_SHA256
 from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, render_volume
 
@@ -205,12 +205,9 @@ def test_postprocessing_keeps_the_largest_blob_only() -> None:
 # construction
 
 
-def test_backend_without_fetched_weights_says_how_to_fetch_them(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path))
+def test_backend_without_fetched_weights_says_how_to_fetch_them(tmp_path: Path) -> None:
     with pytest.raises(LiverfatError, match="liverfat models fetch") as raised:
-        DefaultBackend()
+        DefaultBackend(cache_dir=tmp_path)
     assert raised.value.reason is Reason.BACKEND_UNAVAILABLE
 
 

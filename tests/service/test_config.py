@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from liverfat.dicom_io.eligibility import EligibilityPolicy
 from liverfat.errors import LiverfatError, Reason
-from liverfat.service.config import Caller, Destination, check_ae_title, load_config, output_settings
+from liverfat.inference.models.store import default_model_store
+from liverfat.service.config import Caller, Destination, check_ae_title, load_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "liverfat.example.toml"
 
@@ -52,7 +55,7 @@ threshold_hu = 42
     assert config.send.destinations == (
         Destination("ORTHANC", "127.0.0.1", 4242), Destination("BACKUP", "10.0.0.6", 104))  # fmt: skip
     assert config.send.first_delay_s == 0.5
-    assert config.grading == {"threshold_hu": 42}
+    assert config.analysis.grading.threshold_hu == 42.0
 
 
 def test_environment_overrides_every_section(tmp_path: Path) -> None:
@@ -66,17 +69,17 @@ def test_environment_overrides_every_section(tmp_path: Path) -> None:
         "LIVERFAT_ELIGIBILITY_REQUIRE_CHEST_EVIDENCE": "false",
         "LIVERFAT_OUTPUTS_INSTITUTION_NAME": "Clinique du Lac",
         "LIVERFAT_SOMETHING_ELSE": "ignored: not a section of the node's configuration",
-        "LIVERFAT_MODEL_CACHE": "/models: read by the weights loader, not a [model] key",
+        "LIVERFAT_MODEL_CACHE": "/models",
         "PATH": "/usr/bin",
     }
     config = load_config(path, environ=environ)
     assert config.node.port == 12000 and config.node.ae_title == "ENVNODE"
     assert config.series.complete_on_release is True
     assert config.send.destinations == (Destination("A", "h1", 104), Destination("B", "h2", 11112))
-    assert config.grading == {"threshold_hu": 38.5}
-    assert config.eligibility == {"require_chest_evidence": False}
-    site = output_settings(config)
-    assert site.institution_name == "Clinique du Lac" and site.station_name == "ENVNODE"
+    assert config.analysis.grading.threshold_hu == 38.5
+    assert config.eligibility.require_chest_evidence is False
+    assert config.model.cache == Path("/models")
+    assert config.site.institution_name == "Clinique du Lac" and config.site.station_name == "ENVNODE"
 
 
 @pytest.mark.parametrize(
@@ -84,19 +87,24 @@ def test_environment_overrides_every_section(tmp_path: Path) -> None:
     [
         ("[node]\nprot = 1\n", {}, "unknown key.*prot.*\\[node\\]"),
         ("[nodes]\n", {}, "unknown section.*nodes"),
-        ("[node]\nport = 70000\n", {}, "port 70000"),
+        ("[node]\nport = 70000\n", {}, "\\[node\\] port must be at most 65535, got 70000"),
         ("[node]\nport = 'x'\n", {}, "\\[node\\] port must be a whole number"),
+        ("[node]\nport = true\n", {}, "\\[node\\] port must be a whole number, got True"),
         ("[node]\nae_title = 'A_TITLE_THAT_IS_TOO_LONG'\n", {}, "at most 16 characters"),
         ("[node]\nae_title = 'BAD\\\\AE'\n", {}, "backslash"),
         ("", {"LIVERFAT_NODE_PORTT": "1"}, "unknown key.*portt"),
         ("", {"LIVERFAT_SERIES_STABLE_SECONDS": "0"}, "stable_seconds must be greater than 0"),
+        ("", {"LIVERFAT_NODE": "x"}, "LIVERFAT_NODE names no key"),
         ("[send]\ndestinations = ['ORTHANC@127.0.0.1']\n", {}, "AE@host:port"),
-        ("[model]\ndevice = 'tpu'\n", {}, "device must be one of"),
-        ("[worker]\nineligible_result = 'pdf'\n", {}, "ineligible_result must be one of"),
-        ("[tls]\nenabled = true\n", {}, "certificate is required"),
+        ("[model]\ndevice = 'tpu'\n", {}, "\\[model\\] device: unknown device 'tpu', expected one of auto, cpu, cuda"),
+        ("[worker]\nineligible_result = 'pdf'\n", {}, "ineligible_result must be one of 'nothing' or 'sr'"),
+        ("[tls]\nenabled = true\n", {}, "\\[tls\\] certificate: required when TLS is enabled"),
         ("[spool]\nkeep_days = -1\n", {}, "keep_days must not be negative"),
         ("[outputs]\ninstitution_name = '" + "X" * 65 + "'\n", {}, "\\[outputs\\] output setting institution_name.*1 to 64"),
-        ("[grading]\nthreshold = 40\n", {}, "\\[analysis\\].*unknown grading setting"),
+        ("[grading]\nthreshold = 40\n", {}, "\\[grading\\] unknown grading setting"),
+        ("[analysis]\ngrading = { threshold_hu = 40 }\n", {}, "\\[analysis\\] grading settings belong in"),
+        ("[analysis]\nworking_spacing_mm = 5\n", {}, "\\[analysis\\].*three positive mm"),
+        ("node = 5\n", {}, "\\[node\\] must be a table"),
         ("[eligibility]\nmax_slice_thickness_mm = -1\n", {}, "\\[eligibility\\].*must be > 0"),
         ("[node\n", {}, "cannot read configuration"),
     ],
@@ -122,3 +130,45 @@ def test_the_example_configuration_in_deploy_is_valid() -> None:
     config = load_config(EXAMPLE, environ={})
     assert config.send.destinations, "the example shows a destination"
     assert config.node.allowed_callers, "the example shows an allowed caller"
+
+
+def test_every_problem_is_reported_at_once_one_per_line(tmp_path: Path) -> None:
+    text = """
+[node]
+port = 70000
+[send]
+destinations = ["ORTHANC@127.0.0.1:x"]
+[grading]
+threshold = 40
+[eligibility]
+max_slice_thickness_mm = -1
+"""
+    with pytest.raises(LiverfatError) as raised:
+        load_config(write(tmp_path, text), environ={"LIVERFAT_SERIES_STABLE_SECONDS": "0"})
+    problems = raised.value.message.splitlines()[1:]
+    assert [line.split()[:2] for line in problems] == [
+        ["[node]", "port"], ["[series]", "stable_seconds"], ["[eligibility]", "eligibility"],
+        ["[grading]", "unknown"], ["[send]", "destinations[0]"],
+    ]  # fmt: skip
+
+
+def test_any_cuda_device_is_accepted(tmp_path: Path) -> None:
+    assert load_config(None, environ={"LIVERFAT_MODEL_DEVICE": "cuda:1"}).model.device == "cuda:1"
+
+
+def test_the_model_cache_is_configured_and_reaches_the_model_store(tmp_path: Path) -> None:
+    assert load_config(None, environ={}).model.cache == Path.home() / ".cache" / "liverfat" / "models"
+    config = load_config(write(tmp_path, "[model]\ncache = 'models'\n"), environ={})
+    assert default_model_store(config.model.cache) == tmp_path / "models" / "nnunet"
+    config = load_config(None, environ={"LIVERFAT_MODEL_CACHE": str(tmp_path / "env")})
+    assert default_model_store(config.model.cache) == tmp_path / "env" / "nnunet"
+
+
+def test_the_typed_sections_are_built_once_with_grading_inside_the_analysis(tmp_path: Path) -> None:
+    path = write(tmp_path, "[grading]\nthreshold_hu = 38\n[analysis]\nroi_mode = 'robust'\n")
+    config = load_config(path, environ={})
+    assert isinstance(config.eligibility, EligibilityPolicy)
+    assert config.analysis.roi_mode.value == "robust" and config.analysis.grading is config.grading
+    assert config.site is config.site and config.site.station_name == "LIVERFAT"
+    regraded = replace(config, grading=replace(config.grading, threshold_hu=30.0))
+    assert regraded.analysis.grading.threshold_hu == 30.0
