@@ -31,7 +31,7 @@ from liverfat.dicom_io.outputs import WrittenFile
 from liverfat.dicom_io.read import read_series
 from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
-from liverfat.service.config import NodeConfig, analysis_config, eligibility_policy, output_settings
+from liverfat.service.config import ModelSection, NodeConfig
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.logs import configure_logging
 from liverfat.service.spool import Job, JobResult, JobState, OutputFile, Spool
@@ -47,14 +47,13 @@ STATES = {Outcome.PROCESSED: JobState.DONE, Outcome.REJECTED: JobState.REJECTED,
 class ModelLoader:
     """The configured model, loaded in the worker process (picklable, unlike a closure)."""
 
-    def __init__(self, name: str, device: str) -> None:
-        self.name = name
-        self.device = device
+    def __init__(self, model: ModelSection) -> None:
+        self.model = model
 
     def __call__(self) -> Backend:
         from liverfat.inference.models.registry import load_backend
 
-        return load_backend(self.name, device=self.device)
+        return load_backend(self.model.name, device=self.model.device, cache_dir=self.model.cache)
 
 
 def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event, wake: Event) -> None:
@@ -66,7 +65,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
     signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))  # finish the series in hand
     space = DiskSpace(config.spool.dir)
     spool = Spool(config.spool.dir, space=space)
-    loader = load_model or ModelLoader(config.model.name, config.model.device)
+    loader = load_model or ModelLoader(config.model)
     models = ModelCache(loader)
     try:
         backend = models.get()
@@ -169,8 +168,8 @@ def _analyze(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfig, 
     if not found.series:
         reasons = tuple(skipped.finding.to_json() for skipped in found.skipped)
         return JobResult(JobState.REJECTED, reasons=reasons, error="no readable CT instance in the series")
-    options = AnalysisOptions(out_dir=spool.results_dir / str(job.id), policy=eligibility_policy(config),
-                             config=analysis_config(config), site=output_settings(config),
+    options = AnalysisOptions(out_dir=spool.results_dir / str(job.id), policy=config.eligibility,
+                             config=config.analysis, site=config.site,
                              not_applicable_sr=config.worker.ineligible_result == "sr")  # fmt: skip
     report = analyze_dicom_series(found.series[0], options, models)
     result = report.result

@@ -11,7 +11,15 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from liverfat.analysis import ModelCache
-from liverfat.service.config import Destination, NodeConfig, NodeSection, OutputsSection, SendSection, WorkerSection
+from liverfat.service.config import (
+    Destination,
+    ModelSection,
+    NodeConfig,
+    NodeSection,
+    OutputsSection,
+    SendSection,
+    WorkerSection,
+)
 from liverfat.service.diskspace import DiskSpace
 from liverfat.service.spool import InstanceInfo, Job, JobState, Spool
 from liverfat.service.worker import ModelLoader, process_job
@@ -110,7 +118,8 @@ def _content_items(dataset: pydicom.Dataset) -> list[pydicom.Dataset]:
 def test_a_model_that_cannot_be_loaded_fails_the_series_with_the_reason(tmp_path: Path) -> None:
     config = with_destination(tmp_path)
     spool, job = spool_series(config, phantom_series(tmp_path / "ct"))
-    process_job(job, spool, config, ModelCache(ModelLoader(str(tmp_path / "no-such-model"), "cpu")))
+    loader = ModelLoader(ModelSection(name=str(tmp_path / "no-such-model"), device="cpu"))
+    process_job(job, spool, config, ModelCache(loader))
     failed = spool.job(job.id)
     assert failed.state is JobState.FAILED
     assert "no-such-model" in str(failed.last_error)
