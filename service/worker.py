@@ -119,7 +119,7 @@ def process_job(job: Job, spool: Spool, config: NodeConfig, models: ModelCache,
     if job.note:
         log.warning("series %s v%d: %s", job.series_uid, job.version, job.note, extra={"job": job.id})
     try:
-        result = _analyze(job, files, spool, config, models)
+        result = _run_series(job, files, spool, config, models)
         if space is not None:
             space.check()
             if space.is_full():
@@ -161,7 +161,7 @@ def _park_for_space(job: Job, spool: Spool, space: DiskSpace | None, error: Base
     return JobResult(JobState.COMPLETE, error=why)
 
 
-def _analyze(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfig, models: ModelCache) -> JobResult:
+def _run_series(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfig, models: ModelCache) -> JobResult:
     started = time.monotonic()
     found = read_series(job.series_uid, files)
     discover_s = time.monotonic() - started
