@@ -5,15 +5,24 @@ all take the same path: a temporary file in the same folder (or a given one on t
 fsync, rename over the target, fsync of the folder that holds the new name (and of the parent of every
 folder made for it). After return the file survives a crash or power loss, and a reader never sees half
 of it.
+
+Every file is created with mode ``FILE_MODE`` (0640) less the process's umask: received CT, results,
+research outputs and their tables hold patient data, so others get nothing, whatever umask a shell
+had (022 still gives 0640), while a stricter umask is honoured (077 gives 0600). The group may
+read: the PACS administrators' group on a node (the systemd unit's ``UMask=0027`` gives the
+folders and the index the same rule), a research team's group for ``liverfat analyze --out``.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+FILE_MODE = 0o640
+"""The mode every file is created with, less the umask: owner reads and writes, group reads, others nothing."""
 
 
 def durable_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> None:
@@ -22,7 +31,7 @@ def durable_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> Non
     ``tmp_dir`` (default: the target's folder) holds the temporary file; it must be on the same file system.
     """
     _make_folder(target.parent)
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir or target.parent, prefix=f".{target.name}.", suffix=".part")
+    fd, tmp_name = _create(tmp_dir or target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
         try:
             _write_all(fd, data)
@@ -45,11 +54,13 @@ def durable_path(target: Path) -> Iterator[Path]:
     ``target`` is left as it was.
     """
     _make_folder(target.parent)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=".", suffix=f".{target.name}")
+    fd, tmp_name = _create(target.parent, prefix=".", suffix=f".{target.name}")
+    mode = os.fstat(fd).st_mode & 0o777
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, mode)  # a writer that replaced the file rather than writing into it made it 0666 less umask
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -60,6 +71,21 @@ def durable_path(target: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(target.parent)
+
+
+def _create(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file of a random name in ``folder``, opened for writing, mode ``FILE_MODE`` less the umask.
+
+    Like ``tempfile.mkstemp`` (which always makes 0600), but the kernel applies the umask to our
+    mode at creation: no window in which the file has another mode, and no umask read (not thread-safe).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        name = os.path.join(folder, f"{prefix}{secrets.token_hex(8)}{suffix}")
+        try:
+            return os.open(name, flags, FILE_MODE), name
+        except FileExistsError:
+            continue
 
 
 def _make_folder(folder: Path) -> None:

@@ -1,7 +1,10 @@
-"""Durable writes: the target appears whole or not at all, and no temporary file is left behind."""
+"""Durable writes: whole or not at all, no temporary file left behind, and not readable by others."""
 
 from __future__ import annotations
 
+import os
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,36 @@ def test_durable_path_leaves_the_old_target_when_the_writer_fails(tmp_path: Path
         raise RuntimeError("writer failed")
     assert target.read_bytes() == b"old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+@pytest.fixture
+def umask() -> Iterator[Callable[[int], int]]:
+    """Set the process's umask for one test; the old one comes back after it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize(("mask", "expected"), [(0o022, 0o640), (0o027, 0o640), (0o077, 0o600), (0o000, 0o640)])
+def test_files_are_not_readable_by_others_whatever_the_umask_and_a_stricter_umask_is_honoured(
+    tmp_path: Path, umask: Callable[[int], int], mask: int, expected: int
+) -> None:
+    umask(mask)
+    written = tmp_path / "spool" / "instances" / "1.dcm"
+    durable_write(written, b"DICM")
+    named = tmp_path / "out" / "liver_mask.nii.gz"
+    with durable_path(named) as tmp:
+        tmp.write_bytes(b"mask")
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (written, named)] == [expected, expected]
+
+
+def test_durable_path_keeps_the_mode_when_the_writer_replaces_the_file(
+    tmp_path: Path, umask: Callable[[int], int]
+) -> None:
+    umask(0o022)
+    target = tmp_path / "preview.png"
+    with durable_path(target) as tmp:
+        tmp.unlink()  # as a writer that writes elsewhere and renames: its file is 0666 less the umask, 0644
+        tmp.write_bytes(b"png")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
