@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Debian packages the tests talk to: a real Orthanc PACS (with DICOMweb for the viewer), dcmtk's
-# network tools, dicom3tools' dciodvfy validator, and Chromium + Node.js for the OHIF viewer test.
+# network tools, dicom3tools' dciodvfy validator, Chromium + Node.js for the OHIF viewer test, and
+# systemd-analyze (package systemd) for the unit's checks.
 # Needs root (apt-get).
 set -euo pipefail
-packages=(orthanc orthanc-dicomweb dcmtk dicom3tools curl iproute2 chromium)
+packages=(orthanc orthanc-dicomweb dcmtk dicom3tools curl iproute2 chromium systemd)
 # Node.js may come from elsewhere (it ships npm itself); take Debian's only when there is none.
 command -v node >/dev/null || packages+=(nodejs)
 command -v npm >/dev/null || packages+=(npm)

