@@ -200,7 +200,7 @@ def against_reference(case: ValidationCase, result: AnalysisResult, options: Ana
     assert case.reference is not None
     forced = result.working_masks is None  # rejected before measuring: measure anyway (``--force``) to compare
     if forced:
-        (report,) = run_product(case, replace(options, force=True), models)
+        (report,) = run_product(case, replace(options, ignore_eligibility=True), models)
         result = report.result
         if result.working_masks is None:
             return {"forced": True}

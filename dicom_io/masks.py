@@ -31,6 +31,14 @@ LIVER_CODES = frozenset({(codes.SCT.Liver.scheme_designator, codes.SCT.Liver.val
 LIVER_LABEL = "liver"
 FRACTION_THRESHOLD = 0.5  # a FRACTIONAL segment's voxel counts as liver from this occupancy
 COVERAGE_WARNING = 0.95  # log when less of the mask's physical volume than this lands on the grid
+# A mask made for this CT lies inside it and on soft tissue. Below MIN_COVERAGE of its volume inside
+# the CT, or above MAX_OFF_TISSUE of its voxels on air, lung or bone, it was made for another CT or
+# saved with another geometry: measuring under it would report "ROIs on vessels" or "contrast".
+MIN_COVERAGE = 0.8
+TISSUE_HU = (-200.0, 400.0)  # fatty to enhanced liver with noise; air, lung and cortical bone lie outside
+MAX_OFF_TISSUE = 0.2
+MISMATCH = "mask does not match the CT"
+LABEL_OPTION = "--mask-label N"
 
 
 def read_mask_file(path: Path, reference: Volume, *, label: int | None = None) -> Volume:
@@ -68,7 +76,7 @@ def _nifti_mask(path: Path, label: int | None) -> Volume:
         raise LiverfatError(
             Reason.MASK_MISMATCH,
             f"{path}: observed {len(labels)} labels {labels[:10].tolist()}; expected a binary mask, "
-            "or name the liver label",
+            f"or name the liver label with {LABEL_OPTION}",
         )
     return volume.with_array(values != 0)
 
@@ -111,7 +119,8 @@ def _liver_segment(seg: hd.seg.Segmentation, label: int | None, path: Path) -> i
     described = ", ".join(f"{item.SegmentNumber} '{item.SegmentLabel}'" for item in seg.SegmentSequence)
     raise LiverfatError(
         Reason.MASK_MISMATCH,
-        f"{path}: observed segments {described}; expected one coded or labelled liver, or a single segment",
+        f"{path}: observed segments {described}; expected one coded or labelled liver, or a single segment, "
+        f"or name the liver segment with {LABEL_OPTION}",
     )
 
 
@@ -124,10 +133,11 @@ def _is_liver(item: Dataset) -> bool:
 
 
 def place_on_grid(mask: Volume, reference: Volume, path: Path) -> Volume:
-    """Nearest-neighbour resampling of a bool ``mask`` onto ``reference`` through LPS coordinates.
+    """Nearest-neighbour resampling of a bool ``mask`` onto ``reference`` (a CT in HU) through LPS coordinates.
 
-    ``path`` names the mask's source in messages. Raises ``MASK_MISMATCH`` when the mask is
-    empty or lies wholly outside the reference.
+    ``path`` names the mask's source in messages. Raises ``MASK_MISMATCH`` ("mask does not match
+    the CT") when the mask is empty, lies wholly or mostly outside the reference, or lies largely
+    on air, lung or bone there: a mask of another CT, or one saved with another geometry.
     """
     if not mask.array.any():
         raise LiverfatError(Reason.MASK_MISMATCH, f"{path}: the mask is empty")
@@ -138,11 +148,27 @@ def place_on_grid(mask: Volume, reference: Volume, path: Path) -> Volume:
     if not placed.any():
         raise LiverfatError(
             Reason.MASK_MISMATCH,
-            f"{path}: the mask ({_extent(mask)} mm LPS) does not overlap the CT ({_extent(reference)} mm LPS)",
+            f"{path}: {MISMATCH}: the mask ({_extent(mask)} mm LPS) does not overlap the CT "
+            f"({_extent(reference)} mm LPS)",
         )
     coverage = placed.sum() * _voxel_volume(reference) / (mask.array.sum() * _voxel_volume(mask))
+    if coverage < MIN_COVERAGE:
+        raise LiverfatError(
+            Reason.MASK_MISMATCH,
+            f"{path}: {MISMATCH}: {100 * coverage:.0f}% of the mask's volume lies inside the CT, expected at least "
+            f"{100 * MIN_COVERAGE:.0f}% (mask {_extent(mask)} mm LPS, CT {_extent(reference)} mm LPS)",
+        )
     if coverage < COVERAGE_WARNING:
         log.warning("%s: only %.0f%% of the mask's volume lies inside the CT", path, 100 * coverage)
+    hu = reference.array[placed]
+    off_tissue = float(np.mean((hu < TISSUE_HU[0]) | (hu > TISSUE_HU[1])))
+    if off_tissue > MAX_OFF_TISSUE:
+        raise LiverfatError(
+            Reason.MASK_MISMATCH,
+            f"{path}: {MISMATCH}: {100 * off_tissue:.0f}% of its voxels lie on air, lung or bone (outside "
+            f"{TISSUE_HU[0]:g} to {TISSUE_HU[1]:g} HU), expected at most {100 * MAX_OFF_TISSUE:.0f}%: a mask of "
+            "another CT, or saved with another geometry?",
+        )
     return reference.with_array(placed)
 
 

@@ -40,6 +40,7 @@ from pydicom.uid import (
 )
 
 from liverfat.dicom_io.conformance import check_frame, check_header, check_volume_size, complete_character_set
+from liverfat.dicom_io.filekinds import file_kind
 from liverfat.dicom_io.masks import place_on_grid, read_mask_file
 from liverfat.dicom_io.nifti import is_nifti, read_nifti
 from liverfat.dicom_io.series import CTSeries, SeriesFiles, SkippedFile
@@ -214,10 +215,12 @@ def _input_files(inputs: Sequence[Path], skipped: list[SkippedFile]) -> list[Pat
     for given in map(Path, inputs):
         if given.is_dir():
             found = sorted(path for path in given.rglob("*") if path.is_file())
+            if not found:
+                skipped.append(SkippedFile(given, Finding(Reason.EMPTY_FOLDER, f"{given}: empty folder")))
         elif given.is_file():
             found = [given]
         else:
-            skipped.append(SkippedFile(given, Finding(Reason.NOT_READABLE, f"{given}: no such file or folder")))
+            skipped.append(SkippedFile(given, Finding(Reason.NOT_FOUND, f"{given}: no such file or folder")))
             continue
         for path in found:
             files.setdefault(path.resolve(), path)
@@ -257,7 +260,9 @@ def _read_header(path: Path) -> Dataset | Finding:
     try:
         header = _dcmread_header(path)
     except InvalidDicomError:
-        return Finding(Reason.NOT_DICOM, f"{path}: not a DICOM file (no 'DICM' prefix after the 128-byte preamble)")
+        kind = file_kind(path)
+        return Finding(Reason.NOT_DICOM, f"{path}: not a DICOM file but {kind}" if kind else
+                       f"{path}: not a DICOM file (no 'DICM' prefix after the 128-byte preamble)")  # fmt: skip
     except Exception as exc:  # pydicom raises many exception types on corrupt input
         return Finding(Reason.NOT_READABLE, f"{path}: DICOM header cannot be parsed ({type(exc).__name__}: {exc})")
     if header is None:

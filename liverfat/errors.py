@@ -25,6 +25,8 @@ class Reason(StrEnum):
     GANTRY_TILT = "gantry_tilt"
     TOO_FEW_SLICES = "too_few_slices"
     NOT_READABLE = "not_readable"
+    NOT_FOUND = "not_found"  # an input path that does not exist
+    EMPTY_FOLDER = "empty_folder"  # an input folder that holds no files
     VOLUME_TOO_LARGE = "volume_too_large"  # more voxels than the reader will allocate
     INVALID_ATTRIBUTE = "invalid_attribute"  # present but unusable: NaN, an unknown VR or character set, a size out of range
     # eligibility (header only)

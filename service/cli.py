@@ -6,21 +6,23 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from liverfat import __version__
-from liverfat.analysis import AnalysisOptions, Outcome, SeriesReport
-from liverfat.dicom_io.read import discover
-from liverfat.errors import LiverfatError
+from liverfat.analysis import AnalysisOptions, Outcome
+from liverfat.dicom_io.series import SkippedFile
+from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.backend import Backend
 from liverfat.inference.models.devices import DEVICE_CHOICES, device_problem
 from liverfat.inference.roi import RoiMode
 from liverfat.service.config import load_config
+from liverfat.service.config_cli import add_config_commands
 from liverfat.service.models_cli import add_models_commands
 from liverfat.service.node_cli import add_node_commands
-from liverfat.service.research import analyze_inputs, check_inputs
+from liverfat.service.progress import ConsoleProgress
+from liverfat.service.research import RESULTS_CSV, SKIPPED_JSON, ResearchRun, RunResult, analyze_inputs, check_inputs
 
 log = logging.getLogger("liverfat")
 
@@ -47,20 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    check = commands.add_parser("check", help="header-only eligibility, one JSON object per series per line")
+    check = commands.add_parser("check", help="header-only eligibility, one JSON object per series per line "
+                                "(exit 1 when an input is missing or holds no CT)")  # fmt: skip
     check.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM files or folders (recursive)")
     check.set_defaults(command=cmd_check)
 
-    analyze = commands.add_parser("analyze", help="measure liver attenuation and grade steatosis")
+    analyze = commands.add_parser(
+        "analyze", help="measure liver attenuation and grade steatosis",
+        description="Writes <out>/results.csv (one row per case, kept and extended by later runs into the same "
+        "--out), <out>/<case>/result.json, preview.png and DICOM SEG/SR/key image. A re-run skips cases whose "
+        "result is current (same input files, software version and settings) unless --force. Exit status: 0 "
+        "when every case was processed or cleanly rejected, 1 when a case failed, a mask was rejected, an input "
+        "is missing or no CT was found, 2 on a configuration error.",
+    )  # fmt: skip
     analyze.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="DICOM files/folders or NIfTI files")
     analyze.add_argument("--out", type=Path, required=True, help="output folder")
-    analyze.add_argument("--mask", type=Path, help="your own liver mask (NIfTI or DICOM SEG) instead of a model")
+    analyze.add_argument("--mask", type=Path, help="your own liver mask (NIfTI, DICOM SEG, or a folder holding a "
+                         "DICOM mask series) instead of a model")  # fmt: skip
+    analyze.add_argument("--mask-label", type=positive_int, metavar="N", help="the liver's label in a multi-label "
+                         "--mask: a NIfTI label value or a SEG segment number")  # fmt: skip
     analyze.add_argument("--model", help="'default', an nnU-Net v2 model folder, or a model name "
                          "(default: [model] name)")  # fmt: skip
     analyze.add_argument("--device", type=device_arg, help=f"{', '.join(DEVICE_CHOICES)} or cuda:N "
                          "(default: [model] device)")  # fmt: skip
-    analyze.add_argument("--force", action="store_true", help="process header-ineligible series anyway")
+    analyze.add_argument("--force", action="store_true", help="analyse every case again, even those whose "
+                         "result in --out is current")  # fmt: skip
+    analyze.add_argument("--ignore-eligibility", action="store_true", help="measure header-ineligible series "
+                         "anyway (reported with their reasons, never graded)")  # fmt: skip
     analyze.add_argument("--save-mask", action="store_true", help="write liver_mask.nii.gz on the source grid")
+    analyze.add_argument("--save-ct", action="store_true", help="write the DICOM series as ct.nii.gz (dicom2nifti; "
+                         "a NIfTI input is its own CT file)")  # fmt: skip
+    analyze.add_argument("--no-identifiers", action="store_true", help="leave PatientID, AccessionNumber and "
+                         "StudyDate out of results.csv")  # fmt: skip
     analyze.add_argument("--no-dicom", action="store_true", help="write no SEG/SR/key image")
     analyze.add_argument("--roi-mode", choices=[m.value for m in RoiMode], help="default: [analysis] roi_mode")
     analyze.add_argument("--threshold-hu", type=float, help="DL-parenchymal below this (strictly) is "
@@ -69,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_commands(commands)
     add_node_commands(commands)
+    add_config_commands(commands)
     return parser
 
 
@@ -80,10 +101,26 @@ def device_arg(value: str) -> str:
     return value
 
 
+def positive_int(value: str) -> int:
+    """``--mask-label``: a label value or segment number, 1 or more."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected 1 or more (0 is background), got {number}")
+    return number
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 1 when an input path is missing or no CT (DICOM series or NIfTI) was found at all."""
+    found_ct = False
+    missing = False
     for decision in check_inputs(args.inputs, load_config().eligibility):
         print(json.dumps(decision), flush=True)
-    return 0
+        found_ct = found_ct or decision["series_uid"] is not None or decision["eligible"] is None  # a series, a NIfTI
+        missing = missing or any(reason["code"] == Reason.NOT_FOUND.value for reason in decision["reasons"])
+    return 1 if missing or not found_ct else 0
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -94,52 +131,49 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         analysis = replace(analysis, roi_mode=RoiMode(args.roi_mode))
     if args.threshold_hu is not None:
         analysis = replace(analysis, grading=replace(analysis.grading, threshold_hu=args.threshold_hu))
-    options = AnalysisOptions(out_dir=args.out, mask=args.mask, force=args.force, save_mask=args.save_mask,
-                             write_dicom=not args.no_dicom, policy=node.eligibility, config=analysis)  # fmt: skip
+    options = AnalysisOptions(out_dir=args.out, mask=args.mask, mask_label=args.mask_label,
+                              ignore_eligibility=args.ignore_eligibility, save_mask=args.save_mask,
+                              save_ct=args.save_ct, write_preview=True, write_dicom=not args.no_dicom,
+                              policy=node.eligibility, config=analysis)  # fmt: skip
+    model = args.model or node.model.name
+    run = ResearchRun(options, model=model, redo=args.force, identifiers=not args.no_identifiers)
 
     def load_model() -> Backend:
         from liverfat.inference.models.registry import load_backend
 
-        return load_backend(args.model or node.model.name, device=args.device or node.model.device,
-                            cache_dir=node.model.cache)  # fmt: skip
+        return load_backend(model, device=args.device or node.model.device, cache_dir=node.model.cache)
 
-    progress = _progress_bar()
-    reports = analyze_inputs(args.inputs, options, load_model, on_series_done=progress)
-    for report in reports:
-        print(_summary_line(report))
-    failed = [r for r in reports if r.outcome is Outcome.FAILED]
-    if not reports:
-        print("liverfat: no CT series found in the inputs" + _skipped_reasons(args.inputs), file=sys.stderr)
-        return 1
+    result = analyze_inputs(args.inputs, run, load_model, ConsoleProgress())
+    return _analyze_exit_status(result, args.out)
+
+
+def _analyze_exit_status(result: RunResult, out: Path) -> int:
+    """Report skipped inputs and problems on stderr; 1 when any needs the user, else 0."""
+    _print_skipped(result.skipped, out)
+    problems = []
+    if not result.cases:
+        problems.append("no CT series found in the inputs (no DICOM CT series, no NIfTI file)")
+    if any(s.finding.code is Reason.NOT_FOUND for s in result.skipped):
+        problems.append("an input does not exist")
+    failed = [c for c in result.cases if c.status == Outcome.FAILED.value]
     if failed:
-        print(f"liverfat: {len(failed)} of {len(reports)} series failed; see result.json in {args.out}", file=sys.stderr)
-        return 1
-    return 0
+        problems.append(f"{len(failed)} of {len(result.cases)} series failed; see result.json in {out}")
+    mismatched = [c for c in result.cases if Reason.MASK_MISMATCH.value in c.reason_codes]
+    if mismatched:
+        problems.append(f"the mask was rejected for {len(mismatched)} of {len(result.cases)} series (mask_mismatch)")
+    for problem in problems:
+        print(f"liverfat: {problem}", file=sys.stderr)
+    if result.cases:
+        print(f"liverfat: {len(result.cases)} series; results in {out / RESULTS_CSV}", file=sys.stderr)
+    return 1 if problems else 0
 
 
-def _skipped_reasons(inputs: Sequence[Path], limit: int = 5) -> str:
-    """Why the input files were skipped (a DICOM SEG, a non-DICOM file, ...), one line each."""
-    skipped = discover(inputs).skipped  # headers only, and only on this failure path
-    lines = [f"\n  {s.finding.message} [{s.finding.code.value}]" for s in skipped[:limit]]
-    more = [f"\n  ... and {len(skipped) - limit} more"] if len(skipped) > limit else []
-    return "".join(lines + more)
-
-
-def _summary_line(report: SeriesReport) -> str:
-    result = report.result
-    value = f" {result.value_text()}" if result.value_text() else ""
-    why = "; ".join(f.message for f in result.reasons) if report.outcome is not Outcome.PROCESSED else ""
-    return f"{result.series_uid}: {report.outcome.value}, {result.grade.value}{value}" + (f" ({why})" if why else "")
-
-
-def _progress_bar() -> Callable[[SeriesReport], None] | None:
-    """A tqdm bar advanced once per series, on a terminal only."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    bar = tqdm(unit="series", desc="analyze")
-    return lambda _report: bar.update(1)
+def _print_skipped(skipped: Sequence[SkippedFile], out: Path, limit: int = 10) -> None:
+    """Why each input file or folder that is no CT was skipped, one line each (``skipped.json`` has all)."""
+    for item in skipped[:limit]:
+        print(f"liverfat: skipped {item.finding.message} [{item.finding.code.value}]", file=sys.stderr)
+    if len(skipped) > limit:
+        print(f"liverfat: ... and {len(skipped) - limit} more skipped; see {out / SKIPPED_JSON}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,41 @@
 """``liverfat analyze`` and ``liverfat check`` over files and folders: discovery, ``results.csv``, ``skipped.json``.
 
 Each series found goes through :mod:`liverfat.analysis`, the same code the node's worker runs.
+
+``results.csv`` has one row per case (DICOM series or NIfTI file), keyed by its output folder
+(``analysis.case_folder``). A run into an ``--out`` that already holds one keeps its rows and
+skips every case whose row is current: same input files (paths, sizes, modification times),
+same software version, same settings (model asked for, mask, analysis and eligibility settings,
+outputs asked for), and a result (processed or rejected, not failed). ``redo`` analyses them all again.
+The file is rewritten durably after each case, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from pydicom.dataset import Dataset
+
+from liverfat import __version__
 from liverfat.analysis import (
     AnalysisOptions,
     BackendLoader,
     ModelCache,
+    Outcome,
     SeriesReport,
     analyze_dicom_series,
     analyze_nifti,
+    case_folder,
     no_headers_finding,
     write_json_atomically,
 )
@@ -29,11 +46,81 @@ from liverfat.files import durable_write
 
 log = logging.getLogger(__name__)
 
+RESULTS_CSV = "results.csv"
+SKIPPED_JSON = "skipped.json"
+IDENTIFIER_COLUMNS = ("patient_id", "accession_number", "study_date")
 CSV_COLUMNS = (
-    "series_uid", "study_uid", "status", "eligible", "grade", "borderline", "graded_hu", "parenchymal_hu",
-    "volumetric_hu", "axial_hu", "liver_volume_ml", "threshold_hu", "borderline_margin_hu", "model", "reasons",
-    "warnings",
+    "folder", "source", "series_uid", "study_uid", *IDENTIFIER_COLUMNS, "series_description", "slice_thickness_mm",
+    "status", "eligible", "grade", "borderline", "graded_hu", "parenchymal_hu", "volumetric_hu", "axial_hu",
+    "liver_volume_ml", "threshold_hu", "borderline_margin_hu", "model", "model_version", "reasons", "warnings",
+    "software_version", "analysed_at", "input_fingerprint", "settings_fingerprint",
 )  # fmt: skip
+_HEADER_COLUMNS = {"patient_id": "PatientID", "accession_number": "AccessionNumber", "study_date": "StudyDate",
+                   "series_description": "SeriesDescription", "slice_thickness_mm": "SliceThickness"}  # fmt: skip
+_CURRENT_STATUSES = frozenset({Outcome.PROCESSED.value, Outcome.REJECTED.value})
+
+
+@dataclass(frozen=True)
+class ResearchRun:
+    """One ``analyze`` run: the analysis options plus what decides resuming and the CSV's columns."""
+
+    options: AnalysisOptions
+    model: str = "default"  # the model asked for (a name or folder); ignored with ``options.mask``
+    redo: bool = False  # analyse every case again, current or not (``--force``)
+    identifiers: bool = True  # PatientID, AccessionNumber and StudyDate in results.csv
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input to analyse: a DICOM series or a NIfTI file, with its output folder and CSV row facts."""
+
+    item: SeriesFiles | Path
+    folder: str
+    source: str  # the folder holding the series' files, or the NIfTI file
+    fingerprint: str
+    header_facts: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """A case's row in results.csv after this run; ``report`` is None when the row was current and kept."""
+
+    case: Case
+    row: Mapping[str, str]
+    report: SeriesReport | None
+
+    @property
+    def status(self) -> str:
+        return self.row.get("status", "")
+
+    @property
+    def reason_codes(self) -> list[str]:
+        return [code for code in self.row.get("reasons", "").split("; ") if code]
+
+
+class RunListener(Protocol):
+    """What a run tells its watcher (the CLI's progress display)."""
+
+    def run_started(self, total: int) -> None: ...
+
+    def case_started(self, index: int, case: Case) -> None: ...
+
+    def stage(self, name: str) -> None: ...
+
+    def case_done(self, index: int, outcome: CaseOutcome) -> None: ...
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Every case of the run in order, and the input files that were no CT (with their reasons)."""
+
+    cases: tuple[CaseOutcome, ...]
+    skipped: tuple[SkippedFile, ...]
+
+    @property
+    def reports(self) -> list[SeriesReport]:
+        """The reports of the cases analysed in this run (not those kept as current)."""
+        return [case.report for case in self.cases if case.report is not None]
 
 
 def check_inputs(inputs: Sequence[Path], policy: EligibilityPolicy) -> Iterator[dict[str, Any]]:
@@ -55,46 +142,150 @@ def check_inputs(inputs: Sequence[Path], policy: EligibilityPolicy) -> Iterator[
         yield _skipped_json(skipped)
 
 
-def analyze_inputs(inputs: Sequence[Path], options: AnalysisOptions, load_model: BackendLoader,
-                on_series_done: Callable[[SeriesReport], None] | None = None) -> list[SeriesReport]:  # fmt: skip
-    """Analyse every series found in ``inputs``; write per-series results and ``results.csv``.
+def analyze_inputs(inputs: Sequence[Path], run: ResearchRun, load_model: BackendLoader,
+                   listener: RunListener | None = None) -> RunResult:  # fmt: skip
+    """Analyse every case found in ``inputs`` that has no current row; write results, ``results.csv``, ``skipped.json``.
 
-    ``load_model`` is called at most once, on the first series that needs a model, so a run
-    that only rejects series (or uses ``--mask``) never loads one.
+    ``load_model`` is called at most once, on the first case that needs a model, so a run
+    that only rejects series, resumes, or uses a mask never loads one.
     """
+    options = run.options
     found = discover(inputs)
     for skipped in found.skipped:
         log.info("skipped %s: %s", skipped.path, skipped.finding.message)
+    cases = [*(_dicom_case(series) for series in found.series), *(_nifti_case(path) for path in found.nifti)]
+    csv_path = options.out_dir / RESULTS_CSV
+    rows = read_results_csv(csv_path)
+    settings = settings_fingerprint(run)
     models = ModelCache(load_model)
-    reports: list[SeriesReport] = []
-    items: tuple[SeriesFiles | Path, ...] = (*found.series, *found.nifti)
-    for item in items:
-        if isinstance(item, SeriesFiles):
-            report = analyze_dicom_series(item, options, models)
+    if listener is not None:
+        listener.run_started(len(cases))
+    outcomes = []
+    for index, case in enumerate(cases, start=1):
+        if listener is not None:
+            listener.case_started(index, case)
+        previous = rows.get(case.folder)
+        if previous is not None and not run.redo and _is_current(previous, case, settings, options.out_dir):
+            outcome = CaseOutcome(case, previous, None)
         else:
-            report = analyze_nifti(item, options, models)
-        reports.append(report)
-        if on_series_done is not None:
-            on_series_done(report)
-    write_results_csv(options.out_dir / "results.csv", reports)
+            on_stage = listener.stage if listener is not None else _ignore
+            if isinstance(case.item, SeriesFiles):
+                report = analyze_dicom_series(case.item, options, models, on_stage)
+            else:
+                report = analyze_nifti(case.item, options, models, on_stage)
+            outcome = CaseOutcome(case, csv_row(case, report, settings), report)
+            rows[case.folder] = dict(outcome.row)
+            write_results_csv(csv_path, rows.values(), identifiers=run.identifiers)
+        outcomes.append(outcome)
+        if listener is not None:
+            listener.case_done(index, outcome)
+    if rows:  # once more at the end: a run that only resumed still applies its choice of identifier columns
+        write_results_csv(csv_path, rows.values(), identifiers=run.identifiers)
     if found.skipped:
-        write_json_atomically(options.out_dir / "skipped.json", [_skipped_json(s) for s in found.skipped])
-    return reports
+        write_json_atomically(options.out_dir / SKIPPED_JSON, [_skipped_json(s) for s in found.skipped])
+    return RunResult(tuple(outcomes), found.skipped)
 
 
-def write_results_csv(path: Path, reports: Sequence[SeriesReport]) -> None:
+def _ignore(_stage: str) -> None:
+    """No listener: stages go unreported."""
+
+
+def _dicom_case(series: SeriesFiles) -> Case:
+    header = series.headers[0]
+    facts = {column: _header_text(header, keyword) for column, keyword in _HEADER_COLUMNS.items()}
+    source = os.path.commonpath([str(path.parent) for path in series.files])
+    return Case(series, case_folder(series), source, input_fingerprint(series.files), facts)
+
+
+def _nifti_case(path: Path) -> Case:
+    return Case(path, case_folder(path), str(path), input_fingerprint([path]), {})
+
+
+def _header_text(header: Dataset, keyword: str) -> str:
+    value = header.get(keyword, "")
+    return "" if value is None else str(value).strip()
+
+
+def input_fingerprint(paths: Sequence[Path]) -> str:
+    """A digest of the files' resolved paths, sizes and modification times: changes when any file does."""
+    digest = hashlib.sha256()
+    for path in sorted(p.resolve() for p in paths):
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def settings_fingerprint(run: ResearchRun) -> str:
+    """A digest of everything besides the input and the software version that decides a case's outputs."""
+    options = run.options
+    mask = None
+    if options.mask is not None:
+        files = sorted(options.mask.rglob("*")) if options.mask.is_dir() else [options.mask]
+        mask = input_fingerprint([f for f in files if f.is_file()])
+    settings = {
+        "model": None if options.mask is not None else run.model,
+        "mask": mask,
+        "mask_label": options.mask_label,
+        "ignore_eligibility": options.ignore_eligibility,
+        "analysis": repr(options.config),
+        "eligibility": repr(options.policy),
+        "outputs": [options.write_dicom, options.save_mask, options.save_ct, options.write_preview],
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _is_current(row: Mapping[str, str], case: Case, settings: str, out_dir: Path) -> bool:
+    return (
+        row.get("status") in _CURRENT_STATUSES
+        and row.get("input_fingerprint") == case.fingerprint
+        and row.get("settings_fingerprint") == settings
+        and row.get("software_version") == __version__
+        and (out_dir / case.folder / "result.json").is_file()
+    )
+
+
+def csv_row(case: Case, report: SeriesReport, settings: str) -> dict[str, str]:
+    """The results.csv row of one analysed case (every value as text)."""
+    result = report.result
+    data = result.to_json()
+    measured = {key: data[key] for key in CSV_COLUMNS if key in data and key not in ("reasons", "warnings")}
+    row = {
+        **{key: "" if value is None else str(value) for key, value in measured.items()},
+        **case.header_facts,
+        "folder": case.folder,
+        "source": case.source,
+        "status": report.outcome.value,
+        "model": result.model.name,
+        "model_version": result.model.version,
+        "reasons": "; ".join(r.code.value for r in result.reasons),
+        "warnings": "; ".join(w.code.value for w in result.warnings),
+        "analysed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "input_fingerprint": case.fingerprint,
+        "settings_fingerprint": settings,
+    }
+    return row
+
+
+def read_results_csv(path: Path) -> dict[str, dict[str, str]]:
+    """The rows of an earlier run's results.csv by folder (empty when there is none).
+
+    Rows of an older liverfat without a ``folder`` column are kept under their series UID
+    and are never current, so their cases are analysed again.
+    """
+    if not path.is_file():
+        return {}
+    with path.open(newline="") as file:
+        rows = list(csv.DictReader(file))
+    return {row.get("folder") or row.get("series_uid", ""): row for row in rows}
+
+
+def write_results_csv(path: Path, rows: Iterable[Mapping[str, str]], *, identifiers: bool = True) -> None:
+    """Write ``rows`` to ``path`` durably; without ``identifiers`` the identifier columns are left out."""
+    columns = [c for c in CSV_COLUMNS if identifiers or c not in IDENTIFIER_COLUMNS]
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(text, fieldnames=columns, extrasaction="ignore", restval="")
     writer.writeheader()
-    for report in reports:
-        data = report.result.to_json()
-        writer.writerow({
-            **{key: data[key] for key in CSV_COLUMNS if key in data},
-            "status": report.outcome.value,
-            "model": report.result.model.name,
-            "reasons": "; ".join(r["code"] for r in data["reasons"]),
-            "warnings": "; ".join(w["code"] for w in data["warnings"]),
-        })  # fmt: skip
+    writer.writerows(rows)
     durable_write(path, text.getvalue().encode())
 
 

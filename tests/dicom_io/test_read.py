@@ -117,7 +117,7 @@ def test_discover_skips_files_that_are_not_dicom_with_reasons(tmp_path: Path) ->
         "empty.dcm": Reason.NOT_DICOM,
         "truncated_pixels.dcm": Reason.NOT_READABLE,
         "truncated_header.dcm": Reason.NOT_READABLE,
-        "missing": Reason.NOT_READABLE,
+        "missing": Reason.NOT_FOUND,
     }
     assert "truncated" in {s.path.name: s for s in found.skipped}["truncated_pixels.dcm"].finding.message
     assert found.nifti == (tmp_path / "ct.nii.gz",)
@@ -171,7 +171,7 @@ def test_read_series_gives_the_known_series_as_discover_does_and_skips_the_rest_
     assert all("PixelData" not in header for header in series.headers)
     reasons = {s.path: s.finding.code for s in found.skipped}
     assert reasons == {other[0]: Reason.INVALID_ATTRIBUTE, tmp_path / "broken.dcm": Reason.NOT_DICOM,
-                       tmp_path / "gone.dcm": Reason.NOT_READABLE}  # fmt: skip
+                       tmp_path / "gone.dcm": Reason.NOT_FOUND}  # fmt: skip
     assert "'1.2.3.2'; expected '1.2.3.1'" in {s.path: s for s in found.skipped}[other[0]].finding.message
 
 

@@ -19,7 +19,7 @@ from liverfat.errors import Reason
 from liverfat.inference.backend import Backend
 from liverfat.inference.image_checks import MIN_LUNG_VOLUME_ML, not_ct_finding, region_evidence, region_finding
 from liverfat.service.cli import main
-from liverfat.service.research import analyze_inputs
+from liverfat.service.research import ResearchRun, analyze_inputs
 from liverfat.service.spool import JobState
 from liverfat.service.worker import process_job
 from tests.chest_phantom import CHEST_GRID, ChestPhantom
@@ -39,8 +39,8 @@ def no_model() -> Backend:
 
 
 def analyze(inputs: list[Path], out: Path, *, force: bool = False, mask: Path | None = None) -> list[SeriesReport]:
-    options = AnalysisOptions(out_dir=out, force=force, mask=mask, write_dicom=False)
-    return analyze_inputs(inputs, options, no_model)
+    options = AnalysisOptions(out_dir=out, ignore_eligibility=force, mask=mask, write_dicom=False)
+    return analyze_inputs(inputs, ResearchRun(options), no_model).reports
 
 
 def codes(report: SeriesReport) -> list[str]:
@@ -235,7 +235,7 @@ def test_series_without_study_uid_is_rejected_with_its_reason_and_no_not_applica
         dataset.save_as(path)
     options = AnalysisOptions(out_dir=tmp_path / "out", not_applicable_sr=True)
 
-    (report,) = analyze_inputs([tmp_path / "in"], options, no_model)
+    (report,) = analyze_inputs([tmp_path / "in"], ResearchRun(options), no_model).reports
 
     assert report.outcome is Outcome.REJECTED and codes(report) == ["missing_attribute"]
     assert "Study Instance UID" in report.result.reasons[0].message

@@ -6,10 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
+from PIL import Image
 
 from liverfat.service.cli import build_parser, main
+from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, SeriesHeader, render_volume, write_series
 
 GRID = Grid(rows=128, columns=128, pixel_spacing_mm=2.8)
@@ -76,10 +79,12 @@ def test_analyze_grades_both_sides_of_the_threshold_and_rejects_contrast(inputs:
     assert json.loads((out / "skipped.json").read_text())[0]["reasons"][0]["code"] == "not_dicom"
 
 
-def test_analyze_force_processes_an_ineligible_series_and_keeps_its_reasons(inputs: dict[str, Path], tmp_path: Path) -> None:
+def test_analyze_ignore_eligibility_processes_an_ineligible_series_and_keeps_its_reasons(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out"
-    args = ["analyze", str(inputs["contrast"]), "--out", str(out), "--mask", str(inputs["mask"]), "--force",
-            "--no-dicom", "--save-mask"]  # fmt: skip
+    args = ["analyze", str(inputs["contrast"]), "--out", str(out), "--mask", str(inputs["mask"]),
+            "--ignore-eligibility", "--no-dicom", "--save-mask"]  # fmt: skip
     assert main(args) == 0
     result = json.loads((out / "1.2.3.3" / "result.json").read_text())
     assert result["status"] == "processed" and result["eligible"] is False
@@ -87,12 +92,61 @@ def test_analyze_force_processes_an_ineligible_series_and_keeps_its_reasons(inpu
     assert (out / "1.2.3.3" / "liver_mask.nii.gz").is_file()
 
 
-def test_analyze_exits_non_zero_with_a_readable_message_when_no_series_is_found(
+def test_analyze_prints_the_specific_reason_of_each_bad_input_and_exits_non_zero(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (tmp_path / "empty").mkdir()
-    assert main(["analyze", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 1
-    assert "no CT series" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("patient list\n")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "photo.png")
+    bad = {"missing": "missing: no such file or folder [not_found]", "empty": "empty: empty folder [empty_folder]",
+           "notes.txt": "notes.txt: not a DICOM file but a text file [not_dicom]",
+           "photo.png": "photo.png: not a DICOM file but a PNG image [not_dicom]"}  # fmt: skip
+    for name, reason in bad.items():
+        assert main(["analyze", str(tmp_path / name), "--out", str(tmp_path / "out")]) == 1
+        err = capsys.readouterr().err
+        assert reason in err and "no CT series found" in err
+
+
+def test_check_exits_non_zero_on_a_missing_path_and_names_it(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["check", str(inputs["fatty"]), str(tmp_path / "missing")]) == 1
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    missing = [line for line in lines if line.get("file") == str(tmp_path / "missing")]
+    assert missing[0]["reasons"][0]["code"] == "not_found"
+    assert any(line["series_uid"] == "1.2.3.1" for line in lines)  # the good input is still checked
+
+
+def test_analyze_with_a_misaligned_mask_says_it_does_not_match_the_ct_and_exits_non_zero(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fatty phantom's liver moved 10 cm posterior, half out of the body: no ROI or contrast talk."""
+    _, liver = render_volume(Phantom(), GRID)
+    origin = np.asarray(liver.origin) + np.array([0.0, 100.0, 0.0])
+    moved = Volume(liver.array.astype("uint8"), liver.spacing, tuple(origin), liver.direction)
+    sitk.WriteImage(moved.to_sitk(), str(tmp_path / "moved.nii.gz"))
+    out = tmp_path / "out"
+    args = ["analyze", str(inputs["fatty"]), "--out", str(out), "--mask", str(tmp_path / "moved.nii.gz"), "--no-dicom"]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "mask does not match the CT" in captured.out and "mask_mismatch" in captured.err
+    (row,) = csv.DictReader((out / "results.csv").open())
+    assert (row["status"], row["reasons"]) == ("rejected", "mask_mismatch")
+
+
+def test_mask_label_names_the_liver_in_a_multi_label_mask(
+    inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hu, liver = render_volume(Phantom(), GRID)
+    labels = np.where(liver.array, 5, np.where(hu.array > -500, 1, 0)).astype("uint8")  # 1 body, 5 liver
+    sitk.WriteImage(liver.with_array(labels).to_sitk(), str(tmp_path / "labels.nii.gz"))
+    args = ["analyze", str(inputs["fatty"]), "--mask", str(tmp_path / "labels.nii.gz"), "--no-dicom"]
+
+    assert main([*args, "--out", str(tmp_path / "unnamed")]) == 1
+    assert "name the liver label with --mask-label N" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "named"), "--mask-label", "5"]) == 0
+    (row,) = csv.DictReader((tmp_path / "named" / "results.csv").open())
+    assert row["grade"] == "moderate-to-severe" and abs(float(row["graded_hu"]) - 34.0) < 2.0
 
 
 def test_analyze_fails_clearly_when_the_model_cannot_be_loaded(

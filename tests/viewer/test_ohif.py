@@ -35,7 +35,7 @@ from liverfat.dicom_io.sr import grade_sentence
 from liverfat.inference.models.registry import load_backend
 from liverfat.inference.pipeline import measure_series
 from liverfat.result import AnalysisResult
-from liverfat.service.research import analyze_inputs
+from liverfat.service.research import ResearchRun, analyze_inputs
 from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, SeriesHeader, render_volume, write_series
 from tests.viewer import pixels
@@ -166,7 +166,8 @@ def ircadb_case(shared_data: Path, folder: Path) -> StudyCase:
 def lidc_case(shared_data: Path, folder: Path) -> StudyCase:
     """LIDC-IDRI-0002 (261 slices, unenhanced chest CT) through ``liverfat analyze`` with the default model on CPU."""
     root = shared_data / "chest-ct" / "lidc-idri-0002"
-    (report,) = analyze_inputs([root], AnalysisOptions(out_dir=folder / "outputs"), lambda: load_backend(device="cpu"))
+    run = ResearchRun(AnalysisOptions(out_dir=folder / "outputs"))
+    (report,) = analyze_inputs([root], run, lambda: load_backend(device="cpu")).reports
     assert report.outcome is Outcome.PROCESSED, f"LIDC-IDRI-0002 was not processed: {report.result.reasons}"
     (files,) = discover([root]).series
     dicom_outputs = [path for path in report.outputs if path.suffix == ".dcm"]

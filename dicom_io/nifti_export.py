@@ -1,0 +1,36 @@
+"""A DICOM CT series as NIfTI (``--save-ct``), written by dicom2nifti, the converter built for this job.
+
+dicom2nifti reorients to LAS and applies the Modality LUT (HU); geometry comes from the
+headers, so the file lines up with ``liver_mask.nii.gz`` and with the series in any viewer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dicom2nifti.convert_dicom import dicom_array_to_nifti  # type: ignore[import-untyped]
+from dicom2nifti.exceptions import ConversionError, ConversionValidationError  # type: ignore[import-untyped]
+
+from liverfat.dicom_io.series import CTSeries
+from liverfat.errors import LiverfatError, Reason
+from liverfat.files import durable_path
+
+
+def write_ct_nifti(series: CTSeries, path: Path) -> Path:
+    """Write the slices ``series`` was built from (one per position, in order) to ``path`` (``.nii.gz``).
+
+    Raises
+    ------
+    LiverfatError
+        ``NOT_READABLE`` when dicom2nifti refuses the series (it validates slice spacing and
+        orientation its own way); ``path`` is then left as it was.
+    """
+    if not series.is_dicom:
+        raise ValueError("write_ct_nifti needs a DICOM series; a NIfTI input is its own CT file")
+    with durable_path(path) as tmp:
+        try:
+            dicom_array_to_nifti(list(series.datasets), str(tmp), reorient_nifti=True)
+        except (ConversionError, ConversionValidationError) as exc:
+            message = f"dicom2nifti cannot convert series {series.series_uid}: {exc}"
+            raise LiverfatError(Reason.NOT_READABLE, message) from exc
+    return path
