@@ -4,7 +4,7 @@ Layout (every section and key is optional; ``deploy/liverfat.example.toml`` list
 
     [node]        ae_title, host, port, allowed_callers, max_associations, acse_timeout_s,
                   network_timeout_s
-    [spool]       dir, min_free_disk_mb, keep_days
+    [spool]       dir, min_free_disk_mb, keep_days, nearly_full_margin_mb
     [series]      stable_seconds, complete_on_release
     [model]       name, device, cache
     [worker]      max_attempts, shutdown_grace_s, ineligible_result
@@ -14,7 +14,7 @@ Layout (every section and key is optional; ``deploy/liverfat.example.toml`` list
     [outputs]     institution_name, institutional_department_name, disclaimer
     [send]        destinations, max_attempts, first_delay_s, backoff_factor, max_delay_s, timeout_s,
                   connect_timeout_s, acse_timeout_s, dimse_timeout_s, probe_interval_s, unhealthy_after_s
-    [http]        host, port
+    [http]        host, port, token
     [tls]         enabled, certificate, private_key, ca_certificates, require_client_certificate,
                   check_hostname
     [log]         level, format
@@ -225,6 +225,7 @@ class SpoolSection(_Validated):
     dir: ConfigPath = Path("liverfat-spool")
     min_free_disk_mb: Annotated[Int, Field(ge=0)] = 500  # below this, C-STORE answers 0xA700 Out of Resources
     keep_days: NonNegativeFloat = 7.0  # received CT and results of a finished series are deleted after this; 0: never
+    nearly_full_margin_mb: Annotated[Int, Field(ge=0)] = 1024  # /healthz is red below min_free_disk_mb + this
 
 
 @dataclass(frozen=True)
@@ -286,6 +287,7 @@ class SendSection(_Validated):
 class HttpSection(_Validated):
     host: str = "127.0.0.1"
     port: Annotated[Int, Field(ge=0, le=65535)] = 9112  # 0: no HTTP server
+    token: OptionalText = None  # when set, / and /metrics need it (Bearer header or ?token=); /healthz stays open
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import sqlite3
@@ -27,14 +28,17 @@ import threading
 import time
 from collections.abc import Callable
 from multiprocessing.context import SpawnProcess
+from multiprocessing.queues import Queue
 from types import FrameType
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from liverfat.analysis import BackendLoader
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig
 from liverfat.service.diskspace import PROBE_S, DiskSpace, is_disk_full
-from liverfat.service.health import HealthServer, NodeStatus
+from liverfat.service.health import ModelState, NodeStatus, assess
+from liverfat.service.http_server import HttpServer
+from liverfat.service.report import status_report
 from liverfat.service.retention import purge_expired
 from liverfat.service.scp import StorageSCP
 from liverfat.service.sender import Sender
@@ -66,7 +70,10 @@ class Node:
         self._context = multiprocessing.get_context("spawn")
         self._worker_stop = self._context.Event()
         self._worker_wake = self._context.Event()
+        self._model_reports: Queue[ModelState] = self._context.Queue()  # ModelState from the worker: each load, success or failure
+        self._model: ModelState | None = None
         self._worker: SpawnProcess | None = None
+        self._worker_starts = 0
         self._worker_started_at = 0.0
         self._restart_delay_s = RESTART_DELAY_S[0]
         self._restart_at: float | None = None
@@ -78,7 +85,7 @@ class Node:
         self.spool: Spool | None = None
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
-        self.http: HealthServer | None = None
+        self.http: HttpServer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -105,7 +112,7 @@ class Node:
         if self._recovery is None:
             self._start_worker()
         if config.http.port:
-            self.http = HealthServer(config.http.host, config.http.port, self.status)
+            self.http = HttpServer(config.http, self.status, self.report)
             self.http.start()
         log.info("node %s ready: spool %s, stable after %.0f s, %d destination(s)", config.node.ae_title,
                  config.spool.dir, config.series.stable_seconds, len(config.send.destinations))  # fmt: skip
@@ -113,6 +120,7 @@ class Node:
     def tick(self, now: float | None = None) -> None:
         """Complete the stable series and watch the worker; the main thread calls this every ``TICK_S``."""
         assert self.spool is not None, "start() first"
+        self._read_model_reports()
         self._watch_space()
         if self._recovery is not None:
             self._recover()
@@ -221,20 +229,38 @@ class Node:
             counts=self.spool.counts(),
             spool_free_bytes=shutil.disk_usage(self.config.spool.dir).free,
             min_free_bytes=self.config.spool.min_free_disk_mb * 2**20,
+            nearly_full_bytes=self.config.spool.nearly_full_margin_mb * 2**20,
             destinations=len(self.config.send.destinations),
             unhealthy_after_s=self.config.send.unhealthy_after_s,
             listener_up=self.scp is not None and self.scp.running,
             worker_up=self._worker is not None and self._worker.is_alive(),
+            worker_restarts=max(self._worker_starts - 1, 0),
+            model=self._model,
             spool_full=self.space.is_full(),
         )
+
+    def report(self) -> dict[str, Any]:
+        """The status page's data (``service/report.py``)."""
+        assert self.spool is not None, "start() first"
+        status = self.status()
+        return status_report(self.config, status, assess(status), self.spool, running=True)
+
+    def _read_model_reports(self) -> None:
+        """Take the worker's reports on its model (main thread only: one reader)."""
+        while True:
+            try:
+                self._model = self._model_reports.get_nowait()
+            except queue.Empty:
+                return
 
     # -- the worker process ---------------------------------------------------------------
 
     def _start_worker(self) -> None:
         self._worker_stop.clear()
-        args = (self.config, self.load_model, self._worker_stop, self._worker_wake)
+        args = (self.config, self.load_model, self._worker_stop, self._worker_wake, self._model_reports)
         self._worker = self._context.Process(target=run_worker, name="liverfat-worker", args=args)
         self._worker.start()
+        self._worker_starts += 1
         self._worker_started_at = time.monotonic()
         self._restart_at = None
         log.info("worker process %d started", self._worker.pid)

@@ -11,18 +11,21 @@ import json
 import logging
 import shutil
 import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.diskspace import DiskSpace
-from liverfat.service.health import NodeStatus, assess
+from liverfat.service.health import Health, NodeStatus, assess
 from liverfat.service.logs import configure_logging
-from liverfat.service.spool import DB_NAME, Job, Spool
+from liverfat.service.report import status_report
+from liverfat.service.spool import DB_NAME, Spool
 
-RECENT_SERIES = 10
-RECENT_ERRORS = 5
+HEALTH_TIMEOUT_S = 5.0
 
 
 def add_node_commands(subparsers: Any) -> None:
@@ -68,14 +71,43 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts=spool.counts(),
         spool_free_bytes=shutil.disk_usage(config.spool.dir).free,
         min_free_bytes=config.spool.min_free_disk_mb * 2**20,
+        nearly_full_bytes=config.spool.nearly_full_margin_mb * 2**20,
         destinations=len(config.send.destinations),
         spool_full=running and DiskSpace(config.spool.dir).is_full(),
         unhealthy_after_s=config.send.unhealthy_after_s,
     )
-    report = status_report(config, status, spool, running=running)
+    report = status_report(config, status, _health(config, status, running=running), spool, running=running)
     spool.close()
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
+
+
+def _health(config: NodeConfig, status: NodeStatus, *, running: bool) -> Health:
+    """The running node's own verdict (its ``/healthz``: worker and model included), else one from the spool."""
+    local = assess(status)
+    if not running:
+        return replace(local, ok=False, problems=("the node is not running (no `liverfat serve` holds this spool)",
+                                                  *local.problems))  # fmt: skip
+    if not config.http.port:
+        why = "the node runs without its HTTP server ([http] port = 0): worker and model state not shown"
+        return replace(local, warnings=(*local.warnings, why))
+    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
+    url = f"http://{host}:{config.http.port}/healthz"
+    try:
+        return _ask_node(url)
+    except (OSError, ValueError, KeyError) as error:
+        why = f"cannot ask the running node at {url} ({error}): worker and model state not shown"
+        return replace(local, warnings=(*local.warnings, why))
+
+
+def _ask_node(url: str) -> Health:
+    """The verdict a running node's ``/healthz`` gives (its 503 answer carries it too)."""
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as answer:
+            body = json.load(answer)
+    except urllib.error.HTTPError as error:
+        body = json.load(error)
+    return Health(ok=body["status"] == "ok", problems=tuple(body["problems"]), warnings=tuple(body["warnings"]))
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
@@ -106,37 +138,22 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def status_report(config: NodeConfig, status: NodeStatus, spool: Spool, *, running: bool) -> dict[str, Any]:
-    """What ``liverfat status`` shows, as JSON-ready data (no patient names or IDs: the spool holds none)."""
-    health = assess(status)
-    return {
-        "node": {"ae_title": config.node.ae_title, "port": config.node.port, "running": running,
-                 "spool": str(config.spool.dir), "spool_free_mib": status.spool_free_bytes // 2**20,
-                 "destinations": [str(d) for d in config.send.destinations]},  # fmt: skip
-        "health": {"problems": list(health.problems), "warnings": list(health.warnings)},
-        "series": {state.value: n for state, n in status.counts.jobs.items()},
-        "outbox": {state.value: n for state, n in status.counts.outbox.items()},
-        "instances_received": status.counts.instances,
-        "send_failures": status.counts.send_failures,
-        "recent": [_job_json(job) for job in spool.jobs(limit=RECENT_SERIES)],
-        "job_errors": [_job_json(job) for job in spool.jobs(limit=1000) if job.last_error][:RECENT_ERRORS],
-        "send_errors": [{"series_uid": row["series_uid"], "destination": row["destination"],
-                         "file": Path(row["path"]).name, "state": row["state"], "attempts": row["attempts"],
-                         "error": row["last_error"]} for row in spool.send_errors(RECENT_ERRORS)],  # fmt: skip
-    }
-
-
 def format_status(report: dict[str, Any]) -> str:
     node = report["node"]
+    model = report["model"]
     lines = [
-        f"node {node['ae_title']} (port {node['port']}): {'running' if node['running'] else 'not running'}",
+        f"node {node['ae_title']} (port {node['port']}, liverfat {report['version']}): "
+        + ("running" if node["running"] else "not running"),
         f"spool {node['spool']} ({node['spool_free_mib']} MiB free)",
-        f"destinations: {', '.join(node['destinations']) or 'NONE (results are sent nowhere)'}",
+        "destinations: " + (", ".join(f"{d['destination']} {d['state']} ({d['waiting']} waiting)"
+                                      for d in report["destinations"]) or "NONE (results are sent nowhere)"),
         "series: " + ", ".join(f"{state} {n}" for state, n in report["series"].items()),
         "outbox: " + ", ".join(f"{state} {n}" for state, n in report["outbox"].items())
         + f" (failed attempts so far: {report['send_failures']})",
         f"instances received: {report['instances_received']}",
-    ]
+    ]  # fmt: skip
+    if model is not None:
+        lines.append(f"model: {model['detail']}" if model["loaded"] else f"model: NOT LOADED: {model['detail']}")
     lines += [f"PROBLEM: {p}" for p in report["health"]["problems"]]
     lines += [f"warning: {w}" for w in report["health"]["warnings"]]
     if report["recent"]:
@@ -153,18 +170,13 @@ def format_status(report: dict[str, Any]) -> str:
 
 def _recent_line(job: dict[str, Any]) -> str:
     grade = f"  {job['grade']}" if job["grade"] else ""
+    borderline = "  BORDERLINE" if job["borderline"] else ""
     took = "" if job["processing_s"] is None else f"  {job['processing_s']:.1f} s"
+    reasons = f"\n      reasons: {', '.join(r['code'] for r in job['reasons'])}" if job["reasons"] else ""
     note = f"\n      note: {job['note']}" if job["note"] else ""
     return f"  {_when(job['updated_at'])}  {job['series_uid']} v{job['version']}  {job['state']}{grade}" + (
-        _hu(job["parenchymal_hu"]) + took + note
+        _hu(job["parenchymal_hu"]) + borderline + took + reasons + note
     )
-
-
-def _job_json(job: Job) -> dict[str, Any]:
-    return {"series_uid": job.series_uid, "version": job.version, "state": job.state.value, "grade": job.grade,
-            "parenchymal_hu": job.parenchymal_hu, "instances": job.n_instances, "attempts": job.attempts,
-            "processing_s": job.processing_s, "last_error": job.last_error, "note": job.note,
-            "updated_at": job.finished_at or job.started_at or job.completed_at or job.last_instance_at}  # fmt: skip
 
 
 def _when(epoch: float) -> str:

@@ -74,6 +74,7 @@ class Spool(Instances, JobQueue, Outbox):
         buckets = ", ".join(f"SUM(processing_s <= {le})" for le in PROCESSING_BUCKETS_S)
         timing = self.query(f"SELECT COUNT(processing_s), COALESCE(SUM(processing_s), 0), {buckets} FROM jobs")[0]
         pending = [row["oldest"] for row in outbox if row["state"] == OutboxState.PENDING]
+        ended = "state IN (" + ", ".join(f"'{state.value}'" for state in ENDED_STATES) + ")"
         return SpoolCounts(
             jobs={state: int(jobs.get(state, 0)) for state in JobState},
             outbox={state: int(next((r["n"] for r in outbox if r["state"] == state), 0)) for state in OutboxState},
@@ -84,7 +85,12 @@ class Spool(Instances, JobQueue, Outbox):
             processing_buckets={le: int(timing[2 + i] or 0) for i, le in enumerate(PROCESSING_BUCKETS_S)},
             oldest_pending_send_at=pending[0] if pending else None,
             destinations=self.backlogs(),
-        )
+            grades={row["grade"]: int(row["n"]) for row in self.query(
+                f"SELECT grade, COUNT(*) AS n FROM jobs WHERE grade IS NOT NULL AND {ended} GROUP BY grade")},
+            reasons={row["code"]: int(row["n"]) for row in self.query(
+                "SELECT json_extract(reason.value, '$.code') AS code, COUNT(DISTINCT jobs.id) AS n "
+                f"FROM jobs, json_each(jobs.reasons) AS reason WHERE {ended} GROUP BY code")},
+        )  # fmt: skip
 
     def requeue_series(self, series_uid: str, destinations: Sequence[str], now: float | None = None) -> Job:
         """Queue the newest result of a series again for every destination; returns its job."""

@@ -101,8 +101,8 @@ class JobQueue(SpoolDatabase):
         with self.transaction() as db:
             db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, processing_s = ?, grade = ?, parenchymal_hu = ?, "
-                "reasons = ?, timings = ?, outputs = ?, last_error = ? WHERE id = ? AND state = ?",
-                (result.state, now, result.processing_s, result.grade, result.parenchymal_hu,
+                "borderline = ?, reasons = ?, timings = ?, outputs = ?, last_error = ? WHERE id = ? AND state = ?",
+                (result.state, now, result.processing_s, result.grade, result.parenchymal_hu, result.borderline,
                  json.dumps([dict(r) for r in result.reasons]), json.dumps(dict(result.timings or {})),
                  json.dumps([o.to_json() for o in result.outputs]), result.error, job_id, JobState.PROCESSING),
             )  # fmt: skip

@@ -91,7 +91,12 @@ CREATE INDEX instances_by_series ON instances (series_uid, job_id);
 CREATE INDEX instances_by_sop ON instances (sop_instance_uid);
 """
 
-MIGRATIONS = (V1, V2)  # MIGRATIONS[n] takes an index from version n to n + 1
+# v3: whether the graded value was borderline (near the threshold), for the status page.
+V3 = """
+ALTER TABLE jobs ADD COLUMN borderline INTEGER;
+"""
+
+MIGRATIONS = (V1, V2, V3)  # MIGRATIONS[n] takes an index from version n to n + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

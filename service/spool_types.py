@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -74,6 +74,7 @@ class JobResult:
     outputs: tuple[OutputFile, ...] = ()
     error: str | None = None
     processing_s: float | None = None
+    borderline: bool | None = None  # the graded value lies within the borderline margin of the threshold
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class Job:
     timings: dict[str, float]
     outputs: tuple[OutputFile, ...]
     note: str | None = None  # how this version came about, when unusual (a possibly partial series, a retry)
+    reasons: tuple[Mapping[str, str], ...] = ()  # findings ({"code", "message"}): why not graded, or warnings
+    borderline: bool | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -108,6 +111,8 @@ class Job:
             completed_at=row["completed_at"], started_at=row["started_at"], finished_at=row["finished_at"],
             processing_s=row["processing_s"], grade=row["grade"], parenchymal_hu=row["parenchymal_hu"],
             timings=json.loads(row["timings"] or "{}"), outputs=outputs, note=row["note"],
+            reasons=tuple(json.loads(row["reasons"] or "[]")),
+            borderline=None if row["borderline"] is None else bool(row["borderline"]),
         )  # fmt: skip
 
 
@@ -150,3 +155,5 @@ class SpoolCounts:
     processing_buckets: Mapping[float, int]  # upper bound in s -> jobs that took at most that long
     oldest_pending_send_at: float | None
     destinations: tuple[DestinationBacklog, ...] = ()  # destinations with results waiting
+    grades: Mapping[str, int] = field(default_factory=dict)  # ended series versions by grade
+    reasons: Mapping[str, int] = field(default_factory=dict)  # ended versions by finding code (a version may count twice)

@@ -23,6 +23,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
 from liverfat.service.config import ModelSection, NodeConfig
 from liverfat.service.diskspace import DiskSpace, is_disk_full
+from liverfat.service.health import ModelState
 from liverfat.service.logs import configure_logging
 from liverfat.service.spool import Job, JobResult, JobState, OutputFile, Spool
 
@@ -56,7 +58,31 @@ class ModelLoader:
         return load_backend(self.model.name, device=self.model.device, cache_dir=self.model.cache)
 
 
-def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event, wake: Event) -> None:
+class ReportingLoader:
+    """A model loader that tells the node how each load went, so its health can say why series would fail.
+
+    ``ModelCache`` keeps the first backend that loads; until one does, every series tries again
+    (weights installed while the node runs are picked up) and each try is reported.
+    """
+
+    def __init__(self, load_model: BackendLoader, reports: Queue[ModelState]) -> None:
+        self.load_model = load_model
+        self.reports = reports
+
+    def __call__(self) -> Backend:
+        try:
+            backend = self.load_model()
+        except Exception as error:  # reported, then raised to the caller as before
+            why = error.message if isinstance(error, LiverfatError) else f"{type(error).__name__}: {error}"
+            self.reports.put(ModelState(loaded=False, detail=why, at=time.time()))
+            raise
+        info = backend.info
+        self.reports.put(ModelState(loaded=True, detail=f"{info.name} {info.version} on {info.device}", at=time.time()))
+        return backend
+
+
+def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event, wake: Event,
+               reports: Queue[ModelState]) -> None:  # fmt: skip
     """Entry point of the worker process: loop until ``stop`` is set or the node process is gone."""
     _die_with_parent()
     configure_logging(config.log)
@@ -65,8 +91,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
     signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))  # finish the series in hand
     space = DiskSpace(config.spool.dir)
     spool = Spool(config.spool.dir, space=space)
-    loader = load_model or ModelLoader(config.model)
-    models = ModelCache(loader)
+    models = ModelCache(ReportingLoader(load_model or ModelLoader(config.model), reports))
     try:
         backend = models.get()
         log.info("model loaded: %s %s on %s", backend.info.name, backend.info.version, backend.info.device)
@@ -177,6 +202,7 @@ def _run_series(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfi
         state=STATES[report.outcome],
         grade=result.grade.value,
         parenchymal_hu=result.parenchymal_hu,
+        borderline=result.borderline,
         reasons=tuple(f.to_json() for f in result.reasons),
         timings={"discover": discover_s, **result.timings_s},
         outputs=tuple(_output_file(written, spool.root) for written in report.dicom),

@@ -153,7 +153,7 @@ def sending_node(folder: Path, receiver_port: int, **extra: Mapping[str, Any]) -
 
     sections: dict[str, dict[str, Any]] = {
         "node": {"host": "127.0.0.1", "port": free_port()},
-        "spool": {"dir": str(folder / "spool"), "min_free_disk_mb": 0},
+        "spool": {"dir": str(folder / "spool"), "min_free_disk_mb": 0, "nearly_full_margin_mb": 0},
         "series": {"stable_seconds": 1.0},
         "send": {"destinations": [f"PACS@127.0.0.1:{receiver_port}"], "first_delay_s": 0.2, "max_delay_s": 1.0},
         "http": {"host": "127.0.0.1", "port": free_port()},

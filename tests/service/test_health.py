@@ -1,14 +1,25 @@
-"""Health verdicts (pure), the Prometheus text, and the HTTP endpoints on a real socket."""
+"""Health verdicts (pure) and the HTTP endpoints on a real socket: /healthz, the token on / and /metrics."""
 
 from __future__ import annotations
 
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
-from liverfat.service.health import HealthServer, NodeStatus, assess, render_metrics
+import pytest
+
+from liverfat import __version__
+from liverfat.service.config import HttpSection
+from liverfat.service.health import ModelState, NodeStatus, assess
+from liverfat.service.http_server import HttpServer
 from liverfat.service.spool import PROCESSING_BUCKETS_S, DestinationBacklog, JobState, OutboxState, SpoolCounts
+
+LOADED = ModelState(loaded=True, detail="phantom 1 on cpu", at=9_000.0)
+NO_WEIGHTS = ModelState(loaded=False, detail="the default model's weights (pyliverlesionseg 0.3) are not in /x: run "
+                        "`liverfat models fetch`", at=9_000.0)  # fmt: skip
 
 
 def counts(**changes: object) -> SpoolCounts:
@@ -22,20 +33,39 @@ def counts(**changes: object) -> SpoolCounts:
 
 def status(**changes: object) -> NodeStatus:
     base = NodeStatus(counts=counts(), spool_free_bytes=10 * 2**30, min_free_bytes=2**20, destinations=1,
-                      listener_up=True, worker_up=True, time=10_000.0)  # fmt: skip
+                      nearly_full_bytes=2**30, listener_up=True, worker_up=True, model=LOADED, time=10_000.0)  # fmt: skip
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
-def test_a_running_node_with_a_destination_is_healthy_without_warnings() -> None:
+def test_a_running_node_with_a_loaded_model_and_a_destination_is_healthy_without_warnings() -> None:
     health = assess(status())
     assert health.ok and health.problems == () and health.warnings == ()
 
 
 def test_a_dead_worker_or_listener_or_full_spool_is_a_problem() -> None:
-    assert "worker process is not running" in assess(status(worker_up=False)).problems[0]
+    assert assess(status(worker_up=False)).problems == ("the worker process is not running",)
+    (restarted,) = assess(status(worker_up=False, worker_restarts=3)).problems
+    assert restarted == "the worker process is not running (it died 3 time(s) since the node started; see the log)"
     assert "listener is not running" in assess(status(listener_up=False)).problems[0]
     full = assess(status(spool_free_bytes=100))
     assert not full.ok and "new instances are refused" in full.problems[0]
+
+
+def test_a_model_that_cannot_load_is_a_problem_naming_why_and_one_still_loading_a_warning() -> None:
+    (problem,) = assess(status(model=NO_WEIGHTS)).problems
+    assert problem.startswith("the model cannot be loaded: the default model's weights (pyliverlesionseg 0.3) are "
+                              "not in /x: run `liverfat models fetch`; every series fails until this is fixed")  # fmt: skip
+    loading = assess(status(model=None))
+    assert loading.ok and loading.warnings == ("the worker is loading the model; series wait in the queue until it "
+                                               "is loaded",)  # fmt: skip
+
+
+def test_a_spool_within_the_margin_above_the_minimum_is_nearly_full_and_red() -> None:
+    just_above = 2**20 + 2**30 - 1  # min_free + margin - 1 byte
+    (problem,) = assess(status(spool_free_bytes=just_above)).problems
+    assert problem.startswith("spool is nearly full: 1024 MiB free; new instances are refused below 1 MiB")
+    assert assess(status(spool_free_bytes=2**20 + 2**30)).ok
+    assert assess(status(spool_free_bytes=just_above, nearly_full_bytes=0)).ok
 
 
 def test_missing_destination_failed_sends_and_stale_results_are_warnings() -> None:
@@ -66,50 +96,70 @@ def test_a_failing_destination_is_a_warning_then_a_problem_after_unhealthy_after
         {"destination": "PACS@10.0.0.5:104", "failing_since": "1970-01-01T02:43:20Z", "failing_s": 200.0,
          "reason": "association with PACS@10.0.0.5:104 failed: connection refused", "waiting": 4}
     ]  # fmt: skip
-    assert 'liverfat_destination_failing_seconds{destination="PACS@10.0.0.5:104"} 200' in render_metrics(late_status)
 
 
-def test_metrics_render_counters_gauges_and_a_histogram() -> None:
-    buckets = {le: (1 if le >= 10 else 0) for le in PROCESSING_BUCKETS_S}
-    jobs = {state: 0 for state in JobState} | {JobState.DONE: 1}
-    text = render_metrics(status(counts=counts(instances=61, send_failures=4, jobs=jobs, processing_count=1,
-                                               processing_sum_s=8.5, processing_buckets=buckets)))  # fmt: skip
-    lines = text.splitlines()
-    assert "liverfat_instances_received_total 61" in lines
-    assert 'liverfat_series{state="done"} 1' in lines and 'liverfat_series{state="failed"} 0' in lines
-    assert 'liverfat_processing_seconds_bucket{le="5"} 0' in lines
-    assert 'liverfat_processing_seconds_bucket{le="10"} 1' in lines
-    assert 'liverfat_processing_seconds_bucket{le="+Inf"} 1' in lines
-    assert "liverfat_processing_seconds_sum 8.5" in lines and "liverfat_processing_seconds_count 1" in lines
-    assert "liverfat_send_failures_total 4" in lines
-    assert 'liverfat_up{component="worker"} 1' in lines
-    assert "# TYPE liverfat_processing_seconds histogram" in lines
+def test_healthz_json_carries_the_version_model_and_worker_restarts() -> None:
+    current = status(model=NO_WEIGHTS, worker_restarts=2)
+    body = assess(current).to_json(current)
+    assert body["version"] == __version__ and body["status"] == "unhealthy" and body["worker_restarts"] == 2
+    assert body["model"] == {"loaded": False, "detail": NO_WEIGHTS.detail, "at": "1970-01-01T02:30:00Z"}
 
 
-def test_http_endpoints_answer_200_when_healthy_and_503_when_not() -> None:
+# -- the HTTP server on a real socket ------------------------------------------------------
+
+TOKEN = "correct-horse-battery-staple"
+REPORT: dict[str, Any] = {
+    "version": __version__, "generated_at": "2026-12-07T10:00:00Z",
+    "node": {"ae_title": "LIVERFAT", "port": 11112, "running": True, "spool": "/s", "spool_free_mib": 10,
+             "destinations": []},
+    "health": {"ok": True, "problems": [], "warnings": []}, "model": None, "series": {}, "outbox": {},
+    "instances_received": 0, "send_failures": 0, "destinations": [], "recent": [], "job_errors": [], "send_errors": [],
+}  # fmt: skip
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, dict[str, NodeStatus]]]:
     current = {"status": status()}
-    server = HealthServer("127.0.0.1", 0, lambda: current["status"])
-    server.start()
-    base = f"http://127.0.0.1:{server.port}"
+    started = HttpServer(HttpSection(host="127.0.0.1", port=0, token=TOKEN), lambda: current["status"], lambda: REPORT)
+    started.start()
+    yield f"http://127.0.0.1:{started.port}", current
+    started.stop()
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
-            assert response.status == 200 and json.load(response)["status"] == "ok"
-        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
-            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-            assert b"liverfat_instances_received_total 0" in response.read()
-        current["status"] = status(worker_up=False)
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=5)
-            raise AssertionError("an unhealthy node must answer 503")
-        except urllib.error.HTTPError as error:
-            assert error.code == 503 and "worker process" in json.load(error)["problems"][0]
-        current["status"] = status(counts=counts(destinations=(FAILING,)), unhealthy_after_s=60.0)
-        try:
-            urllib.request.urlopen(f"{base}/healthz", timeout=5)
-            raise AssertionError("a destination failing past unhealthy_after_s must answer 503")
-        except urllib.error.HTTPError as error:
-            body = json.load(error)
-            assert error.code == 503 and body["problems"][0].startswith("destination PACS@10.0.0.5:104 failing since")
-            assert body["destinations_failing"][0]["reason"].endswith("connection refused")
-    finally:
-        server.stop()
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=5) as response:
+            return int(response.status), bytes(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_healthz_answers_200_when_healthy_and_503_with_the_reason_when_not(
+    server: tuple[str, dict[str, NodeStatus]],
+) -> None:
+    base, current = server
+    code, body = get(f"{base}/healthz")
+    assert code == 200 and json.loads(body)["status"] == "ok", "/healthz needs no token"
+    for unhealthy, reason in [
+        (status(worker_up=False), "the worker process is not running"),
+        (status(model=NO_WEIGHTS), "the model cannot be loaded: the default model's weights"),
+        (status(spool_free_bytes=2**29), "spool is nearly full: 512 MiB free"),
+        (status(counts=counts(destinations=(FAILING,)), unhealthy_after_s=60.0),
+         "destination PACS@10.0.0.5:104 failing since"),
+    ]:  # fmt: skip
+        current["status"] = unhealthy
+        code, body = get(f"{base}/healthz")
+        assert code == 503 and json.loads(body)["problems"][0].startswith(reason), body
+
+
+def test_the_token_guards_the_page_and_metrics_as_bearer_header_or_query(
+    server: tuple[str, dict[str, NodeStatus]],
+) -> None:
+    base, _ = server
+    for path in ("/", "/metrics"):
+        assert get(f"{base}{path}")[0] == 401
+        assert get(f"{base}{path}?token=wrong")[0] == 401
+        assert get(f"{base}{path}", {"Authorization": "Bearer wrong"})[0] == 401
+        assert get(f"{base}{path}?token={TOKEN}")[0] == 200
+        assert get(f"{base}{path}", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    assert get(f"{base}/nothing")[0] == 404

@@ -61,7 +61,7 @@ def test_a_version_1_index_is_migrated_keeping_its_jobs_and_instances(tmp_path: 
         db.execute("COMMIT")
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
     spool = Spool(folder)
-    assert spool.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 2
+    assert spool.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
     [job] = spool.jobs()
     assert (job.state, job.n_instances, job.note) == (JobState.FAILED, 1, None)
     assert spool.has_instance("1.1", SERIES) and not spool.has_instance("1.1", "9.9")
