@@ -25,6 +25,7 @@ from liverfat.service.config import SendSection
 from liverfat.service.spool import DestinationBacklog, JobState, OutboxState, SpoolCounts
 
 STALE_SEND_S = 3600.0  # a result still unsent after this long suggests the destination is unreachable
+UTC = "%Y-%m-%dT%H:%M:%SZ"  # ISO 8601, UTC, to the second
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _failing_json(backlog: DestinationBacklog, status: NodeStatus) -> dict[str, 
 
 def utc(epoch: float) -> str:
     """``epoch`` as an ISO 8601 UTC time to the second."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    return time.strftime(UTC, time.gmtime(epoch))
 
 
 def _duration(seconds: float) -> str:

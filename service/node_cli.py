@@ -7,6 +7,7 @@ loads the configuration and calls one library function.
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import logging
 import shutil
@@ -20,7 +21,7 @@ from typing import Any
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.diskspace import DiskSpace
-from liverfat.service.health import Health, NodeStatus, assess
+from liverfat.service.health import UTC, Health, ModelState, NodeStatus, assess
 from liverfat.service.logs import configure_logging
 from liverfat.service.report import status_report
 from liverfat.service.spool import DB_NAME, Spool
@@ -76,38 +77,45 @@ def cmd_status(args: argparse.Namespace) -> int:
         spool_full=running and DiskSpace(config.spool.dir).is_full(),
         unhealthy_after_s=config.send.unhealthy_after_s,
     )
-    report = status_report(config, status, _health(config, status, running=running), spool, running=running)
+    status, health = _health(config, status, running=running)
+    report = status_report(config, status, health, spool, running=running)
     spool.close()
     print(json.dumps(report, indent=2) if args.json else format_status(report))
     return 0
 
 
-def _health(config: NodeConfig, status: NodeStatus, *, running: bool) -> Health:
-    """The running node's own verdict (its ``/healthz``: worker and model included), else one from the spool."""
-    local = assess(status)
+def _health(config: NodeConfig, status: NodeStatus, *, running: bool) -> tuple[NodeStatus, Health]:
+    """The verdict on ``status`` completed by the running node's own state (listener, worker, model)."""
     if not running:
-        return replace(local, ok=False, problems=("the node is not running (no `liverfat serve` holds this spool)",
-                                                  *local.problems))  # fmt: skip
+        local = assess(status)
+        return status, replace(local, ok=False, problems=("the node is not running (no `liverfat serve` holds this "
+                                                          "spool)", *local.problems))  # fmt: skip
     if not config.http.port:
         why = "the node runs without its HTTP server ([http] port = 0): worker and model state not shown"
-        return replace(local, warnings=(*local.warnings, why))
-    host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
-    url = f"http://{host}:{config.http.port}/healthz"
-    try:
-        return _ask_node(url)
-    except (OSError, ValueError, KeyError) as error:
-        why = f"cannot ask the running node at {url} ({error}): worker and model state not shown"
-        return replace(local, warnings=(*local.warnings, why))
+    else:
+        host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::", "") else config.http.host
+        url = f"http://{host}:{config.http.port}/healthz"
+        try:
+            status = _with_node_state(status, url)
+            return status, assess(status)
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            why = f"cannot ask the running node at {url} ({error}): worker and model state not shown"
+    local = assess(status)
+    return status, replace(local, warnings=(*local.warnings, why))
 
 
-def _ask_node(url: str) -> Health:
-    """The verdict a running node's ``/healthz`` gives (its 503 answer carries it too)."""
+def _with_node_state(status: NodeStatus, url: str) -> NodeStatus:
+    """``status`` with what only the running node knows, from its ``/healthz`` (a 503 answer carries it too)."""
     try:
         with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S) as answer:
             body = json.load(answer)
     except urllib.error.HTTPError as error:
         body = json.load(error)
-    return Health(ok=body["status"] == "ok", problems=tuple(body["problems"]), warnings=tuple(body["warnings"]))
+    model = body["model"]
+    return replace(status, listener_up=body["listener_up"], worker_up=body["worker_up"],
+                   worker_restarts=body["worker_restarts"],
+                   model=None if model is None else ModelState(model["loaded"], model["detail"],
+                                                               calendar.timegm(time.strptime(model["at"], UTC))))  # fmt: skip
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
