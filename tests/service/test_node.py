@@ -21,6 +21,7 @@ from typing import Any
 
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import CTImageStorage
 from pynetdicom import AE, build_context
 
@@ -130,7 +131,11 @@ def test_series_is_received_processed_and_its_results_sent_back(
             assert json.load(response)["status"] == "ok"
         with urllib.request.urlopen(f"{http}/metrics", timeout=5) as response:
             metrics = response.read().decode()
-        assert "liverfat_instances_received_total 57" in metrics and 'liverfat_series{state="done"} 1' in metrics
+        found = {(m.name, tuple(m.labels.items())): m.value for f in text_string_to_metric_families(metrics)
+                 for m in f.samples}  # fmt: skip
+        assert found[("liverfat_instances_received_total", ())] == 57
+        assert found[("liverfat_series", (("state", "done"),))] == 1
+        assert found[("liverfat_series_by_grade", (("grade", "moderate-to-severe"),))] == 1
         with pytest.raises(LiverfatError) as second:
             Node(node.config).start()
         assert second.value.reason is Reason.SPOOL_IN_USE
