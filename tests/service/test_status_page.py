@@ -85,6 +85,7 @@ def test_chromium_shows_queue_series_grades_borderline_reasons_destinations_and_
         assert node.terminate() == 0
 
     assert "Health: healthy" in dom and f"<td>{__version__}</td>" in dom
+    assert "model</th><td>phantom-truth 1 on cpu</td>" in dom, "the worker reported its loaded model"
     assert "series</th><td>received 0, complete 0, processing 0, done 1, rejected 1, failed 0" in dom
     done, rejected = by_state[JobState.DONE], by_state[JobState.REJECTED]
     assert done.series_uid in dom and rejected.series_uid in dom
