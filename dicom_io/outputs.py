@@ -4,11 +4,18 @@ Every object joins the source study as a new series (patient and study attribute
 SpecificCharacterSet included, are copied from the source by highdicom), and every UID
 is derived from the source series, the software version, the result and the site's
 settings (see ``uids.py``), so writing the same result twice gives the same instances.
+
+The circle SR and the key image do not depend on the SEG, so they are built (and encoded)
+in a second thread while this one builds the SEG and then the summary SR, which references
+it. The SEG's numpy work (its overlap check, the frames) runs without the GIL, so the two
+overlap on two cores. Nothing is written until every object is built: a failure leaves no
+partial set of outputs behind.
 """
 
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -24,7 +31,7 @@ from liverfat.dicom_io.seg import build_seg, checked_masks
 from liverfat.dicom_io.series import CTSeries, SeriesFiles
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr
-from liverfat.dicom_io.uids import output_uids
+from liverfat.dicom_io.uids import OutputUids, output_uids
 from liverfat.errors import LiverfatError, Reason
 from liverfat.files import durable_write
 from liverfat.result import AnalysisResult
@@ -99,20 +106,21 @@ def write_outputs(
         checked_masks(series, result)
     created = created_at or datetime.now()
     uids = output_uids(result, site.digest())
-    written = []
     has_liver = result.source_masks is not None and bool(result.source_masks.liver.array.any())
-    seg = build_seg(series, result, uids, site, created) if has_liver else None
-    if seg is not None:
-        written.append(_save(seg, out_dir / SEG_FILE))
-    else:
-        logger.info("series %s: no liver mask, no SEG", series.series_uid)
-    if result.rois:
-        written.append(_save(build_circle_sr(series, result, uids, site, created), out_dir / SR_FILE))
-    else:
-        logger.info("series %s: no ROIs, no circle SR", series.series_uid)
-    written.append(_save(build_summary_sr(series, result, seg, uids, site, created), out_dir / SR_SUMMARY_FILE))
-    written.append(_save(build_key_image(series, result, uids, site, created), out_dir / KEY_IMAGE_FILE))
-    return written
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverfat-outputs") as beside:
+        circle = beside.submit(_built_circle_sr, series, result, uids, site, created) if result.rois else None
+        key_image = beside.submit(_built_key_image, series, result, uids, site, created)
+        seg = build_seg(series, result, uids, site, created) if has_liver else None
+        encoded = [] if seg is None else [_encoded(seg, SEG_FILE)]
+        if seg is None:
+            logger.info("series %s: no liver mask, no SEG", series.series_uid)
+        if circle is None:
+            logger.info("series %s: no ROIs, no circle SR", series.series_uid)
+        else:
+            encoded.append(circle.result())
+        encoded.append(_encoded(build_summary_sr(series, result, seg, uids, site, created), SR_SUMMARY_FILE))
+        encoded.append(key_image.result())
+    return [_write(one, out_dir) for one in encoded]
 
 
 def write_not_applicable_sr(
@@ -135,7 +143,7 @@ def write_not_applicable_sr(
                       datasets=files.headers, source_files=files.files)  # fmt: skip
     summary = build_summary_sr(series, result, None, output_uids(result, site.digest()), site,
                                created_at or datetime.now())  # fmt: skip
-    return _save(summary, out_dir / SR_SUMMARY_FILE)
+    return _write(_encoded(summary, SR_SUMMARY_FILE), out_dir)
 
 
 def fit_character_set(dataset: Dataset) -> None:
@@ -180,14 +188,41 @@ def _switch_to_utf8(dataset: Dataset) -> None:
                 element.value = str(element.value)
 
 
-def _save(dataset: Dataset, path: Path) -> WrittenFile:
-    """Encode ``dataset`` as a DICOM file and write it durably (``durable_write``): never half a file."""
+@dataclass(frozen=True)
+class _Encoded:
+    """One object encoded as a DICOM file, not yet written: its file name, bytes and File Meta."""
+
+    name: str
+    data: bytes
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+def _encoded(dataset: Dataset, name: str) -> _Encoded:
+    """``dataset`` as the bytes of a DICOM file named ``name`` (character set fitted first)."""
     fit_character_set(dataset)
     meta = dataset.file_meta  # set here as dcmwrite would, so what is returned is what the file holds
     meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     encoded = BytesIO()
     dataset.save_as(encoded, enforce_file_format=True)
-    durable_write(path, encoded.getvalue())
-    return WrittenFile(path, str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID),
-                       str(meta.TransferSyntaxUID))  # fmt: skip
+    return _Encoded(name, encoded.getvalue(), str(meta.MediaStorageSOPClassUID),
+                    str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID))  # fmt: skip
+
+
+def _write(encoded: _Encoded, out_dir: Path) -> WrittenFile:
+    """Write one encoded object durably (``durable_write``): never half a file."""
+    path = out_dir / encoded.name
+    durable_write(path, encoded.data)
+    return WrittenFile(path, encoded.sop_class_uid, encoded.sop_instance_uid, encoded.transfer_syntax_uid)
+
+
+def _built_circle_sr(series: CTSeries, result: AnalysisResult, uids: OutputUids, site: OutputSettings,
+                     created: datetime) -> _Encoded:  # fmt: skip
+    return _encoded(build_circle_sr(series, result, uids, site, created), SR_FILE)
+
+
+def _built_key_image(series: CTSeries, result: AnalysisResult, uids: OutputUids, site: OutputSettings,
+                     created: datetime) -> _Encoded:  # fmt: skip
+    return _encoded(build_key_image(series, result, uids, site, created), KEY_IMAGE_FILE)

@@ -56,7 +56,7 @@ def mask_digest(result: AnalysisResult) -> str:
     for name, array in (("liver", masks.liver.array), ("rois", masks.rois.array)):
         contiguous = np.ascontiguousarray(array)
         digest.update(f"{name}:{contiguous.shape}:{contiguous.dtype.str}:".encode())
-        digest.update(contiguous.tobytes())
+        digest.update(contiguous.data)  # its buffer: the bytes of tobytes(), without copying 80 MB
     return digest.hexdigest()
 
 

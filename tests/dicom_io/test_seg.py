@@ -25,6 +25,7 @@ from liverfat.dicom_io.uids import frame_of_reference_fallback, output_uids
 from liverfat.errors import LiverfatError, Reason
 from liverfat.result import USER_MASK, AnalysisResult, Masks, RoiRule
 from tests.dicom_io.output_cases import (
+    SMALL_GRID,
     dciodvfy_available,
     dciodvfy_errors,
     make_result,
@@ -104,6 +105,48 @@ def test_seg_leaves_out_empty_frames(case: tuple[CTSeries, AnalysisResult], tmp_
     occupied += sum(int((rois == label).reshape(len(rois), -1).any(axis=1).sum()) for label in (1, 2, 3))
     seg = _built(series, result, tmp_path / "seg.dcm")
     assert seg.NumberOfFrames == occupied < len(liver) * N_SEGMENTS
+
+
+@pytest.fixture(scope="module")
+def taller_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[CTSeries, AnalysisResult]:
+    """Slices 5 mm apart reaching 15 mm beyond the liver at both ends: some hold no segment."""
+    grid = replace(SMALL_GRID, slice_positions_mm=tuple(np.arange(-75.0, 75.1, 5.0)))
+    series, liver = phantom_series(tmp_path_factory.mktemp("ct"), grid=grid)
+    return series, make_result(series, liver)
+
+
+def test_slices_without_a_segment_are_referenced_after_those_with_frames(
+    taller_case: tuple[CTSeries, AnalysisResult], tmp_path: Path
+) -> None:
+    """The whole series is referenced in the order highdicom gives source, then further source images."""
+    series, result = taller_case
+    assert result.source_masks is not None
+    slices = len(series.datasets)
+    occupied = result.source_masks.liver.array.reshape(slices, -1).any(axis=1)
+    occupied |= result.source_masks.rois.array.reshape(slices, -1).any(axis=1)
+    assert 0 < occupied.sum() < slices
+    uids = [ds.SOPInstanceUID for ds in series.datasets]
+    expected = [uids[k] for k in np.flatnonzero(occupied)] + [uids[k] for k in np.flatnonzero(~occupied)]
+    seg = _built(series, result, tmp_path / "seg.dcm")
+    assert [item.ReferencedSOPInstanceUID for item in seg.SourceImageSequence] == expected
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert [item.ReferencedSOPInstanceUID for item in referenced.ReferencedInstanceSequence] == expected
+    assert {item.ReferencedSOPClassUID for item in seg.SourceImageSequence} == {series.datasets[0].SOPClassUID}
+    framed = {
+        frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for frame in seg.PerFrameFunctionalGroupsSequence
+    }
+    assert framed == set(expected[: int(occupied.sum())])
+
+
+def test_seg_says_its_segments_overlap_as_the_rois_lie_in_the_liver(
+    case: tuple[CTSeries, AnalysisResult], tmp_path: Path
+) -> None:
+    """highdicom's overlap check still runs on the stacked masks and finds the ROIs inside the liver."""
+    series, result = case
+    assert result.source_masks is not None
+    assert (result.source_masks.liver.array & (result.source_masks.rois.array > 0)).any()
+    assert _built(series, result, tmp_path / "seg.dcm").SegmentsOverlap == "YES"
 
 
 def test_seg_describes_liver_and_one_segment_per_roi(case: tuple[CTSeries, AnalysisResult], tmp_path: Path) -> None:
