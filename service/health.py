@@ -77,8 +77,8 @@ class Health:
             "model": None if model is None else {"loaded": model.loaded, "detail": model.detail, "at": utc(model.at)},
             "spool_free_mib": status.spool_free_bytes // 2**20,
             "destinations_failing": [_failing_json(b, status) for b in status.counts.destinations
-                                     if b.failing_since is not None],  # fmt: skip
-        }
+                                     if b.failing_since is not None],
+        }  # fmt: skip
 
 
 def assess(status: NodeStatus) -> Health:

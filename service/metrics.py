@@ -45,7 +45,8 @@ class NodeCollector(Collector):
                         {state.value: n for state, n in counts.jobs.items()})  # fmt: skip
         yield _labelled("liverfat_series_by_grade", "Ended series versions by grade.", "grade", counts.grades)
         yield _labelled("liverfat_series_by_reason", "Ended series versions by finding code (why not graded, "
-                        "warnings); a version with two findings counts under both.", "reason", counts.reasons)  # fmt: skip
+                        "warnings); a version with two findings counts under both.", "reason",
+                        counts.reasons)  # fmt: skip
         buckets = [(floatToGoString(le), float(n)) for le, n in counts.processing_buckets.items()]
         yield HistogramMetricFamily("liverfat_processing_seconds", "Time to process one series, from claim to outputs "
                                     "recorded.", buckets=[*buckets, ("+Inf", float(counts.processing_count))],

@@ -88,8 +88,8 @@ def _health(config: NodeConfig, status: NodeStatus, *, running: bool) -> tuple[N
     """The verdict on ``status`` completed by the running node's own state (listener, worker, model)."""
     if not running:
         local = assess(status)
-        return status, replace(local, ok=False, problems=("the node is not running (no `liverfat serve` holds this "
-                                                          "spool)", *local.problems))  # fmt: skip
+        stopped = "the node is not running (no `liverfat serve` holds this spool)"
+        return status, replace(local, ok=False, problems=(stopped, *local.problems))
     if not config.http.port:
         why = "the node runs without its HTTP server ([http] port = 0): worker and model state not shown"
     else:
@@ -112,10 +112,10 @@ def _with_node_state(status: NodeStatus, url: str) -> NodeStatus:
     except urllib.error.HTTPError as error:
         body = json.load(error)
     model = body["model"]
+    state = None if model is None else ModelState(model["loaded"], model["detail"],
+                                                  calendar.timegm(time.strptime(model["at"], UTC)))  # fmt: skip
     return replace(status, listener_up=body["listener_up"], worker_up=body["worker_up"],
-                   worker_restarts=body["worker_restarts"],
-                   model=None if model is None else ModelState(model["loaded"], model["detail"],
-                                                               calendar.timegm(time.strptime(model["at"], UTC))))  # fmt: skip
+                   worker_restarts=body["worker_restarts"], model=state)  # fmt: skip
 
 
 def cmd_resend(args: argparse.Namespace) -> int:

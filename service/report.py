@@ -29,7 +29,7 @@ def status_report(config: NodeConfig, status: NodeStatus, health: Health, spool:
         "generated_at": utc(status.time),
         "node": {"ae_title": config.node.ae_title, "port": config.node.port, "running": running,
                  "spool": str(config.spool.dir), "spool_free_mib": status.spool_free_bytes // 2**20,
-                 "destinations": [str(d) for d in config.send.destinations]},  # fmt: skip
+                 "destinations": [str(d) for d in config.send.destinations]},
         "health": {"ok": health.ok, "problems": list(health.problems), "warnings": list(health.warnings)},
         "model": None if status.model is None else {"loaded": status.model.loaded, "detail": status.model.detail},
         "series": {state.value: n for state, n in status.counts.jobs.items()},
@@ -41,8 +41,8 @@ def status_report(config: NodeConfig, status: NodeStatus, health: Health, spool:
         "job_errors": [job_json(job) for job in spool.jobs(limit=1000) if job.last_error][:RECENT_ERRORS],
         "send_errors": [{"series_uid": row["series_uid"], "destination": row["destination"],
                          "file": Path(row["path"]).name, "state": row["state"], "attempts": row["attempts"],
-                         "error": row["last_error"]} for row in spool.send_errors(RECENT_ERRORS)],  # fmt: skip
-    }
+                         "error": row["last_error"]} for row in spool.send_errors(RECENT_ERRORS)],
+    }  # fmt: skip
 
 
 def _destination_json(name: str, backlog: DestinationBacklog | None, status: NodeStatus) -> dict[str, Any]:

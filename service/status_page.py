@@ -37,17 +37,17 @@ def render_status_page(report: dict[str, Any]) -> str:
             ("version", report["version"]), ("DICOM port", node["port"]), ("spool", node["spool"]),
             ("spool free", f"{node['spool_free_mib']} MiB"), ("model", _model(report["model"])),
             ("page generated", report["generated_at"]),
-        ])),  # fmt: skip
+        ])),
         _section("Queue", _rows([
             ("series", _counts(report["series"])), ("result files", _counts(report["outbox"])),
             ("instances received", report["instances_received"]), ("failed send attempts", report["send_failures"]),
-        ])),  # fmt: skip
+        ])),
         _section("Destinations", _destinations(report["destinations"])),
         _section("Recent series", _recent(report["recent"])),
         _section("Errors", _errors(report["job_errors"], report["send_errors"])),
-        "<footer>Read-only. Series are named by their Series Instance UID: this page shows no patient name, ID or "
-        f"accession number. Refreshes every {REFRESH_S} s.</footer>",
-    ]
+        ("<footer>Read-only. Series are named by their Series Instance UID: this page shows no patient name, ID or "
+         f"accession number. Refreshes every {REFRESH_S} s.</footer>"),
+    ]  # fmt: skip
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<meta http-equiv=\"refresh\" content=\"{REFRESH_S}\"><title>{_e(title)}</title>"
@@ -103,7 +103,8 @@ def _destinations(destinations: list[dict[str, Any]]) -> str:
 
 
 def _recent(jobs: list[dict[str, Any]]) -> str:
-    rows = [[f'<span class="time">{_e(local_time(job["updated_at"]))}</span>', f'<span class="uid">{_e(job["series_uid"])}</span> v{job["version"]}',
+    rows = [[f'<span class="time">{_e(local_time(job["updated_at"]))}</span>',
+             f'<span class="uid">{_e(job["series_uid"])}</span> v{job["version"]}',
              _e(job["state"]), _e(job["grade"] or ""),
              _e("" if job["parenchymal_hu"] is None else f"{job['parenchymal_hu']:.1f} HU"),
              '<span class="warn">borderline</span>' if job["borderline"] else "",

@@ -33,7 +33,8 @@ def counts(**changes: object) -> SpoolCounts:
 
 def status(**changes: object) -> NodeStatus:
     base = NodeStatus(counts=counts(), spool_free_bytes=10 * 2**30, min_free_bytes=2**20, destinations=1,
-                      nearly_full_bytes=2**30, listener_up=True, worker_up=True, model=LOADED, time=10_000.0)  # fmt: skip
+                      nearly_full_bytes=2**30, listener_up=True, worker_up=True, model=LOADED,
+                      time=10_000.0)  # fmt: skip
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
@@ -53,11 +54,11 @@ def test_a_dead_worker_or_listener_or_full_spool_is_a_problem() -> None:
 
 def test_a_model_that_cannot_load_is_a_problem_naming_why_and_one_still_loading_a_warning() -> None:
     (problem,) = assess(status(model=NO_WEIGHTS)).problems
-    assert problem.startswith("the model cannot be loaded: the default model's weights (pyliverlesionseg 0.3) are "
-                              "not in /x: run `liverfat models fetch`; every series fails until this is fixed")  # fmt: skip
+    assert problem == (f"the model cannot be loaded: {NO_WEIGHTS.detail}; every series fails until this is fixed "
+                       "(last try 1970-01-01T02:30:00Z)")
     loading = assess(status(model=None))
-    assert loading.ok and loading.warnings == ("the worker is loading the model; series wait in the queue until it "
-                                               "is loaded",)  # fmt: skip
+    (waiting,) = loading.warnings
+    assert loading.ok and waiting == "the worker is loading the model; series wait in the queue until it is loaded"
 
 
 def test_a_spool_within_the_margin_above_the_minimum_is_nearly_full_and_red() -> None:

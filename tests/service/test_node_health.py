@@ -65,7 +65,7 @@ def test_no_model_weights_turn_health_red_with_the_reason_and_status_shows_it(
     nodes.append(node)
     node.start(wait_model=False, real_model=True)
     port = node.config.http.port
-    code, body = wait_for(lambda: (h := healthz(port))[0] == 503 and h, 60, "/healthz to answer 503")
+    _, body = wait_for(lambda: (h := healthz(port))[0] == 503 and h, 60, "/healthz to answer 503")
     (problem,) = body["problems"]
     assert problem.startswith("the model cannot be loaded: the default model's weights")
     assert str(empty) in problem and "every series fails until this is fixed" in problem
