@@ -13,6 +13,7 @@ The file is rewritten durably after each case, so an interrupted run resumes whe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -21,6 +22,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -227,11 +229,25 @@ def settings_fingerprint(run: ResearchRun) -> str:
         "mask": mask,
         "mask_label": options.mask_label,
         "ignore_eligibility": options.ignore_eligibility,
-        "analysis": repr(options.config),
-        "eligibility": repr(options.policy),
+        "analysis": _plain(options.config),
+        "eligibility": _plain(options.policy),
         "outputs": [options.write_dicom, options.save_mask, options.save_ct, options.write_preview],
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-ready data that is the same in every process: sets sorted (their order follows
+    the per-process string hash), dataclasses as dicts, enums and paths as text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, set | frozenset):
+        return sorted(_plain(item) for item in value)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, Enum | Path):
+        return str(value)
+    return value
 
 
 def _is_current(row: Mapping[str, str], case: Case, settings: str, out_dir: Path) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +130,29 @@ def test_a_resumed_run_never_loads_the_model(inputs: dict[str, Path], tmp_path: 
 
     (again,) = analyze_inputs([inputs["normal"]], run, no_model).cases
     assert again.report is None and again.row == first.row
+
+
+def test_the_settings_fingerprint_is_the_same_in_every_process() -> None:
+    """Sets in the configuration (grading's withholding reasons) iterate in an order that follows the
+    per-process string hash: a fingerprint built from their repr made every new run redo every case."""
+    script = (
+        "from pathlib import Path; from liverfat.analysis import AnalysisOptions; "
+        "from liverfat.service.config import load_config; "
+        "from liverfat.service.research import ResearchRun, settings_fingerprint; node = load_config(); "
+        "print(settings_fingerprint(ResearchRun(AnalysisOptions(Path('out'), policy=node.eligibility, "
+        "config=node.analysis))))"
+    )
+    prints = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(prints) == 1
 
 
 # --- case folders -----------------------------------------------------------------------------------
