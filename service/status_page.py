@@ -18,7 +18,8 @@ STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.1em; margin-top: 1.5em; }
 table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
-th { background: #f3f3f3; } .uid { font-family: monospace; font-size: 0.9em; } .time { white-space: nowrap; }
+th { background: #f3f3f3; } .time { white-space: nowrap; }
+.uid { font-family: monospace; font-size: 0.9em; word-break: break-all; } td .uid { display: inline-block; max-width: 24em; }
 .ok { color: #176117; } .bad { color: #a40000; font-weight: bold; } .warn { color: #8a5a00; }
 .verdict { padding: 0.4em 0.8em; display: inline-block; border-radius: 4px; }
 .verdict.ok { background: #e3f4e3; } .verdict.bad { background: #fbe3e3; }
@@ -97,7 +98,8 @@ def _model(model: dict[str, Any] | None) -> str:
 def _destinations(destinations: list[dict[str, Any]]) -> str:
     css = {"ok": "ok", "failing": "warn", "unhealthy": "bad"}
     rows = [[_e(d["destination"]), f'<span class="{css[d["state"]]}">{_e(d["state"])}</span>', _e(d["waiting"]),
-             _e(d["failing_since"] or ""), _e(d["last_error"] or "")] for d in destinations]  # fmt: skip
+             f'<span class="time">{_e(d["failing_since"] or "")}</span>', _e(d["last_error"] or "")]
+            for d in destinations]  # fmt: skip
     return _table(("destination", "state", "files waiting", "failing since", "last error"), rows,
                   "No destination configured: results stay in the spool ([send] destinations).")  # fmt: skip
 
