@@ -30,6 +30,16 @@ def durable_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> Non
 
     ``tmp_dir`` (default: the target's folder) holds the temporary file; it must be on the same file system.
     """
+    synced_write(target, data, tmp_dir)
+    fsync_dir(target.parent)
+
+
+def synced_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    """``durable_write`` but for the fsync of the target's folder, which the caller owes (``fsync_dir``).
+
+    The data is on disk when this returns, its new name not yet: a writer of many files into
+    few folders (the spool's receiver, for instances that arrive together) fsyncs each folder once.
+    """
     _make_folder(target.parent)
     fd, tmp_name = _create(tmp_dir or target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
@@ -42,7 +52,6 @@ def durable_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> Non
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
 
 
 @contextmanager
@@ -70,7 +79,7 @@ def durable_path(target: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _create(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
@@ -96,7 +105,7 @@ def _make_folder(folder: Path) -> None:
         folder = folder.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
-        _fsync_dir(new.parent)
+        fsync_dir(new.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -106,7 +115,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make the names in ``folder`` (new, renamed or removed files) survive a crash."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

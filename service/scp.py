@@ -143,7 +143,7 @@ class IndexUids(NamedTuple):
     series_uid: str
 
 
-def index_uids(dataset: bytes, transfer_syntax: UID) -> IndexUids:
+def index_uids(dataset: bytes | memoryview, transfer_syntax: UID) -> IndexUids:
     """The SOP Instance, Study and Series Instance UIDs of an encoded data set (no file meta), read up to (0020,000E)."""
     if transfer_syntax.is_deflated:
         dataset = zlib.decompress(dataset, -zlib.MAX_WBITS)
@@ -328,12 +328,17 @@ class StorageSCP:
         return int(StoreStatus.SUCCESS)
 
     def _on_store(self, event: Event) -> int:
+        # The received data set as pynetdicom holds it, without the copy ``Event.encoded_dataset`` makes;
+        # the view is released before pynetdicom is handed the answer.
+        with cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer() as dataset:
+            return self._store(event, dataset)
+
+    def _store(self, event: Event, dataset: memoryview) -> int:
         request = cast(C_STORE, event.request)
         calling = str(event.assoc.requestor.ae_title).strip()
         sop_uid = str(request.AffectedSOPInstanceUID)
         sop_class = str(request.AffectedSOPClassUID)
         transfer_syntax = UID(event.context.transfer_syntax)
-        dataset = event.encoded_dataset(include_meta=False)
         try:
             indexed = index_uids(dataset, transfer_syntax)
         except RecursionError:  # one line, not pynetdicom's logged traceback of a thousand frames

@@ -33,9 +33,7 @@ class SpoolDatabase:
         for folder in (root, root / "instances", self.tmp_dir, self.results_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(root / DB_NAME, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)  # fmt: skip
-        self._db.row_factory = sqlite3.Row
+        self._db = _connect(root / DB_NAME)
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before Success is answered
@@ -44,10 +42,16 @@ class SpoolDatabase:
         except BaseException:
             self._db.close()
             raise
+        # Reads that must not wait behind a commit's fsync (the receiver's duplicate check): in WAL
+        # mode a second connection reads the last committed state while the first one writes.
+        self._read_lock = threading.Lock()
+        self._reader = _connect(root / DB_NAME)
+        self._reader.execute("PRAGMA query_only=ON")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     def _create_schema(self) -> None:
         with self.transaction() as db:
@@ -72,9 +76,21 @@ class SpoolDatabase:
         with self._lock:
             return self._db.execute(sql, params).fetchall()
 
+    def read_committed(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """``query`` on the read connection: the last committed state, without waiting for a writer."""
+        with self._read_lock:
+            return self._reader.execute(sql, params).fetchall()
+
     def clear_tmp(self) -> int:
         """Remove partial writes left by a crash; returns how many."""
         leftovers = list(self.tmp_dir.iterdir())
         for path in leftovers:
             path.unlink(missing_ok=True)
         return len(leftovers)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), rows by name, shared by threads."""
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    db.row_factory = sqlite3.Row
+    return db

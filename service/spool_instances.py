@@ -1,26 +1,50 @@
 """Receiving: writing instances durably into the spool, indexing them, duplicates and free space.
 
 Each instance joins its series' open job, or opens the series' next version (``spool_queue``).
+Its file is written and fsynced by the receiving thread; the fsync of its folder and its row
+in the index are committed together with those of the instances that arrive at the same time
+from other associations (``group_commit``), and only then does ``store_instance`` return.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import secrets
 import shutil
 import sqlite3
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from liverfat.errors import LiverfatError, Reason
-from liverfat.files import durable_write
+from liverfat.files import fsync_dir, synced_write
 from liverfat.service.diskspace import DiskSpace, is_disk_full
+from liverfat.service.group_commit import GroupCommit
 from liverfat.service.spool_db import DB_NAME, SpoolDatabase
 from liverfat.service.spool_queue import latest_job, new_version
 from liverfat.service.spool_types import OPEN_STATES, InstanceInfo, JobState, StoreOutcome
 
 log = logging.getLogger(__name__)
+
+_PLAIN_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]*(?<!\.)")  # kept as it is by file_name
+
+
+class Arrival(NamedTuple):
+    """An instance whose file is written and fsynced, to be indexed (its folder fsynced first)."""
+
+    info: InstanceInfo
+    relative: Path  # its file, relative to the spool's root
+    size: int
+    now: float
+
+
+class Indexed(NamedTuple):
+    """What indexing an arrival found: stored or a duplicate, and another series that holds its UID."""
+
+    outcome: StoreOutcome
+    other_series: str | None
 
 
 class Instances(SpoolDatabase):
@@ -29,11 +53,15 @@ class Instances(SpoolDatabase):
     min_free_bytes: int  # refuse an instance that would leave less free
     space: DiskSpace | None  # the node's disk-full state: stores are refused while it says full
 
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self._arrivals = GroupCommit(self._index_arrivals)
+
     def has_instance(self, sop_instance_uid: str, series_uid: str | None = None) -> bool:
-        """Whether the instance is held (in ``series_uid``, or in any series when not given)."""
+        """Whether the instance is held (in ``series_uid``, or in any series when not given), as last committed."""
         where, params = ("", [sop_instance_uid]) if series_uid is None else (" AND series_uid = ?",
                                                                              [sop_instance_uid, series_uid])  # fmt: skip
-        return bool(self.query(f"SELECT 1 FROM instances WHERE sop_instance_uid = ?{where}", params))
+        return bool(self.read_committed(f"SELECT 1 FROM instances WHERE sop_instance_uid = ?{where}", params))
 
     def store_instance(self, data: bytes, info: InstanceInfo, now: float | None = None) -> StoreOutcome:
         """Write one instance durably and index it; when this returns, the instance is safe.
@@ -63,17 +91,24 @@ class Instances(SpoolDatabase):
         relative = Path("instances") / file_name(info.series_uid) / name
         target = self.root / relative
         try:
-            durable_write(target, data, self.tmp_dir)
+            synced_write(target, data, self.tmp_dir)
         except OSError as error:
             raise self._write_error(f"cannot write instance to {target}", error) from error
         try:
-            outcome = self._index_instance(info, relative, len(data), now)
+            indexed = self._arrivals.submit(Arrival(info, relative, len(data), now))
+        except OSError as error:  # the folder's fsync
+            target.unlink(missing_ok=True)
+            raise self._write_error(f"cannot write instance to {target}", error) from error
         except sqlite3.Error as error:
             target.unlink(missing_ok=True)
             raise self._write_error(f"cannot index instance in {self.root / DB_NAME}", error) from error
-        if outcome is StoreOutcome.DUPLICATE:
+        if indexed.outcome is StoreOutcome.DUPLICATE:
             target.unlink(missing_ok=True)  # a concurrent association stored it first: this copy is not indexed
-        return outcome
+        elif indexed.other_series is not None:
+            log.warning("SOP Instance UID %s of series %s was already received in series %s (an anonymiser that "
+                        "reuses UIDs?): kept as an instance of each series", info.sop_instance_uid, info.series_uid,
+                        indexed.other_series)  # fmt: skip
+        return indexed.outcome
 
     def _write_error(self, what: str, error: Exception) -> LiverfatError:
         """The error a failed write raises; a full disk also enters the node's disk-full state."""
@@ -96,34 +131,39 @@ class Instances(SpoolDatabase):
                                 f"spool {self.root} has {free // 2**20} MiB free, the configured minimum is "
                                 f"{self.min_free_bytes // 2**20} MiB ([spool] min_free_disk_mb)")  # fmt: skip
 
-    def _index_instance(self, info: InstanceInfo, relative: Path, size: int, now: float) -> StoreOutcome:
+    def _index_arrivals(self, arrivals: list[Arrival]) -> list[Indexed]:
+        """Fsync the arrivals' folders, then index them all in one transaction (one commit, one fsync)."""
+        for folder in dict.fromkeys(self.root / arrival.relative.parent for arrival in arrivals):
+            fsync_dir(folder)
         with self.transaction() as db:
-            if _mark_held(db, info, now):
-                return StoreOutcome.DUPLICATE  # a concurrent association stored it first
-            job_id = self._open_job(db, info, now)
-            db.execute("UPDATE jobs SET n_instances = n_instances + 1, last_instance_at = ? WHERE id = ?",
-                       (now, job_id))  # fmt: skip
-            db.execute(
-                "INSERT INTO instances (series_uid, sop_instance_uid, job_id, sop_class_uid, path, size, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (info.series_uid, info.sop_instance_uid, job_id, info.sop_class_uid, str(relative), size, now),
-            )
-            other = db.execute("SELECT series_uid FROM instances WHERE sop_instance_uid = ? AND series_uid != ? "
-                               "LIMIT 1", (info.sop_instance_uid, info.series_uid)).fetchone()  # fmt: skip
-        if other is not None:
-            log.warning("SOP Instance UID %s of series %s was already received in series %s (an anonymiser that "
-                        "reuses UIDs?): kept as an instance of each series", info.sop_instance_uid, info.series_uid,
-                        other["series_uid"])  # fmt: skip
-        return StoreOutcome.STORED
+            return [_index_arrival(db, arrival) for arrival in arrivals]
 
-    @staticmethod
-    def _open_job(db: sqlite3.Connection, info: InstanceInfo, now: float) -> int:
-        """The job a new instance joins: the series' open version, or a new version."""
-        latest = latest_job(db, info.series_uid)
-        if latest is not None and latest["state"] in OPEN_STATES:
-            db.execute("UPDATE jobs SET state = ?, completed_at = NULL WHERE id = ?", (JobState.RECEIVED, latest["id"]))
-            return int(latest["id"])
-        return new_version(db, latest, JobState.RECEIVED, now, info=info)
+
+def _index_arrival(db: sqlite3.Connection, arrival: Arrival) -> Indexed:
+    """Index one arrival in the batch's transaction, unless its series already holds it."""
+    info, now = arrival.info, arrival.now
+    if _mark_held(db, info, now):
+        return Indexed(StoreOutcome.DUPLICATE, None)  # a concurrent association stored it first
+    job_id = _open_job(db, info, now)
+    db.execute("UPDATE jobs SET n_instances = n_instances + 1, last_instance_at = ? WHERE id = ?", (now, job_id))
+    db.execute(
+        "INSERT INTO instances (series_uid, sop_instance_uid, job_id, sop_class_uid, path, size, received_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (info.series_uid, info.sop_instance_uid, job_id, info.sop_class_uid, str(arrival.relative), arrival.size,
+         now),
+    )  # fmt: skip
+    other = db.execute("SELECT series_uid FROM instances WHERE sop_instance_uid = ? AND series_uid != ? LIMIT 1",
+                       (info.sop_instance_uid, info.series_uid)).fetchone()  # fmt: skip
+    return Indexed(StoreOutcome.STORED, None if other is None else str(other["series_uid"]))
+
+
+def _open_job(db: sqlite3.Connection, info: InstanceInfo, now: float) -> int:
+    """The job a new instance joins: the series' open version, or a new version."""
+    latest = latest_job(db, info.series_uid)
+    if latest is not None and latest["state"] in OPEN_STATES:
+        db.execute("UPDATE jobs SET state = ?, completed_at = NULL WHERE id = ?", (JobState.RECEIVED, latest["id"]))
+        return int(latest["id"])
+    return new_version(db, latest, JobState.RECEIVED, now, info=info)
 
 
 def _mark_held(db: sqlite3.Connection, info: InstanceInfo, now: float) -> bool:
@@ -149,6 +189,8 @@ def _mark_held(db: sqlite3.Connection, info: InstanceInfo, now: float) -> bool:
 
 def file_name(uid: str) -> str:
     """A UID as a file or folder name; a non-conformant UID gets a hash so names never collide."""
+    if _PLAIN_NAME.fullmatch(uid):  # every conformant UID: no per-character work on the receive path
+        return uid
     cleaned = "".join(c if c.isalnum() or c in "._-" else "_" for c in uid).strip(".")
     if cleaned == uid and cleaned:
         return uid

@@ -33,7 +33,7 @@ from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import Caller, NodeConfig, SeriesSection, TlsSection
 from liverfat.service.scp import StorageSCP, StoreStatus, index_uids, part10_header, refuse_caller
 from liverfat.service.spool import JobState, Spool
-from tests.service.conftest import ECHOSCU, dcmtk, node_config, small_series, storescu
+from tests.service.conftest import DCMTK_ENV, ECHOSCU, STORESCU, dcmtk, node_config, small_series, storescu
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
 
@@ -96,6 +96,53 @@ def test_each_success_means_the_instance_is_already_on_disk_and_indexed(node: tu
         return ds.SOPInstanceUID, ds.PixelData
 
     assert {content(p) for p in independent.job_files(job)} == {content(p) for p in files}
+
+
+def test_a_success_follows_the_fsync_of_file_and_folder_and_the_commit(node: tuple[StorageSCP, Spool], tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """What a Success promises, in the order it happens: data on disk, its name on disk, its row committed."""
+    scp, spool = node
+    [path] = small_series(tmp_path / "series", slices=1)
+    dataset = pydicom.dcmread(path, stop_before_pixels=True)
+    events: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def recorded_fsync(fd: int) -> None:
+        real_fsync(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    spool._db.set_trace_callback(lambda sql: events.append(("sql", sql.split()[0].upper())))
+    assoc = associate(scp)
+    status = assoc.send_c_store(path)
+    events.append(("success", hex(status.Status)))
+    assoc.release()
+    folder = str(spool.root / "instances" / dataset.SeriesInstanceUID)
+    at = {event: i for i, event in reversed(list(enumerate(events)))}  # the first time each event happened
+    [file_synced] = [i for i, (what, path) in enumerate(events)
+                     if what == "fsync" and path.startswith(str(spool.tmp_dir)) and dataset.SOPInstanceUID in path]
+    last_insert = max(i for i, event in enumerate(events) if event == ("sql", "INSERT"))  # the instance's row
+    committed = next(i for i, event in enumerate(events) if event == ("sql", "COMMIT") and i > last_insert)
+    assert file_synced < at["fsync", folder] < at["sql", "BEGIN"] < last_insert < committed < at["success", "0x0"]
+
+
+def test_four_associations_at_once_lose_no_instance(node: tuple[StorageSCP, Spool], tmp_path: Path) -> None:
+    """Four series sent at once (their instances committed in shared batches): every Success is indexed and held."""
+    scp, spool = node
+    folders = [tmp_path / f"series-{n}" for n in range(4)]
+    sent = {n: small_series(folder, slices=12) for n, folder in enumerate(folders)}
+    senders = [subprocess.Popen([str(STORESCU), "+sd", "-aet", "TESTSCU", "-aec", "LIVERFAT", "127.0.0.1",
+                                 str(scp.port), str(folder)], env=DCMTK_ENV, stderr=subprocess.PIPE, text=True)
+               for folder in folders]  # fmt: skip
+    errors = [sender.communicate(timeout=120)[1] for sender in senders]
+    assert [sender.returncode for sender in senders] == [0] * 4, errors
+    jobs = spool.jobs()
+    assert sorted(job.n_instances for job in jobs) == [12] * 4
+    for job in jobs:
+        held = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in spool.job_files(job)}
+        [files] = [files for files in sent.values() if job.series_uid == pydicom.dcmread(files[0]).SeriesInstanceUID]
+        assert held == {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in files}
+    assert not any(spool.tmp_dir.iterdir())
 
 
 @pytest.mark.parametrize("sop_instance_uid", ["1.2.3", "1.2.34"])  # odd and even lengths
