@@ -2,7 +2,8 @@
 
 The node's worker and ``liverfat analyze`` both run a series through here. Reading and
 eligibility come from ``dicom_io``, the measurement from ``inference``; this module decides
-per series what to run and writes ``<out>/<series>/result.json`` beside the DICOM outputs.
+per series what to run and writes ``<out>/<case>/result.json`` beside the DICOM outputs (and,
+when asked, ``preview.png``, ``liver_mask.nii.gz`` and ``ct.nii.gz``). ``<case>`` is ``case_folder``'s name.
 """
 
 from __future__ import annotations
