@@ -198,7 +198,7 @@ def against_reference(case: ValidationCase, result: AnalysisResult, options: Ana
                       models: ModelCache) -> dict[str, Any]:  # fmt: skip
     """Dice, HD95, volume and HU differences against the reference mask (measured the same way)."""
     assert case.reference is not None
-    forced = result.working_masks is None  # rejected before measuring: measure anyway (``--ignore-eligibility``) to compare
+    forced = result.working_masks is None  # rejected before measuring: measure anyway (``--ignore-eligibility``)
     if forced:
         (report,) = run_product(case, replace(options, ignore_eligibility=True), models)
         result = report.result
