@@ -1,4 +1,4 @@
-"""``liverfat analyze`` for research users: results.csv columns and resume, case folders, preview.png, --save-ct, progress."""
+"""``liverfat analyze`` for research users: results.csv and resume, case folders, preview.png, --save-ct, progress."""
 
 from __future__ import annotations
 
