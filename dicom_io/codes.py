@@ -33,16 +33,21 @@ Choices that are ours (the standard offers more than one way):
   the published estimates it is (DL-parenchymal, DL-volumetric, DL-axial) is carried as
   the measurement method, in our own private coding scheme ``99LIVERFAT`` (declared in
   each SR's Coding Scheme Identification Sequence), because no standard code exists.
-- **Summary report title.** ``99LIVERFAT AUTO-MEAS-REPORT`` "Automated Liver
-  Attenuation Measurement". TID 1500 row 1 takes its title from DCID 7021 "Measurement
-  Report Document Title", which is *extensible* (PS3.16, version 20141110), so 126000 is
-  not required. Its only general member, DCM 126000 "Imaging Measurement Report", makes
-  OHIF treat the document as editable measurements: it shows no TEXT or CODE item and
-  crashes on a group without an image region (see ``sr.py``); 126001-126003 are for
+- **Summary report title.** The title names the document and its outcome, so that a viewer
+  that shows the report as text (OHIF) or a PACS that lists it by title opens on the grade:
+  ``99LIVERFAT SUMMARY-MODSEV`` "Liver attenuation: moderate-to-severe steatosis",
+  ``SUMMARY-NOTSHOWN`` "Liver attenuation: moderate-to-severe steatosis not shown",
+  ``SUMMARY-UNGRADED`` "Liver attenuation: not graded". TID 1500 row 1 takes its title from
+  DCID 7021 "Measurement Report Document Title", which is *extensible* (PS3.16, version
+  20141110), so 126000 is not required; and the title is the only item that TID 1500 puts
+  before the language and the observer context (with the device's UID), so it is the only place
+  where the grade can come first. Its only general member, DCM 126000 "Imaging Measurement
+  Report", makes OHIF treat the document as editable measurements: it shows no TEXT or CODE
+  item and crashes on a group without an image region (see ``sr.py``); 126001-126003 are for
   oncology, DCE-MR and PET. The LOINC titles of CID 7000 ("Diagnostic Imaging Report",
-  "CT Chest Report") name a physician's signed diagnostic report, which this machine
-  result is not. So the title says what the document is, in our declared scheme; with
-  PreliminaryFlag PRELIMINARY and VerificationFlag UNVERIFIED (``sr.py``).
+  "CT Chest Report") name a physician's signed diagnostic report, which this machine result is
+  not. So the title is ours, in our declared scheme; with PreliminaryFlag PRELIMINARY and
+  VerificationFlag UNVERIFIED (``sr.py``).
 - **Graded value with replaced ROIs.** When a seed ROI failed its checks and was
   replaced, the graded value is not the published DL-parenchymal; it is coded with
   method ``99LIVERFAT DL-PAR-REPLACED`` beside the seed-exact DL-parenchymal.
@@ -103,9 +108,17 @@ CT_UNSPECIFIED_BODY_REGION = CodedConcept.from_code(codes.LN.CTUnspecifiedBodyRe
 # --- our private coding scheme: which published liver-attenuation estimate ----------
 LIVERFAT_SCHEME = "99LIVERFAT"
 LIVERFAT_SCHEME_NAME = "liverfat measurement methods"
-# the summary SR's title (see the module docstring)
-AUTOMATED_MEASUREMENT_REPORT = CodedConcept(
-    value="AUTO-MEAS-REPORT", scheme_designator=LIVERFAT_SCHEME, meaning="Automated Liver Attenuation Measurement"
+# the summary SR's title, by outcome (see the module docstring)
+SUMMARY_MODERATE_TO_SEVERE = CodedConcept(
+    value="SUMMARY-MODSEV", scheme_designator=LIVERFAT_SCHEME, meaning="Liver attenuation: moderate-to-severe steatosis"
+)
+SUMMARY_NOT_SHOWN = CodedConcept(
+    value="SUMMARY-NOTSHOWN",
+    scheme_designator=LIVERFAT_SCHEME,
+    meaning="Liver attenuation: moderate-to-severe steatosis not shown",
+)
+SUMMARY_NOT_GRADED = CodedConcept(
+    value="SUMMARY-UNGRADED", scheme_designator=LIVERFAT_SCHEME, meaning="Liver attenuation: not graded"
 )
 # the question the grade answers (see the module docstring)
 MODERATE_TO_SEVERE_STEATOSIS = CodedConcept(

@@ -14,12 +14,11 @@ Circle SR (``build_circle_sr``, ``sr.dcm``), title DCM 126000 "Imaging Measureme
             HAS PROPERTIES Standard Deviation [hnsf'U]   (TID 310/311 statistical property)
           Area [mm2], finding site Liver
 
-Summary SR (``build_summary_sr``, ``sr-summary.dcm``), title 99LIVERFAT AUTO-MEAS-REPORT
-"Automated Liver Attenuation Measurement"::
+Summary SR (``build_summary_sr``, ``sr-summary.dcm``), titled by its outcome (``summary_title``),
+e.g. 99LIVERFAT SUMMARY-MODSEV "Liver attenuation: moderate-to-severe steatosis"::
 
-    Automated Liver Attenuation Measurement
+    Liver attenuation: moderate-to-severe steatosis   (or "... not shown", "... not graded")
       Language, observation context, procedure reported
-      Image Library (the ROI slices, when there are ROIs)
       Imaging Measurements
         Measurement Group "liverfat steatosis"      (TID 1501; first, so a text view opens on the grade)
           finding Steatosis of liver, finding site Liver, algorithm (grading, threshold, margin)
@@ -65,13 +64,18 @@ Why two documents, and why these encodings (OHIF v3.13, ``extensions/cornerstone
 - The summary's title: TID 1500 row 1 takes its title from DCID 7021 "Measurement Report
   Document Title", an *extensible* context group, so a title outside its four DCM codes is
   conformant; 126000 (its only general title) is what makes OHIF hide text, and the LOINC
-  titles of CID 7000 name a physician's diagnostic report. The title is therefore our own
-  "Automated Liver Attenuation Measurement" (see ``codes.py``). The document stays a TID 1500
+  titles of CID 7000 name a physician's diagnostic report. The title is therefore our own, and
+  it names the outcome (see ``codes.py``): TID 1500's order is significant, and it puts the
+  language, the observer context (the device's UID) and the procedure before any measurement
+  group, so the title is the one place before them where the grade can stand; OHIF's text view
+  opens on it. The summary has no Image Library (optional, TID 1500 row 5): none of its items
+  cites a slice, and OHIF printed one "[IMAGE is not supported]" per library entry above the
+  grade group. The document stays a TID 1500
   Measurement Report (built by highdicom's ``MeasurementReport``, read back by
   ``hd.sr.srread`` as one), so every TID 1500 reader still finds the measurements by their
   codes; only OHIF's display depends on the title.
-- The grade group cites no source images of its own (they are in the Image Library):
-  OHIF prints each as "[IMAGE is not supported]" ahead of the Summary sentence.
+- The grade group cites no source images of its own (the evidence sequence lists the
+  series): OHIF prints each as "[IMAGE is not supported]" ahead of the Summary sentence.
 - Replaced ROIs keep their number and say so in their tracking identifier, e.g.
   "liverfat liver ROI 2 (next slice)" (the same text as the SEG segment's).
 - OHIF reads the Image Library of a 126000 report unconditionally, so the circle SR
@@ -121,6 +125,11 @@ _GRADE_VALUE = {
     Grade.MODERATE_TO_SEVERE: codes.PRESENT,
     Grade.NONE_OR_MILD: codes.NOT_DETECTED,
     Grade.NOT_GRADED: codes.UNDETERMINED,
+}
+_SUMMARY_TITLE = {
+    Grade.MODERATE_TO_SEVERE: codes.SUMMARY_MODERATE_TO_SEVERE,
+    Grade.NONE_OR_MILD: codes.SUMMARY_NOT_SHOWN,
+    Grade.NOT_GRADED: codes.SUMMARY_NOT_GRADED,
 }
 # "(0018,0050)", and the ", see (0018,0050)" the eligibility messages end with
 _TAG = r"\([0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)"
@@ -340,6 +349,11 @@ def _full_stop(sentence: str) -> str:
     return sentence if sentence.endswith(".") else f"{sentence}."
 
 
+def summary_title(result: AnalysisResult) -> hd.sr.CodedConcept:
+    """The summary SR's title: the document and its outcome, what a text view shows first."""
+    return _SUMMARY_TITLE[result.grade]
+
+
 def grade_evaluations(result: AnalysisResult) -> list[hd.sr.QualitativeEvaluation]:
     """"Moderate-to-severe hepatic steatosis": Present / Not detected / Undetermined; then
     "Certainty of Finding": Equivocal when the graded value is borderline."""
@@ -529,17 +543,16 @@ def build_summary_sr(
     group. Only the source datasets of ``series`` are read, so a headers-only series
     works for a result without ROIs (the "not applicable" report of a rejected series).
     """
-    sources = _roi_slices(series, result)
     groups: list[_Group] = [_grade_group(result, uids, site)]
     if seg is not None:
         groups.append(_liver_group(series, result, seg, uids))
     document = _Document(
         role=SUMMARY_SR_ROLE,
-        title=codes.AUTOMATED_MEASUREMENT_REPORT,
+        title=summary_title(result),
         series_number=site.sr_summary_series_number,
         series_description=SUMMARY_SERIES_DESCRIPTION,
         groups=groups,
-        library=sources,
+        library=[],
         evidence=list(series.datasets) + ([seg] if seg is not None else []),
     )
     return _comprehensive_sr(document, result, uids, site, created)

@@ -32,6 +32,7 @@ from liverfat.dicom_io.sr import (
     build_summary_sr,
     grade_sentence,
     place_circle,
+    summary_title,
     without_tags,
 )
 from liverfat.dicom_io.uids import output_uids
@@ -251,20 +252,24 @@ CERTAINTY = ("111012", "DCM")
 
 
 @pytest.mark.parametrize(
-    ("liver_hu", "grade", "value", "words"),
+    ("liver_hu", "grade", "value", "words", "title"),
     [
-        (25.0, Grade.MODERATE_TO_SEVERE, ("52101004", "SCT"), "Moderate-to-severe hepatic steatosis: "),
-        (60.0, Grade.NONE_OR_MILD, ("260415000", "SCT"), "Moderate-to-severe hepatic steatosis not shown: "),
+        (25.0, Grade.MODERATE_TO_SEVERE, ("52101004", "SCT"), "Moderate-to-severe hepatic steatosis: ",
+         ("SUMMARY-MODSEV", "Liver attenuation: moderate-to-severe steatosis")),
+        (60.0, Grade.NONE_OR_MILD, ("260415000", "SCT"), "Moderate-to-severe hepatic steatosis not shown: ",
+         ("SUMMARY-NOTSHOWN", "Liver attenuation: moderate-to-severe steatosis not shown")),
     ],
-)
+)  # fmt: skip
 def test_grade_is_coded_as_what_the_method_says_with_threshold_and_readable_text(
-    tmp_path: Path, liver_hu: float, grade: Grade, value: tuple[str, str], words: str
+    tmp_path: Path, liver_hu: float, grade: Grade, value: tuple[str, str], words: str, title: tuple[str, str]
 ) -> None:
-    """Present below the threshold, Not detected above it (never "Absent": mild is not excluded)."""
+    """Present below the threshold, Not detected above it (never "Absent": mild is not excluded); the title says so."""
     series, liver = phantom_series(tmp_path / "ct", liver_hu=liver_hu)
     result = make_result(series, liver)
     assert result.grade is grade and not result.borderline
-    group = _grade_group(summary_of(series, result, tmp_path))
+    summary = summary_of(series, result, tmp_path)
+    assert _title(summary) == (*title, codes.LIVERFAT_SCHEME)
+    group = _grade_group(summary)
     assert _code(group.finding_type) == ("197321007", "SCT")
     assert _evaluations(group) == {QUESTION: value}  # no borderline flag, no severity beside a negative
     (evaluation,) = [item for item in group[0].ContentSequence
@@ -399,7 +404,9 @@ def test_without_tags_removes_tag_numbers_and_keeps_the_words(message: str, plai
 def test_withheld_grade_is_undetermined_with_reasons_as_text(case: Case, tmp_path: Path) -> None:
     series, liver = case
     result = not_graded(series, liver)
-    group = _grade_group(summary_of(series, result, tmp_path))
+    summary = summary_of(series, result, tmp_path)
+    assert _title(summary) == ("SUMMARY-UNGRADED", "Liver attenuation: not graded", codes.LIVERFAT_SCHEME)
+    group = _grade_group(summary)
     assert _evaluations(group) == {QUESTION: ("373068000", "SCT")}  # no borderline flag on a withheld grade
     methods = [_code(m.method) for m in group.get_measurements()]
     assert _code(codes.DL_PARENCHYMAL) in methods  # measured: the number is reported, no grade rests on it
@@ -418,10 +425,16 @@ def test_withheld_grade_stays_undetermined_even_near_the_threshold(case: Case, t
 
 
 def _library(sr: SR) -> set[str]:
-    (library,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    """The SOP Instance UIDs in the Image Library; empty without one."""
     return {entry.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            for library in sr.ContentSequence if library.ConceptNameCodeSequence[0].CodeValue == "111028"
             for group in library.ContentSequence for entry in group.ContentSequence
             if "ReferencedSOPSequence" in entry}  # fmt: skip
+
+
+def _title(sr: SR) -> tuple[str, str, str]:
+    title = sr.ConceptNameCodeSequence[0]
+    return (title.CodeValue, title.CodeMeaning, title.CodingSchemeDesignator)
 
 
 def _evidence(sr: SR) -> set[str]:
@@ -433,15 +446,17 @@ def _evidence(sr: SR) -> set[str]:
     }
 
 
-def test_both_reports_name_this_node_the_roi_slices_and_their_evidence(graded: Graded) -> None:
+def test_both_reports_name_this_node_and_their_evidence_and_the_circles_their_slices(graded: Graded) -> None:
+    """OHIF needs the circle report's Image Library; the summary cites no slice and has none (OHIF would print
+    one "[IMAGE is not supported]" per entry above the grade)."""
     series, result, circles, summary, seg = graded
     roi_slices = {series.datasets[roi.slice_index].SOPInstanceUID for roi in result.rois}
     ct = {ds.SOPInstanceUID for ds in series.datasets}
+    assert (_library(circles), _library(summary)) == (roi_slices, set())
     for sr, evidence in ((circles, ct), (summary, ct | {seg.SOPInstanceUID})):
         (observer,) = _report(sr).get_observer_contexts(observer_type=dcm_codes.DCM.Device)
         attributes = observer.observer_identifying_attributes
         assert (attributes.uid, attributes.name) == ("2.25.1234", "LIVERFAT-TEST")
-        assert _library(sr) == roi_slices
         assert _evidence(sr) == evidence
         assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
         assert sr.StudyInstanceUID == series.datasets[0].StudyInstanceUID
@@ -449,14 +464,14 @@ def test_both_reports_name_this_node_the_roi_slices_and_their_evidence(graded: G
         assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
 
-def test_circle_report_is_an_imaging_measurement_report_and_the_summary_an_automated_measurement(graded: Graded) -> None:
-    """OHIF draws a 126000 report's circles and shows a report with any other title as text."""
-    _, _, circles, summary, _ = graded
-    title = circles.ConceptNameCodeSequence[0]
-    assert (title.CodeValue, title.CodingSchemeDesignator) == ("126000", "DCM")
-    title = summary.ConceptNameCodeSequence[0]
-    assert (title.CodeValue, title.CodingSchemeDesignator, title.CodeMeaning) == (
-        "AUTO-MEAS-REPORT", "99LIVERFAT", "Automated Liver Attenuation Measurement")
+def test_circle_report_is_an_imaging_measurement_report_and_the_summary_is_titled_by_its_outcome(
+    graded: Graded,
+) -> None:
+    """OHIF draws a 126000 report's circles and shows a report with any other title as text, title first."""
+    _, result, circles, summary, _ = graded
+    assert _title(circles) == ("126000", "Imaging Measurement Report", "DCM")
+    title = summary_title(result)
+    assert _title(summary) == (title.value, title.meaning, codes.LIVERFAT_SCHEME)  # the outcome's: see below
     assert (circles.SeriesNumber, circles.SeriesDescription) == (9902, "liverfat ROI measurements")
     assert (summary.SeriesNumber, summary.SeriesDescription) == (9904, "liverfat steatosis summary")
     assert circles.SeriesInstanceUID != summary.SeriesInstanceUID

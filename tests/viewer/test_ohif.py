@@ -31,7 +31,7 @@ from liverfat.dicom_io.outputs import write_outputs
 from liverfat.dicom_io.read import discover, load_series
 from liverfat.dicom_io.seg import LIVER_RGB, roi_name, roi_rgb
 from liverfat.dicom_io.series import CTSeries
-from liverfat.dicom_io.sr import grade_sentence
+from liverfat.dicom_io.sr import grade_sentence, summary_title
 from liverfat.inference.models.registry import load_backend
 from liverfat.inference.pipeline import measure_series
 from liverfat.result import AnalysisResult
@@ -320,3 +320,15 @@ def test_summary_report_shows_grade_and_dl_parenchymal_as_text(shown: Shown) -> 
     assert any(report["visible"] for report in reports), (
         f"grade sentence {sentence!r} is below the fold of OHIF's SR text view: put the grade first"
     )
+
+
+def test_summary_report_opens_on_the_grade_and_shows_no_image_line_before_the_sentence(shown: Shown) -> None:
+    """The title, which names the outcome, is the text view's first line (TID 1500 puts the language and the device
+    observer with its UID before any measurement group, so only the title can precede them); no
+    "[IMAGE is not supported]" line (an Image Library entry) comes before the grade sentence."""
+    sentence = grade_sentence(shown.case.result)
+    (report,) = [report for report in shown.step("reports")["shown"] if sentence in report["text"]]
+    first_line = report["text"].strip().splitlines()[0]
+    assert first_line.endswith(summary_title(shown.case.result).meaning), first_line
+    before = report["text"][: report["text"].index(sentence)]
+    assert "is not supported]" not in before, before
