@@ -1,0 +1,238 @@
+"""Benchmark of the write stage (SEG, circle SR, summary SR, key image): the fast path against a baseline.
+
+The baseline is the write path of a git revision (``--baseline``, default ``611a497``: the write
+path of 1956b86, whose 300-slice write stage took 4.7 s in the node, after refactors that did not
+change what it does or how fast). Its ``dicom_io/seg.py``, ``keyimage.py`` and ``outputs.py`` are
+read with ``git show`` and loaded beside the working tree's (the baseline modules import each
+other; ``sr.py`` and everything else are the working tree's), and both write the same result of
+the same series, in turn, ``--repeat`` times. Printed per object: the build time of the SEG, the
+circle SR, the summary SR and the key image, each on its own; and the whole ``write_outputs``
+(UIDs, the four objects, encoding, four durable writes), with the ratio new / baseline. Best of
+the repeats (the machine is shared; the median is in the JSON). Then the files both paths wrote
+are compared byte for byte: the fast path must write the same objects.
+
+Cases: ``phantom`` (``--slices`` x 512 x 512 synthetic chest, its analytic liver as the mask)
+and ``lidc-idri-0002`` (the real chest CT in ``../shared/data``, 261 slices, with the seed
+method's manual liver mask; skipped without the data). The result is measured by the pipeline
+(``measure_series``) on that mask, so the ROIs are the method's own.
+
+Run from the repository root::
+
+    .venv/bin/python bench/bench_write.py [--cases phantom lidc-idri-0002] [--slices 300] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import highdicom
+import numpy as np
+import pydicom
+
+# Run as a script, Python puts bench/ on sys.path; the phantom helpers live in tests/ and bench_node.py.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_node import write_phantom  # noqa: E402
+
+from liverfat import __version__  # noqa: E402
+from liverfat.dicom_io import keyimage, outputs, seg  # noqa: E402
+from liverfat.dicom_io.read import discover, load_series, read_mask  # noqa: E402
+from liverfat.dicom_io.series import CTSeries  # noqa: E402
+from liverfat.dicom_io.site import OutputSettings  # noqa: E402
+from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr  # noqa: E402
+from liverfat.dicom_io.uids import output_uids  # noqa: E402
+from liverfat.inference.pipeline import measure_series  # noqa: E402
+from liverfat.result import AnalysisResult  # noqa: E402
+from tests.dicom_io.output_cases import ds_points  # noqa: E402
+from tests.phantom import Phantom  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+LIDC = SHARED / "chest-ct" / "lidc-idri-0002"
+LIDC_LIVER = SHARED / "seed-dl-parenchymal" / "LIDC-IDRI_0002_3d_liver_seg.nii.gz"
+DEFAULT_BASELINE = "611a497"
+BASELINE_MODULES = ("seg", "keyimage", "outputs")  # in import order: each imports the ones before it
+CREATED = datetime(2024, 5, 6, 7, 8, 9)  # both paths stamp the same times, so their files can be compared
+SITE = OutputSettings()
+OBJECTS = ("SEG", "circle SR", "summary SR", "key image")
+
+
+def load_baseline(revision: str) -> dict[str, ModuleType]:
+    """The write modules of ``revision``, each importing the others' baseline versions.
+
+    While one is executed, ``sys.modules`` maps the names of those loaded before it to their
+    baseline modules, so its ``from liverfat.dicom_io.seg import build_seg`` gets the baseline's.
+    The working tree's modules are put back afterwards.
+    """
+    names = [f"liverfat.dicom_io.{name}" for name in BASELINE_MODULES]
+    saved = {name: sys.modules[name] for name in names}
+    loaded: dict[str, ModuleType] = {}
+    try:
+        for short, name in zip(BASELINE_MODULES, names):
+            source = subprocess.run(["git", "show", f"{revision}:dicom_io/{short}.py"], cwd=REPO, check=True,
+                                    capture_output=True, text=True).stdout  # fmt: skip
+            module = ModuleType(name)
+            module.__file__ = f"{revision}:dicom_io/{short}.py"
+            sys.modules[name] = module
+            exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102  # our own code, from git
+            loaded[short] = module
+    finally:
+        sys.modules.update(saved)
+    return loaded
+
+
+def phantom_case(folder: Path, slices: int) -> tuple[CTSeries, AnalysisResult]:
+    """The phantom in ``folder`` (written there first unless it is already), with its analytic liver."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        write_phantom(folder, slices)
+    series = load(folder)
+    if len(series.datasets) != slices:
+        raise RuntimeError(f"{folder} holds a phantom of {len(series.datasets)} slices, not {slices}")
+    phantom = Phantom()
+    liver = np.stack([phantom.liver_at(ds_points(dataset)) for dataset in series.datasets])
+    return series, measured(series, series.volume.with_array(liver))
+
+
+def lidc_case() -> tuple[CTSeries, AnalysisResult]:
+    series = load(LIDC)
+    return series, measured(series, read_mask(LIDC_LIVER, series.volume))
+
+
+def load(folder: Path) -> CTSeries:
+    (found,) = discover([folder]).series
+    return load_series(found)
+
+
+def measured(series: CTSeries, liver: Any) -> AnalysisResult:
+    result = measure_series(series, liver, eligible=True, reasons=())
+    if result.source_masks is None or not result.rois:
+        raise RuntimeError(f"series {series.series_uid}: no ROIs placed, nothing to benchmark")
+    return result
+
+
+def object_builders(seg_module: ModuleType, keyimage_module: ModuleType,
+                    series: CTSeries, result: AnalysisResult) -> dict[str, Callable[[], object]]:  # fmt: skip
+    """One call per object, each built on its own (the summary SR on a SEG built beforehand)."""
+    uids = output_uids(result, SITE.digest())
+    built_seg = seg_module.build_seg(series, result, uids, SITE, CREATED)
+    return {
+        "SEG": lambda: seg_module.build_seg(series, result, uids, SITE, CREATED),
+        "circle SR": lambda: build_circle_sr(series, result, uids, SITE, CREATED),
+        "summary SR": lambda: build_summary_sr(series, result, built_seg, uids, SITE, CREATED),
+        "key image": lambda: keyimage_module.build_key_image(series, result, uids, SITE, CREATED),
+    }
+
+
+def seconds(call: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def run_case(name: str, series: CTSeries, result: AnalysisResult, baseline: dict[str, ModuleType],
+             repeat: int, work: Path) -> dict[str, Any]:  # fmt: skip
+    paths = {
+        "baseline": (baseline["seg"], baseline["keyimage"], baseline["outputs"]),
+        "new": (seg, keyimage, outputs),
+    }
+    times: dict[str, dict[str, list[float]]] = {path: {key: [] for key in (*OBJECTS, "write")} for path in paths}
+    for _ in range(repeat):  # interleaved, so drift in machine load hits both alike
+        for path, (seg_module, keyimage_module, outputs_module) in paths.items():
+            for key, build in object_builders(seg_module, keyimage_module, series, result).items():
+                times[path][key].append(seconds(build))
+            write = outputs_module.write_outputs
+            out = work / name / path
+            times[path]["write"].append(seconds(lambda: write(series, result, out, created_at=CREATED)))  # noqa: B023
+    written = {path: sorted(p.name for p in (work / name / path).iterdir()) for path in paths}
+    identical = written["baseline"] == written["new"] and all(
+        (work / name / "baseline" / file).read_bytes() == (work / name / "new" / file).read_bytes()
+        for file in written["new"]
+    )
+    best = {path: {key: min(values) for key, values in by_key.items()} for path, by_key in times.items()}
+    return {
+        "case": name,
+        "slices": len(series.datasets),
+        "matrix": list(series.volume.array.shape[1:]),
+        "seg_frames": int(pydicom.dcmread(work / name / "new" / outputs.SEG_FILE, stop_before_pixels=True).NumberOfFrames),
+        "best_s": {path: {key: round(value, 3) for key, value in by_key.items()} for path, by_key in best.items()},
+        "median_s": {
+            path: {key: round(statistics.median(values), 3) for key, values in by_key.items()}
+            for path, by_key in times.items()
+        },
+        "ratio_new_to_baseline": {key: round(best["new"][key] / best["baseline"][key], 2) for key in best["new"]},
+        "files": written["new"],
+        "identical_files": identical,
+    }
+
+
+def print_case(figures: dict[str, Any], repeat: int) -> None:
+    best, ratio = figures["best_s"], figures["ratio_new_to_baseline"]
+    print(f"{figures['case']}: {figures['slices']} slices {figures['matrix'][0]}x{figures['matrix'][1]}, "
+          f"SEG of {figures['seg_frames']} frames; best of {repeat}, seconds")  # fmt: skip
+    print(f"  {'':<40} {'baseline':>9} {'new':>9} {'new/base':>9}")
+    labels = {key: f"build {key}" for key in OBJECTS} | {"write": "write_outputs (all four, encoded, fsynced)"}
+    for key, label in labels.items():
+        print(f"  {label:<40} {best['baseline'][key]:9.3f} {best['new'][key]:9.3f} {ratio[key]:9.2f}")
+    print(f"  files byte-identical ({', '.join(figures['files'])}): {'yes' if figures['identical_files'] else 'NO'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=["phantom", "lidc-idri-0002"],
+                        choices=["phantom", "lidc-idri-0002"])  # fmt: skip
+    parser.add_argument("--slices", type=int, default=300, help="slices of the phantom")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the baseline write path")
+    parser.add_argument("--phantom-dir", type=Path, help="keep the phantom here and reuse it (default: a temporary one)")
+    parser.add_argument("--json", type=Path, help="also write the figures and versions here")
+    args = parser.parse_args(argv)
+
+    baseline = load_baseline(args.baseline)
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="liverfat-bench-write-") as tmp:
+        work = Path(tmp)
+        for name in args.cases:
+            if name == "lidc-idri-0002" and not (LIDC.is_dir() and LIDC_LIVER.is_file()):
+                print(f"{name}: skipped, {LIDC} or {LIDC_LIVER} is missing")
+                continue
+            if name == "phantom":
+                series, result = phantom_case(args.phantom_dir or work / "phantom", args.slices)
+            else:
+                series, result = lidc_case()
+            figures = run_case(name, series, result, baseline, args.repeat, work)
+            print_case(figures, args.repeat)
+            cases.append(figures)
+    report = {
+        "benchmark": "write",
+        "baseline": args.baseline,
+        "cases": cases,
+        "versions": {
+            "liverfat": __version__,
+            "highdicom": highdicom.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": f"{platform.platform()}, {os.cpu_count()} CPU",
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine slows both paths
+    }
+    print(json.dumps(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if all(case["identical_files"] for case in cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
