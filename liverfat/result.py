@@ -38,9 +38,11 @@ class ModelInfo:
     version: str
     checksum: str | None = None
     device: str | None = None
+    precision: str | None = None  # the network's arithmetic (fp32, bf16) where the backend has a choice
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "version": self.version, "checksum": self.checksum, "device": self.device}
+        return {"name": self.name, "version": self.version, "checksum": self.checksum, "device": self.device,
+                "precision": self.precision}  # fmt: skip
 
 
 USER_MASK = ModelInfo(name="user-mask", version="n/a")

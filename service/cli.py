@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: [model] name)")  # fmt: skip
     analyze.add_argument("--device", type=device_arg, help=f"{', '.join(DEVICE_CHOICES)} or cuda:N "
                          "(default: [model] device)")  # fmt: skip
+    analyze.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="the default model's arithmetic "
+                         "(default: [model] precision)")  # fmt: skip
     analyze.add_argument("--force", action="store_true", help="analyse every case again, even those whose "
                          "result in --out is current")  # fmt: skip
     analyze.add_argument("--ignore-eligibility", action="store_true", help="measure header-ineligible series "
@@ -141,7 +143,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     def load_model() -> Backend:
         from liverfat.inference.models.registry import load_backend
 
-        return load_backend(model, device=args.device or node.model.device, cache_dir=node.model.cache)
+        return load_backend(model, device=args.device or node.model.device, cache_dir=node.model.cache,
+                            precision=args.precision or node.model.precision)  # fmt: skip
 
     result = analyze_inputs(args.inputs, run, load_model, ConsoleProgress())
     return _analyze_exit_status(result, args.out)

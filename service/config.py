@@ -239,6 +239,7 @@ class ModelSection(_Validated):
     name: str = "default"
     device: Device = DEVICE_AUTO
     cache: ConfigPath = DEFAULT_MODEL_CACHE  # the default model's weights and the model store
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # the default model's arithmetic; auto: bf16 on bf16 hardware
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,8 @@ class ModelLoader:
     def __call__(self) -> Backend:
         from liverfat.inference.models.registry import load_backend
 
-        return load_backend(self.model.name, device=self.model.device, cache_dir=self.model.cache)
+        return load_backend(self.model.name, device=self.model.device, cache_dir=self.model.cache,
+                            precision=self.model.precision)  # fmt: skip
 
 
 class ReportingLoader:

@@ -19,8 +19,11 @@ Pipeline (``DefaultBackend.predict``), all on the working-grid CT it receives:
 5. back to the working grid by linear interpolation of the 3 mm mask at each working voxel centre,
    kept where >= 0.5.
 
-Inference runs under ``torch.inference_mode`` in float32, single sample, without temporary files or
-changes to torch's global settings (threads, cudnn flags): those belong to the application.
+Inference runs under ``torch.inference_mode``, single sample, without temporary files or changes to
+torch's global settings (threads, cudnn flags): those belong to the application. The network runs in
+float32 or, where the hardware has bf16 dot products, in bfloat16 (``precision``, see
+``liverfat.inference.models.precision``); everything around it is float32 either way, and the
+precision is part of the model's recorded version.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from scipy import ndimage
 
 from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.models.devices import DEVICE_AUTO, device_label, resolve_device
+from liverfat.inference.models.precision import PRECISION_AUTO, Precision, resolve_precision
 from liverfat.inference.models.unet import CONTEXT, TRAINED_OUTPUT, LiverUNet, load_keras_weights
 from liverfat.inference.models.weights import (
     DEFAULT_MODEL_CACHE,
@@ -85,25 +89,30 @@ class DefaultBackend:
         ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     cache_dir:
         The model cache (``[model] cache``) that holds the weights when ``weights`` is not given.
+    precision:
+        ``"auto"`` (bf16 where the device has bf16 hardware, else fp32), ``"fp32"`` or ``"bf16"``.
     """
 
     def __init__(self, weights: Path | None = None, device: str = DEVICE_AUTO,
-                 cache_dir: Path = DEFAULT_MODEL_CACHE) -> None:  # fmt: skip
+                 cache_dir: Path = DEFAULT_MODEL_CACHE, precision: str = PRECISION_AUTO) -> None:  # fmt: skip
         if weights is None:
             weights = default_weights_path(cache_dir)
         else:
             verify_weights(weights)
         self._device = resolve_device(device)
+        self._precision = resolve_precision(precision, self._device)
         model = LiverUNet()
         load_keras_weights(model, weights)
-        self._model = model.to(self._device).eval()
+        dtype = torch.bfloat16 if self._precision is Precision.BF16 else torch.float32
+        self._model = model.to(self._device, dtype).eval()
         self._info = ModelInfo(
             name=MODEL_NAME,
-            version=f"{SOURCE_PACKAGE} {SOURCE_VERSION}",
+            version=f"{SOURCE_PACKAGE} {SOURCE_VERSION} {self._precision}",
             checksum=f"sha256:{WEIGHTS_SHA256}",
             device=device_label(self._device),
+            precision=self._precision.value,
         )
-        logger.info("default backend ready on %s (weights %s)", self._info.device, weights)
+        logger.info("default backend ready on %s in %s (weights %s)", self._info.device, self._precision, weights)
 
     @property
     def info(self) -> ModelInfo:

@@ -26,6 +26,7 @@ from liverfat.inference.models.nnunet_options import (
     NNUNET_DEFAULT_TILE_STEP_SIZE,
     ORIENTATION_AUTO,
 )
+from liverfat.inference.models.precision import PRECISION_AUTO
 from liverfat.inference.models.store import default_model_store, store_models
 from liverfat.inference.models.weights import DEFAULT_MODEL_CACHE
 
@@ -83,6 +84,7 @@ def load_backend(
     orientation: str = ORIENTATION_AUTO,
     store: Path | None = None,
     cache_dir: Path = DEFAULT_MODEL_CACHE,
+    precision: str = PRECISION_AUTO,
 ) -> Backend:
     """A fully initialised segmentation backend for ``model`` on ``device``.
 
@@ -102,12 +104,19 @@ def load_backend(
         The model store for named models; default: the one in ``cache_dir``.
     cache_dir
         The model cache (``[model] cache``): the default model's weights and the model store.
+    precision
+        The default model's arithmetic: ``auto``, ``fp32`` or ``bf16``
+        (:mod:`liverfat.inference.models.precision`). nnU-Net models choose their own and ignore it
+        with a warning when it is not ``auto``.
     """
     if model == DEFAULT_MODEL:
         _warn_unused_nnunet_options(folds, use_mirroring, tile_step_size, checkpoint_name, orientation)
         from liverfat.inference.models.default import DefaultBackend
 
-        return DefaultBackend(device=device, cache_dir=cache_dir)
+        return DefaultBackend(device=device, cache_dir=cache_dir, precision=precision)
+
+    if precision != PRECISION_AUTO:
+        logger.warning("precision %r applies to the default model only; nnU-Net model %r ignores it", precision, model)
 
     from liverfat.inference.models.nnunet import NnUNetBackend
 

@@ -63,6 +63,7 @@ SLAB_BYTES = 32 * 2**20  # full-resolution convolution output computed at once
 BLOCK_BYTES = 64 * 2**20  # storage blocks of full-resolution tensors (see _Rows)
 _STATS_CHUNK_VOXELS = 2**19  # input voxels per step when gathering the first layer's statistics
 _NORM_CHUNK_ROWS = 2**16  # rows of a (voxels, channels) view squared at once (fastest measured)
+STATS_DTYPE = torch.float32  # normalisation statistics, whatever the activations' dtype
 
 
 @dataclass(frozen=True)
@@ -135,14 +136,14 @@ def _normalise_(slabs: Sequence[Tensor], activate: bool = False) -> None:
     """
     views = [_voxel_rows(slab) for slab in slabs]
     count = sum(view.shape[0] for view in views)
-    total = torch.stack([view.sum(dim=0).double() for view in views]).sum(dim=0)
-    mean = (total / count).to(views[0].dtype)
+    total = torch.stack([view.sum(dim=0, dtype=STATS_DTYPE).double() for view in views]).sum(dim=0)
+    mean = (total / count).to(STATS_DTYPE)
     squares = torch.zeros(views[0].shape[1], dtype=torch.float64, device=views[0].device)
     for view in views:
         for chunk in view.split(_NORM_CHUNK_ROWS):
-            squares += torch.sub(chunk, mean).square_().sum(dim=0).double()
-    inverse = (squares / count).sqrt_().add_(KERAS_EPSILON).reciprocal_().to(views[0].dtype)
-    shift = -mean * inverse
+            squares += torch.sub(chunk.to(STATS_DTYPE), mean).square_().sum(dim=0).double()
+    inverse = (squares / count).sqrt_().add_(KERAS_EPSILON).reciprocal_().to(STATS_DTYPE)
+    shift, inverse = (-mean * inverse).to(views[0].dtype), inverse.to(views[0].dtype)
     for view in views:
         torch.addcmul(shift, view, inverse, out=view)
         if activate:
@@ -268,7 +269,7 @@ class LiverUNet(nn.Module):
         Slab lengths are multiples of ``multiple``; after each slab the sources drop the rows no
         later slab reads.
         """
-        rows = self.slab_bytes // (conv.out_channels * 4 * sources[0].plane_voxels)
+        rows = self.slab_bytes // (conv.out_channels * conv.weight.element_size() * sources[0].plane_voxels)
         length = max(multiple, rows // multiple * multiple)
         half = conv.kernel_size[0] // 2
         for start in range(0, size_x, length):
@@ -389,7 +390,8 @@ class _FirstLayerRows:
         self.conv = conv
         self.size_x = image.shape[2]
         mean, std = _first_layer_stats(self.image, conv)
-        self.mean, self.inverse = mean, 1.0 / (std + KERAS_EPSILON)
+        inverse = 1.0 / (std + KERAS_EPSILON)
+        self.shift, self.inverse = (-mean * inverse).to(conv.weight.dtype), inverse.to(conv.weight.dtype)
 
     @property
     def plane_voxels(self) -> int:
@@ -402,7 +404,7 @@ class _FirstLayerRows:
         piece = F.pad(piece, (0, 0, 0, 0, max(half - low, 0), max(high + half - self.size_x, 0)))
         values = _conv_parts([piece], self.conv, x_padded=True)
         view = _voxel_rows(values)
-        torch.addcmul(-self.mean * self.inverse, view, self.inverse, out=view)
+        torch.addcmul(self.shift, view, self.inverse, out=view)
         F.leaky_relu_(values, LEAKY_SLOPE)
         if first < 0 or stop > self.size_x:
             values = F.pad(values, (0, 0, 0, 0, low - first, stop - high))
@@ -490,7 +492,8 @@ def _conv_parts(parts: Sequence[Tensor], conv: nn.Conv3d, x_padded: bool = False
     channel = 0
     for part in parts:
         weight = conv.weight[:, channel : channel + part.shape[1]]
-        result = F.conv3d(part.contiguous(memory_format=torch.channels_last_3d), weight, None, padding=padding)
+        part = part.to(dtype=weight.dtype, memory_format=torch.channels_last_3d)
+        result = F.conv3d(part, weight, None, padding=padding)
         total = result if total is None else total.add_(result)
         channel += part.shape[1]
     if total is None or channel != conv.in_channels:
