@@ -1,9 +1,12 @@
 """Receiving: writing instances durably into the spool, indexing them, duplicates and free space.
 
 Each instance joins its series' open job, or opens the series' next version (``spool_queue``).
-Its file is written and fsynced by the receiving thread; the fsync of its folder and its row
-in the index are committed together with those of the instances that arrive at the same time
-from other associations (``group_commit``), and only then does ``store_instance`` return.
+Its file is written, named, and fsynced together with its folder (the folder's fsync on a
+helper thread, so that both wait for the disk once); only then is its row committed to the
+index, in one transaction with the rows of instances that arrive at the same time from other
+associations (``group_commit``), and only then does ``store_instance`` return. The index is
+what says an instance is held: a crash before the commit can leave a file that no row points at,
+never a row without its whole file.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import secrets
 import shutil
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 from liverfat.errors import LiverfatError, Reason
-from liverfat.files import fsync_dir, synced_write
+from liverfat.files import write_and_sync_at_once
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.group_commit import GroupCommit
 from liverfat.service.spool_db import DB_NAME, SpoolDatabase
@@ -31,8 +35,11 @@ log = logging.getLogger(__name__)
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]*(?<!\.)")  # kept as it is by file_name
 
 
+FOLDER_SYNC_THREADS = 4  # one per association storing at the same moment, up to a PACS's usual few
+
+
 class Arrival(NamedTuple):
-    """An instance whose file is written and fsynced, to be indexed (its folder fsynced first)."""
+    """An instance whose file and folder are fsynced, to be indexed."""
 
     info: InstanceInfo
     relative: Path  # its file, relative to the spool's root
@@ -56,6 +63,11 @@ class Instances(SpoolDatabase):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self._arrivals = GroupCommit(self._index_arrivals)
+        self._folder_syncs = ThreadPoolExecutor(max_workers=FOLDER_SYNC_THREADS, thread_name_prefix="spool-fsync")
+
+    def close(self) -> None:
+        self._folder_syncs.shutdown()
+        super().close()
 
     def has_instance(self, sop_instance_uid: str, series_uid: str | None = None) -> bool:
         """Whether the instance is held (in ``series_uid``, or in any series when not given), as last committed."""
@@ -91,14 +103,11 @@ class Instances(SpoolDatabase):
         relative = Path("instances") / file_name(info.series_uid) / name
         target = self.root / relative
         try:
-            synced_write(target, data, self.tmp_dir)
+            write_and_sync_at_once(target, data, self.tmp_dir, self._folder_syncs)
         except OSError as error:
             raise self._write_error(f"cannot write instance to {target}", error) from error
         try:
             indexed = self._arrivals.submit(Arrival(info, relative, len(data), now))
-        except OSError as error:  # the folder's fsync
-            target.unlink(missing_ok=True)
-            raise self._write_error(f"cannot write instance to {target}", error) from error
         except sqlite3.Error as error:
             target.unlink(missing_ok=True)
             raise self._write_error(f"cannot index instance in {self.root / DB_NAME}", error) from error
@@ -132,9 +141,7 @@ class Instances(SpoolDatabase):
                                 f"{self.min_free_bytes // 2**20} MiB ([spool] min_free_disk_mb)")  # fmt: skip
 
     def _index_arrivals(self, arrivals: list[Arrival]) -> list[Indexed]:
-        """Fsync the arrivals' folders, then index them all in one transaction (one commit, one fsync)."""
-        for folder in dict.fromkeys(self.root / arrival.relative.parent for arrival in arrivals):
-            fsync_dir(folder)
+        """Index the arrivals in one transaction: one commit, one fsync of the index for all."""
         with self.transaction() as db:
             return [_index_arrival(db, arrival) for arrival in arrivals]
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from liverfat.files import durable_path, durable_write
+from liverfat.files import durable_path, durable_write, write_and_sync_at_once
 
 
 def test_durable_write_makes_missing_folders_and_leaves_only_the_target(tmp_path: Path) -> None:
@@ -18,6 +19,25 @@ def test_durable_write_makes_missing_folders_and_leaves_only_the_target(tmp_path
     durable_write(target, b'{"again": true}\n')
     assert target.read_bytes() == b'{"again": true}\n'
     assert list(target.parent.iterdir()) == [target]
+
+
+def test_write_and_sync_at_once_leaves_the_target_and_no_temporary_file(tmp_path: Path) -> None:
+    target, tmp_dir = tmp_path / "instances" / "1.2" / "3.dcm", tmp_path / "tmp"
+    tmp_dir.mkdir()
+    with ThreadPoolExecutor(1) as pool:
+        write_and_sync_at_once(target, b"DICM", tmp_dir, pool)
+    assert target.read_bytes() == b"DICM" and list(tmp_dir.iterdir()) == []
+
+
+def test_write_and_sync_at_once_leaves_nothing_when_the_rename_fails(tmp_path: Path) -> None:
+    other_file_system = Path("/dev/shm")
+    if not other_file_system.is_dir() or os.stat(other_file_system).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's folder")
+    target = tmp_path / "instances" / "3.dcm"
+    with ThreadPoolExecutor(1) as pool, pytest.raises(OSError):  # a rename across file systems (EXDEV)
+        write_and_sync_at_once(target, b"DICM", other_file_system, pool)
+    assert not target.exists()
+    assert not [path for path in other_file_system.iterdir() if path.name.startswith(".3.dcm.")]
 
 
 def test_durable_path_gives_a_writer_the_target_suffix_and_renames_on_success(tmp_path: Path) -> None:
