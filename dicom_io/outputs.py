@@ -21,9 +21,11 @@ from datetime import datetime
 from io import BytesIO
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 from pydicom import Dataset
 from pydicom.charset import python_encoding
+from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
 from pydicom.valuerep import PersonName
 
 from liverfat.dicom_io.keyimage import build_key_image
@@ -121,6 +123,19 @@ def write_outputs(
         encoded.append(_encoded(build_summary_sr(series, result, seg, uids, site, created), SR_SUMMARY_FILE))
         encoded.append(key_image.result())
     return [_write(one, out_dir) for one in encoded]
+
+
+def warm_up() -> None:
+    """Load what highdicom loads on first use (its tables of the standard, about 0.4 s) now, once per process.
+
+    highdicom reads its SOP class, IOD and module tables (JSON shipped with it) the first
+    time it builds an object and keeps them for the life of the process. A node's worker
+    calls this at start, so its first series does not pay for them in its write stage.
+    Constructing a bare SOP instance (discarded) is what loads them.
+    """
+    hd.SOPClass(study_instance_uid=generate_uid(), series_instance_uid=generate_uid(), series_number=1,
+                sop_instance_uid=generate_uid(), sop_class_uid=SegmentationStorage, instance_number=1, modality="SEG",
+                manufacturer="liverfat", transfer_syntax_uid=ExplicitVRLittleEndian)  # fmt: skip
 
 
 def write_not_applicable_sr(

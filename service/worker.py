@@ -28,7 +28,7 @@ from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from liverfat.analysis import AnalysisOptions, BackendLoader, ModelCache, Outcome, analyze_dicom_series
-from liverfat.dicom_io.outputs import WrittenFile
+from liverfat.dicom_io.outputs import WrittenFile, warm_up
 from liverfat.dicom_io.read import read_series
 from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
@@ -98,6 +98,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
         log.info("model loaded: %s %s on %s", backend.info.name, backend.info.version, backend.info.device)
     except LiverfatError as error:
         log.error("cannot load model %r: %s; series will fail until this is fixed", config.model.name, error.message)
+    warm_up()  # highdicom's tables, loaded here rather than in the first series' write stage
     unparked: dict[int, str] = {}  # jobs parked for space whose park could not be recorded yet
     resume_at, delay_s = 0.0, DISK_FULL_RETRY_S[0]
     while not terminated and not stop.is_set() and _parent_alive():

@@ -11,9 +11,10 @@ from typing import Any
 import numpy as np
 import pydicom
 import pytest
+from highdicom import _standard_utils as standard
 from pydicom.filereader import read_file_meta_info
 
-from liverfat.dicom_io.outputs import WrittenFile, write_outputs
+from liverfat.dicom_io.outputs import WrittenFile, warm_up, write_outputs
 from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.errors import Finding, LiverfatError, Reason
@@ -307,3 +308,13 @@ def test_character_set_is_the_sources_unless_site_text_needs_utf8(
 def test_invalid_site_settings_are_refused(setting: str, value: object) -> None:
     with pytest.raises(ValueError, match=setting):
         OutputSettings(**{setting: value})  # type: ignore[arg-type]
+
+
+def test_warm_up_loads_the_tables_highdicom_would_load_in_the_first_write() -> None:
+    # highdicom's private table loaders: if a highdicom release stops filling them from a bare
+    # SOP instance, the warm-up no longer spares the first series anything and this says so
+    tables = (standard.get_sop_class_iod_map, standard.get_iod_module_map, standard.get_module_attribute_map)
+    for table in tables:
+        table.cache_clear()
+    warm_up()
+    assert [table.cache_info().currsize for table in tables] == [1, 1, 1]
