@@ -5,17 +5,15 @@ SpecificCharacterSet included, are copied from the source by highdicom), and eve
 is derived from the source series, the software version, the result and the site's
 settings (see ``uids.py``), so writing the same result twice gives the same instances.
 
-The circle SR and the key image do not depend on the SEG, so they are built (and encoded)
-in a second thread while this one builds the SEG and then the summary SR, which references
-it. The SEG's numpy work (its overlap check, the frames) runs without the GIL, so the two
-overlap on two cores. Nothing is written until every object is built: a failure leaves no
-partial set of outputs behind.
+All four objects are built and encoded before any is written, so a failure leaves no partial
+set of outputs behind. They are built one after the other: building the circle SR and the key
+image in a second thread beside the SEG was tried and gained nothing on two cores (300 slices:
+best of ten 0.98 s threaded, 0.93 s in turn), as all but the SEG's short numpy steps hold the GIL.
 """
 
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -33,7 +31,7 @@ from liverfat.dicom_io.seg import build_seg, checked_masks
 from liverfat.dicom_io.series import CTSeries, SeriesFiles
 from liverfat.dicom_io.site import OutputSettings
 from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr
-from liverfat.dicom_io.uids import OutputUids, output_uids
+from liverfat.dicom_io.uids import output_uids
 from liverfat.errors import LiverfatError, Reason
 from liverfat.files import durable_write
 from liverfat.result import AnalysisResult
@@ -109,19 +107,16 @@ def write_outputs(
     created = created_at or datetime.now()
     uids = output_uids(result, site.digest())
     has_liver = result.source_masks is not None and bool(result.source_masks.liver.array.any())
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="liverfat-outputs") as beside:
-        circle = beside.submit(_built_circle_sr, series, result, uids, site, created) if result.rois else None
-        key_image = beside.submit(_built_key_image, series, result, uids, site, created)
-        seg = build_seg(series, result, uids, site, created) if has_liver else None
-        encoded = [] if seg is None else [_encoded(seg, SEG_FILE)]
-        if seg is None:
-            logger.info("series %s: no liver mask, no SEG", series.series_uid)
-        if circle is None:
-            logger.info("series %s: no ROIs, no circle SR", series.series_uid)
-        else:
-            encoded.append(circle.result())
-        encoded.append(_encoded(build_summary_sr(series, result, seg, uids, site, created), SR_SUMMARY_FILE))
-        encoded.append(key_image.result())
+    seg = build_seg(series, result, uids, site, created) if has_liver else None
+    encoded = [] if seg is None else [_encoded(seg, SEG_FILE)]
+    if seg is None:
+        logger.info("series %s: no liver mask, no SEG", series.series_uid)
+    if result.rois:
+        encoded.append(_encoded(build_circle_sr(series, result, uids, site, created), SR_FILE))
+    else:
+        logger.info("series %s: no ROIs, no circle SR", series.series_uid)
+    encoded.append(_encoded(build_summary_sr(series, result, seg, uids, site, created), SR_SUMMARY_FILE))
+    encoded.append(_encoded(build_key_image(series, result, uids, site, created), KEY_IMAGE_FILE))
     return [_write(one, out_dir) for one in encoded]
 
 
@@ -231,13 +226,3 @@ def _write(encoded: _Encoded, out_dir: Path) -> WrittenFile:
     path = out_dir / encoded.name
     durable_write(path, encoded.data)
     return WrittenFile(path, encoded.sop_class_uid, encoded.sop_instance_uid, encoded.transfer_syntax_uid)
-
-
-def _built_circle_sr(series: CTSeries, result: AnalysisResult, uids: OutputUids, site: OutputSettings,
-                     created: datetime) -> _Encoded:  # fmt: skip
-    return _encoded(build_circle_sr(series, result, uids, site, created), SR_FILE)
-
-
-def _built_key_image(series: CTSeries, result: AnalysisResult, uids: OutputUids, site: OutputSettings,
-                     created: datetime) -> _Encoded:  # fmt: skip
-    return _encoded(build_key_image(series, result, uids, site, created), KEY_IMAGE_FILE)
