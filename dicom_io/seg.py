@@ -224,7 +224,7 @@ def _stacked_segments(masks: Masks, labels: Sequence[int], slices: np.ndarray) -
     """
     rois = masks.rois.array[slices]
     planes = np.empty((1 + len(labels), *rois.shape), dtype=np.uint8)
-    planes[0] = masks.liver.array[slices]  # bool: 0/1
+    np.not_equal(masks.liver.array[slices], 0, out=planes[0])
     for plane, label in zip(planes[1:], labels):
         np.equal(rois, label, out=plane)
     return np.moveaxis(planes, 0, -1)
@@ -248,8 +248,9 @@ def _reference_other_slices(seg: hd.seg.Segmentation, others: Sequence[Dataset])
         reference.ReferencedSOPInstanceUID = header.SOPInstanceUID
         references.append(reference)
     seg.SourceImageSequence = [*seg.SourceImageSequence, *references]
-    (series,) = [item for item in seg.ReferencedSeriesSequence if item.SeriesInstanceUID == others[0].SeriesInstanceUID]
-    series.ReferencedInstanceSequence = [*series.ReferencedInstanceSequence, *references]
+    (source_series,) = [item for item in seg.ReferencedSeriesSequence
+                        if item.SeriesInstanceUID == others[0].SeriesInstanceUID]  # fmt: skip
+    source_series.ReferencedInstanceSequence = [*source_series.ReferencedInstanceSequence, *references]
 
 
 def _fix_dimension_organization_uid(seg: hd.seg.Segmentation, uid: str) -> None:
