@@ -104,7 +104,7 @@ class DefaultBackend:
         model = LiverUNet()
         load_keras_weights(model, weights)
         dtype = torch.bfloat16 if self._precision is Precision.BF16 else torch.float32
-        self._model = model.to(self._device, dtype).eval()
+        self._model = model.to(self._device).to_precision(dtype).eval()
         self._info = ModelInfo(
             name=MODEL_NAME,
             version=f"{SOURCE_PACKAGE} {SOURCE_VERSION} {self._precision}",

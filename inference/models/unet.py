@@ -210,6 +210,17 @@ class LiverUNet(nn.Module):
         convs = [conv for pair in (*self.down_pairs, *self.up_pairs) for conv in (pair.first, pair.second)]
         return {spec.name: conv for spec, conv in zip(ALL_SPECS, [*convs, self.final], strict=True)}
 
+    def to_precision(self, dtype: torch.dtype) -> LiverUNet:
+        """Run in ``dtype`` (the convolutions' weights, activations and storage), in place.
+
+        The final 1x1x1 convolution and its sigmoid stay float32 (20 multiply-adds a voxel): the
+        probability is thresholded at 0.5, where bfloat16's steps are 2**-9 wide. Normalisation
+        statistics are float32 or float64 whatever the dtype (``_normalise_``).
+        """
+        self.to(dtype)
+        self.final.float()
+        return self
+
     @staticmethod
     def output_size(input_size: Sequence[int]) -> tuple[int, int, int]:
         """Output voxels (x, y, z) for an input of ``input_size``; raises ValueError if invalid."""
@@ -259,7 +270,7 @@ class LiverUNet(nn.Module):
         h.normalise_()
         h = self._stream(outer.second, [h], out_size[0])
         h.normalise_()
-        return torch.cat([torch.sigmoid(self.final(slab)) for slab in h.slabs()], dim=2)
+        return torch.cat([torch.sigmoid(self.final(slab.to(self.final.weight.dtype))) for slab in h.slabs()], dim=2)
 
     def _slabs(
         self, conv: nn.Conv3d, sources: Sequence[_RowSource], size_x: int, multiple: int = 1
