@@ -276,7 +276,15 @@ def receive_rates(series: list[Path], files: list[Path], work: Path, repeat: int
 
 
 def pipeline_stages(files: list[Path], work: Path, model: str) -> dict[str, Any]:
-    """Store into Orthanc, let its Lua route to the node, wait for the results back in Orthanc."""
+    """Store into Orthanc, let its Lua route to the node, wait for the results back in Orthanc (both start empty)."""
+    run = Path(tempfile.mkdtemp(prefix="pipeline-", dir=work))
+    try:
+        return _pipeline_run(files, run, model)
+    finally:
+        shutil.rmtree(run)
+
+
+def _pipeline_run(files: list[Path], work: Path, model: str) -> dict[str, Any]:
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     modalities = {"LIVERFAT": {"AET": "LIVERFAT", "Host": "127.0.0.1", "Port": NODE_PORT}}
     with orthanc_server(work / "orthanc", modalities=modalities, lua_scripts=[AUTOROUTE]) as orthanc:
