@@ -33,8 +33,6 @@ from liverfat.service.spool_types import OPEN_STATES, InstanceInfo, JobState, St
 log = logging.getLogger(__name__)
 
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]*(?<!\.)")  # kept as it is by file_name
-
-
 FOLDER_SYNC_THREADS = 4  # one per association storing at the same moment, up to a PACS's usual few
 
 
