@@ -43,6 +43,7 @@ from liverfat.service.retention import purge_expired
 from liverfat.service.scp import StorageSCP
 from liverfat.service.sender import Sender
 from liverfat.service.spool import Spool
+from liverfat.service.spool_db import SPOOL_FOLDER_MODE
 from liverfat.service.worker import run_worker
 
 log = logging.getLogger(__name__)
@@ -91,18 +92,18 @@ class Node:
 
     def start(self) -> None:
         config = self.config
-        config.spool.dir.mkdir(parents=True, exist_ok=True)
+        config.spool.dir.mkdir(mode=SPOOL_FOLDER_MODE, parents=True, exist_ok=True)
         self._lock_file = _lock_spool(config)
         self.space.check()  # before the index opens: its -shm file needs room
         min_free = config.spool.min_free_disk_mb * 2**20
         self.spool = Spool(config.spool.dir, min_free_bytes=min_free, space=self.space)
-        leftovers = self.spool.clear_tmp()
+        leftovers = self.spool.clear_tmp() + self.spool.remove_unindexed_files()
         if not self.space.restore():
             log.error("the spool's disk is full (%d KiB free): new instances are answered 0xA700 and no series is "
                       "processed until space returns", self.space.free_bytes() // 1024)  # fmt: skip
         self._recovery = NODE_STOPPED
         if self._recover() and leftovers:
-            log.info("restart: %d partial file(s) removed", leftovers)
+            log.info("restart: %d partial or unacknowledged file(s) removed", leftovers)
         _warn_about_defaults(config)
         self.scp = StorageSCP(config, Spool(config.spool.dir, min_free_bytes=min_free, space=self.space),
                               on_release=self._on_release)  # fmt: skip

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 DB_NAME = "index.sqlite"
 BUSY_TIMEOUT_S = 30.0
+# New spool folders: patient images inside, so no access for others whatever the umask (the index and
+# SQLite's -wal/-shm files are created by SQLite with the umask's mode; the folder keeps others out).
+SPOOL_FOLDER_MODE = 0o750
 
 
 class SpoolDatabase:
@@ -31,7 +34,7 @@ class SpoolDatabase:
         self.tmp_dir = root / "tmp"
         self.results_dir = root / "results"
         for folder in (root, root / "instances", self.tmp_dir, self.results_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=SPOOL_FOLDER_MODE, parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._db = _connect(root / DB_NAME)
         try:

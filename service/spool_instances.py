@@ -67,6 +67,21 @@ class Instances(SpoolDatabase):
         self._folder_syncs.shutdown()
         super().close()
 
+    def remove_unindexed_files(self) -> int:
+        """Delete instance files that no index row points at; returns how many. Call before receiving.
+
+        Such a file is what a crash between its fsync and its row's commit leaves: its C-STORE was
+        never answered Success, so the sender sends it again, under a new file name (names are new per
+        reception), and nothing else would ever delete it.
+        """
+        indexed = {row["path"] for row in self.query("SELECT path FROM instances")}
+        removed = 0
+        for path in (self.root / "instances").glob("*/*"):
+            if str(path.relative_to(self.root)) not in indexed:
+                path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
     def has_instance(self, sop_instance_uid: str, series_uid: str | None = None) -> bool:
         """Whether the instance is held (in ``series_uid``, or in any series when not given), as last committed."""
         where, params = ("", [sop_instance_uid]) if series_uid is None else (" AND series_uid = ?",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -76,6 +77,30 @@ def test_stored_instance_is_a_file_and_a_row_and_a_duplicate_is_accepted_once(sp
     files = spool.job_files(job)
     assert [f.read_bytes() for f in files] == [b"first"]
     assert list(spool.tmp_dir.iterdir()) == []
+
+
+def test_files_no_row_points_at_are_removed_before_receiving_and_indexed_ones_kept(spool: Spool) -> None:
+    """A crash between a file's fsync and its row's commit leaves a file that was never acknowledged."""
+    spool.store_instance(b"kept", info("1.1"), now=100.0)
+    [kept] = spool.job_files(spool.jobs()[0])
+    orphan = kept.parent / "1.2.unacknowledged.dcm"
+    orphan.write_bytes(b"never answered Success")
+    other_series = spool.root / "instances" / "9.9" / "9.9.1.dcm"
+    other_series.parent.mkdir()
+    other_series.write_bytes(b"never indexed")
+    assert spool.remove_unindexed_files() == 2
+    assert [path.name for path in (spool.root / "instances").glob("*/*")] == [kept.name]
+    assert kept.read_bytes() == b"kept"
+
+
+def test_new_spool_folders_keep_others_out_whatever_the_umask(tmp_path: Path) -> None:
+    previous = os.umask(0o022)
+    try:
+        spool = Spool(tmp_path / "spool")
+    finally:
+        os.umask(previous)
+    for folder in (spool.root, spool.root / "instances", spool.tmp_dir, spool.results_dir):
+        assert folder.stat().st_mode & 0o777 == 0o750, folder
 
 
 def test_series_completes_after_stable_seconds_without_new_instances(spool: Spool) -> None:
