@@ -135,6 +135,8 @@ _SUMMARY_TITLE = {
 _TAG = r"\([0-9A-Fa-f]{4},\s?[0-9A-Fa-f]{4}\)"
 _SEE_TAGS = re.compile(rf"[,;]?\s*see {_TAG}(?:,\s*{_TAG})*")
 _TAGS = re.compile(rf"\s*{_TAG}(?:,\s*{_TAG})*")
+# far above the rounding error of a plane distance, far below any slice spacing
+_NEAREST_MARGIN_MM = 0.01
 
 _Group = (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
@@ -171,7 +173,7 @@ def place_circle(
     (the first of equals); otherwise the centre is projected onto that slice.
     """
     transformed = []
-    candidates = range(len(datasets)) if slice_index is None else [slice_index]
+    candidates = _nearest_planes(datasets, centre_lps) if slice_index is None else [slice_index]
     for k in candidates:
         dataset = datasets[k]
         transformer = hd.spatial.ReferenceToImageTransformer(
@@ -184,6 +186,25 @@ def place_circle(
     _, k, column, row, off_plane = min(transformed)
     column_spacing = float(datasets[k].PixelSpacing[1])
     return CirclePlacement(k, (column, row), radius_mm / column_spacing, off_plane)
+
+
+def _nearest_planes(datasets: tuple[Dataset, ...], centre_lps: tuple[float, float, float]) -> list[int]:
+    """The slices whose plane lies within ``_NEAREST_MARGIN_MM`` of the nearest one to ``centre_lps``.
+
+    One matrix product for the whole series instead of a highdicom transformer per slice
+    (about 0.1 ms each, 30 ms for 300 slices, and a write placed circles seven times). The
+    distance along the plane's dual normal ``n / |n|^2``, ``n`` = row x column cosines, is what
+    the transformer's inverse affine gives, but rounded differently; so ``place_circle`` decides
+    among these few candidates with the transformer itself, and picks what it always picked.
+    """
+    geometry = np.array(
+        [[float(v) for v in (*dataset.ImagePositionPatient, *dataset.ImageOrientationPatient)] for dataset in datasets],
+        dtype=np.float64,
+    )
+    normals = np.cross(geometry[:, 3:6], geometry[:, 6:9])
+    normals /= np.einsum("ij,ij->i", normals, normals)[:, np.newaxis]
+    distances = np.abs(np.einsum("ij,ij->i", normals, np.asarray(centre_lps, dtype=np.float64) - geometry[:, :3]))
+    return [int(k) for k in np.flatnonzero(distances <= distances.min() + _NEAREST_MARGIN_MM)]
 
 
 def _hu(
@@ -229,9 +250,12 @@ def _mean_with_sd(mean_hu: float, sd_hu: float) -> hd.sr.Measurement:
 
 
 def _roi_group(
-    series: CTSeries, roi: RoiMeasurement, uids: OutputUids, algorithm: hd.sr.AlgorithmIdentification
+    series: CTSeries,
+    roi: RoiMeasurement,
+    circle: CirclePlacement,
+    uids: OutputUids,
+    algorithm: hd.sr.AlgorithmIdentification,
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    circle = place_circle(series.datasets, roi.centre_lps, roi.radius_mm)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.CIRCLE,
         graphic_data=circle.graphic_data,
@@ -446,10 +470,9 @@ def device_observer(site: OutputSettings) -> hd.sr.ObservationContext:
     )
 
 
-def _roi_slices(series: CTSeries, result: AnalysisResult) -> list[Dataset]:
+def _roi_slices(series: CTSeries, circles: list[CirclePlacement]) -> list[Dataset]:
     """The source slices the circles lie on, in series order."""
-    indices = {place_circle(series.datasets, roi.centre_lps, roi.radius_mm).slice_index for roi in result.rois}
-    return [series.datasets[k] for k in sorted(indices)]
+    return [series.datasets[k] for k in sorted({circle.slice_index for circle in circles})]
 
 
 @dataclass(frozen=True)
@@ -515,14 +538,17 @@ def build_circle_sr(
         name=ROI_ALGORITHM_NAME, version=result.software_version, family=codes.MORPHOLOGICAL_OPERATIONS
     )
     rois = sorted(result.rois, key=lambda r: r.label)
-    groups: list[_Group] = [_roi_group(series, roi, uids, algorithm) for roi in rois]
+    circles = [place_circle(series.datasets, roi.centre_lps, roi.radius_mm) for roi in rois]
+    groups: list[_Group] = [
+        _roi_group(series, roi, circle, uids, algorithm) for roi, circle in zip(rois, circles)
+    ]
     document = _Document(
         role=CIRCLE_SR_ROLE,
         title=codes.IMAGING_MEASUREMENT_REPORT,
         series_number=site.sr_series_number,
         series_description=CIRCLE_SERIES_DESCRIPTION,
         groups=groups,
-        library=_roi_slices(series, result),
+        library=_roi_slices(series, circles),
         evidence=list(series.datasets),
     )
     return _comprehensive_sr(document, result, uids, site, created)

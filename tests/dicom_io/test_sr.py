@@ -525,6 +525,42 @@ def test_place_circle_uses_half_pixel_image_coordinates_on_the_nearest_slice(cas
     assert circle.off_plane_mm == pytest.approx(0.4)
 
 
+def _placed_slice_by_slice(datasets: tuple[Dataset, ...], centre: tuple[float, float, float]) -> tuple[int, float]:
+    """The nearest slice and the off-plane distance as highdicom's transformer gives them, one slice at a time."""
+    found = []
+    for k, dataset in enumerate(datasets):
+        transformer = hd.spatial.ReferenceToImageTransformer(
+            image_position=[float(v) for v in dataset.ImagePositionPatient],
+            image_orientation=[float(v) for v in dataset.ImageOrientationPatient],
+            pixel_spacing=[float(v) for v in dataset.PixelSpacing],
+        )
+        off_plane = float(transformer(np.asarray([centre]))[0][2])
+        found.append((abs(off_plane), k, off_plane))
+    _, k, off_plane = min(found)
+    return k, off_plane
+
+
+def test_place_circle_finds_the_slice_a_per_slice_transformer_search_finds(case: Case) -> None:
+    series, _ = case
+    first = np.asarray([float(v) for v in series.datasets[0].ImagePositionPatient])
+    last = np.asarray([float(v) for v in series.datasets[-1].ImagePositionPatient])
+    rng = np.random.default_rng(14)
+    centres = [first + t * (last - first) + rng.uniform(-50, 50, 3) * [1, 1, 0] for t in rng.uniform(-0.1, 1.1, 20)]
+    for centre in centres:
+        circle = place_circle(series.datasets, tuple(centre), radius_mm=5.0)
+        assert (circle.slice_index, circle.off_plane_mm) == _placed_slice_by_slice(series.datasets, tuple(centre))
+
+
+def test_place_circle_midway_between_two_slices_takes_the_first(case: Case) -> None:
+    series, _ = case
+    k = 4
+    position = np.asarray([float(v) for v in series.datasets[k].ImagePositionPatient])
+    following = np.asarray([float(v) for v in series.datasets[k + 1].ImagePositionPatient])
+    centre = tuple((position + following) / 2)
+    circle = place_circle(series.datasets, centre, radius_mm=5.0)
+    assert circle.slice_index == _placed_slice_by_slice(series.datasets, centre)[0] == k
+
+
 def test_warnings_of_a_graded_result_are_listed_as_comments(case: Case, tmp_path: Path) -> None:
     series, liver = case
     warning = Finding(Reason.ROI_ON_VESSEL, "ROI 2 mean 20 HU above the other two")
