@@ -138,13 +138,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                               save_ct=args.save_ct, write_preview=True, write_dicom=not args.no_dicom,
                               policy=node.eligibility, config=analysis)  # fmt: skip
     model = args.model or node.model.name
-    run = ResearchRun(options, model=model, redo=args.force, identifiers=not args.no_identifiers)
+    precision = args.precision or node.model.precision
+    run = ResearchRun(options, model=model, precision=precision, redo=args.force,
+                      identifiers=not args.no_identifiers)  # fmt: skip
 
     def load_model() -> Backend:
         from liverfat.inference.models.registry import load_backend
 
         return load_backend(model, device=args.device or node.model.device, cache_dir=node.model.cache,
-                            precision=args.precision or node.model.precision)  # fmt: skip
+                            precision=precision)  # fmt: skip
 
     result = analyze_inputs(args.inputs, run, load_model, ConsoleProgress())
     return _analyze_exit_status(result, args.out)

@@ -68,6 +68,7 @@ class ResearchRun:
 
     options: AnalysisOptions
     model: str = "default"  # the model asked for (a name or folder); ignored with ``options.mask``
+    precision: str = "auto"  # the arithmetic asked for (``[model] precision``); ignored with ``options.mask``
     redo: bool = False  # analyse every case again, current or not (``--force``)
     identifiers: bool = True  # PatientID, AccessionNumber and StudyDate in results.csv
 
@@ -225,7 +226,7 @@ def settings_fingerprint(run: ResearchRun) -> str:
         files = sorted(options.mask.rglob("*")) if options.mask.is_dir() else [options.mask]
         mask = input_fingerprint([f for f in files if f.is_file()])
     settings = {
-        "model": None if options.mask is not None else run.model,
+        "model": None if options.mask is not None else [run.model, run.precision],
         "mask": mask,
         "mask_label": options.mask_label,
         "ignore_eligibility": options.ignore_eligibility,

@@ -7,6 +7,7 @@ import io
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,13 @@ from liverfat.dicom_io.seg import LIVER_RGB
 from liverfat.inference.backend import Backend
 from liverfat.service.cli import main
 from liverfat.service.progress import ConsoleProgress
-from liverfat.service.research import CSV_COLUMNS, IDENTIFIER_COLUMNS, ResearchRun, analyze_inputs
+from liverfat.service.research import (
+    CSV_COLUMNS,
+    IDENTIFIER_COLUMNS,
+    ResearchRun,
+    analyze_inputs,
+    settings_fingerprint,
+)
 from tests.phantom import Grid, Phantom, SeriesHeader, render_volume, write_series
 from tests.service.fake_backend import PhantomLiverBackend
 
@@ -130,6 +137,16 @@ def test_a_resumed_run_never_loads_the_model(inputs: dict[str, Path], tmp_path: 
 
     (again,) = analyze_inputs([inputs["normal"]], run, no_model).cases
     assert again.report is None and again.row == first.row
+
+
+def test_the_model_and_its_precision_are_settings_but_not_with_a_mask_of_ones_own(tmp_path: Path) -> None:
+    options = AnalysisOptions(out_dir=tmp_path)
+    fp32, bf16 = (settings_fingerprint(ResearchRun(options, precision=p)) for p in ("fp32", "bf16"))
+    assert fp32 != bf16
+    assert settings_fingerprint(ResearchRun(options, model="other")) != settings_fingerprint(ResearchRun(options))
+    masked = replace(options, mask=tmp_path)
+    assert settings_fingerprint(ResearchRun(masked, precision="fp32")) == settings_fingerprint(
+        ResearchRun(masked, precision="bf16"))
 
 
 def test_the_settings_fingerprint_is_the_same_in_every_process() -> None:
