@@ -32,6 +32,7 @@ from liverfat.dicom_io.sr import (
     build_summary_sr,
     grade_sentence,
     place_circle,
+    place_circles,
     summary_title,
     without_tags,
 )
@@ -559,6 +560,12 @@ def test_place_circle_midway_between_two_slices_takes_the_first(case: Case) -> N
     centre = tuple((position + following) / 2)
     circle = place_circle(series.datasets, centre, radius_mm=5.0)
     assert circle.slice_index == _placed_slice_by_slice(series.datasets, centre)[0] == k
+
+
+def test_place_circles_places_each_roi_as_place_circle_does(graded: Graded) -> None:
+    series, result, _, _, _ = graded
+    singly = [place_circle(series.datasets, roi.centre_lps, roi.radius_mm) for roi in result.rois]
+    assert place_circles(series.datasets, result.rois) == singly
 
 
 def test_warnings_of_a_graded_result_are_listed_as_comments(case: Case, tmp_path: Path) -> None:
