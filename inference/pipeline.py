@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from liverfat import __version__
-from liverfat.dicom_io.resample import WORKING_SPACING_MM, mask_to_grid, mask_to_source, to_working_grid
+from liverfat.dicom_io.resample import WORKING_SPACING_MM, mask_to_grid, mask_to_source, nonzero_box, to_working_grid
 from liverfat.dicom_io.series import CTSeries
 from liverfat.errors import Finding, LiverfatError, Reason
 from liverfat.inference.attenuation import measure
@@ -159,7 +159,9 @@ def _segment(ct: Volume, liver: Backend | Volume) -> tuple[Volume, ModelInfo]:
 
 
 def _user_mask(ct: Volume, mask: Volume) -> Volume:
-    values = np.unique(mask.array[mask.array != 0])
+    box = nonzero_box(mask.array)
+    crop = mask.array[box] if box is not None else mask.array[:0]
+    values = np.unique(crop[crop != 0])
     if values.size > 1:
         raise LiverfatError(
             Reason.MASK_MISMATCH,

@@ -4,8 +4,16 @@ from functools import cache
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from liverfat.dicom_io.resample import OUTSIDE_HU, WORKING_SPACING_MM, mask_to_grid, mask_to_source, to_working_grid
+from liverfat.dicom_io.resample import (
+    OUTSIDE_HU,
+    WORKING_SPACING_MM,
+    mask_to_grid,
+    mask_to_source,
+    nonzero_box,
+    to_working_grid,
+)
 from liverfat.volume import Volume
 from tests.phantom import Grid, Phantom, render_volume, storage_variants
 
@@ -104,3 +112,25 @@ def test_a_mask_outside_the_reference_maps_to_nothing() -> None:
     mask = Volume(np.ones((3, 4, 4), dtype=bool), (1.0, 1.0, 1.0), (500.0, 0.0, 0.0))
     reference = Volume(np.zeros((3, 4, 4), dtype=np.int16), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
     assert not mask_to_grid(mask, reference).array.any()
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int16])
+def test_nonzero_box_is_find_objects_box_of_all_nonzero_voxels(dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        array = np.zeros((9, 13, 11), dtype=dtype)
+        corner = rng.integers(0, (9, 13, 11))
+        size = rng.integers(1, 5, 3)
+        blob = rng.integers(0, 3, tuple(int(n) for n in np.minimum(size, (9, 13, 11) - corner)))
+        array[tuple(slice(c, c + n) for c, n in zip(corner, blob.shape, strict=True))] = blob.astype(dtype)
+        expected = ndimage.find_objects((array != 0).astype(np.uint8))
+        assert nonzero_box(array) == (expected[0] if expected else None)
+
+
+def test_label_boxes_of_labels_far_from_the_origin_keep_their_place() -> None:
+    """Labels are looked for within the box of all labels; their boxes are still on the whole grid."""
+    working = Volume(np.zeros((40, 80, 80), dtype=np.uint8), WORKING_SPACING_MM, (0.0, 0.0, 0.0))
+    working.array[30, 50:60, 60:70] = 2
+    working.array[33, 55:65, 62:72] = 1
+    mapped = mask_to_grid(working, working)
+    assert np.array_equal(mapped.array, working.array)
