@@ -98,7 +98,6 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
 from liverfat.dicom_io import codes
-from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.seg import (
     LIVER_SEGMENT,
     LIVER_TRACKING_ID,
@@ -107,6 +106,7 @@ from liverfat.dicom_io.seg import (
     roi_tracking_id,
     roi_tracking_label,
 )
+from liverfat.dicom_io.series import CTSeries
 from liverfat.dicom_io.uids import OutputUids, creation_kwargs, derived_uid, stamp_instance_creation
 from liverfat.result import USER_MASK, AnalysisResult, Grade, RoiMeasurement, RoiRule
 
@@ -570,9 +570,7 @@ def build_circle_sr(
     )
     rois = sorted(result.rois, key=lambda r: r.label)
     circles = place_circles(series.datasets, rois)
-    groups: list[_Group] = [
-        _roi_group(series, roi, circle, uids, algorithm) for roi, circle in zip(rois, circles)
-    ]
+    groups: list[_Group] = [_roi_group(series, roi, circle, uids, algorithm) for roi, circle in zip(rois, circles)]
     document = _Document(
         role=CIRCLE_SR_ROLE,
         title=codes.IMAGING_MEASUREMENT_REPORT,
