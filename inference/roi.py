@@ -241,8 +241,12 @@ def _robust_centre(
     """The admissible centre nearest to ``centre``: see ``RoiMode``."""
     margin_rows, margin_columns = (round(ROBUST_MARGIN_MM / s) for s in spacing)
     fit = ellipse_kernel(kernel.shape[0] + 2 * margin_rows, kernel.shape[1] + 2 * margin_columns)
-    admissible = ndimage.binary_erosion(mask2d, structure=fit, border_value=0)
+    # Eroded on the liver's box only: outside it there is no liver, so nothing there is admissible,
+    # and within it the box's border reads as the empty surroundings it stands for.
+    ((row_box, column_box),) = ndimage.find_objects(mask2d.view(np.uint8))
+    admissible = ndimage.binary_erosion(mask2d[row_box, column_box], structure=fit, border_value=0)
     rows, columns = np.nonzero(admissible)
+    rows, columns = rows + row_box.start, columns + column_box.start
     if rows.size == 0:
         logger.info("no position on this slice fits the ROI inside the liver; the seed's centre is kept")
         return centre
