@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from liverfat.errors import Reason
-from liverfat.inference.attenuation import measure
+from liverfat.inference.attenuation import measure, parenchymal_reference
 from liverfat.inference.grading import GradingConfig
 from liverfat.inference.roi import place_rois
 from liverfat.result import RoiRule
@@ -105,7 +105,10 @@ def test_enhanced_vessel_through_one_roi_replaces_that_roi_by_the_seed_rule_on_t
     middle = placement.rois[1]
     i, j, k = middle.centre_index
     ct.array[k, j - 2 : j + 3, :] = 180.0  # a 3.5 mm enhanced vessel crossing the middle ROI's whole slice
+    placed = placement.labels.array.copy()
     result = measure(ct, liver, placement, LIMITS)
+    assert np.array_equal(placement.labels.array, placed)  # the replacement is in the result's map only
+    assert np.count_nonzero(result.labels.array == 2) == result.rois[1].n_voxels
     assert [w.code for w in result.warnings] == [Reason.ROI_REPLACED]
     assert result.warnings[0].message.startswith(f"ROI 2 (slice {k})")
     assert [roi.rule for roi in result.rois] == [RoiRule.SEED, RoiRule.NEXT_SLICE, RoiRule.SEED]
@@ -196,3 +199,15 @@ def test_two_replaced_rois_never_share_a_slice() -> None:
     assert [roi.rule for roi in result.rois] == [RoiRule.NEXT_SLICE, RoiRule.SHIFTED, RoiRule.SEED]
     for roi in result.rois:  # each ROI's label map holds exactly the voxels it was measured on
         assert np.count_nonzero(result.labels.array == roi.label) == roi.n_voxels
+
+
+def test_parenchymal_reference_on_the_liver_box_is_the_reference_on_the_whole_grid() -> None:
+    """``measure`` passes the mask's bounding box: outside the arrays reads as background, as on the grid."""
+    liver = elliptic_liver(n_slices=11, largest=5)
+    grid = np.zeros((15, 140, 180), dtype=bool)
+    grid[2:13, 10:130, 10:170] = liver.array
+    hu = np.random.default_rng(3).normal(55.0, 12.0, grid.shape).astype(np.float32)
+    (box,) = ndimage.find_objects(grid.view(np.uint8))
+    whole = parenchymal_reference(hu, grid, SPACING)
+    assert parenchymal_reference(hu[box], grid[box], SPACING) == whole
+    assert whole.median_hu == pytest.approx(55.0, abs=1.0)
