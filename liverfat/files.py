@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,33 +47,60 @@ def durable_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> Non
     _fsync_dir(target.parent)
 
 
-def write_and_sync_at_once(target: Path, data: bytes, tmp_dir: Path, pool: Executor) -> None:
-    """Write ``data`` to ``target``, then fsync the file and its folder at the same time (the folder's on ``pool``).
+def write_and_start_sync(target: Path, data: bytes, tmp_dir: Path, pool: Executor) -> SyncingWrite:
+    """Write ``data`` to ``target``, name it, and start the fsyncs of the file and of its folder on ``pool``.
 
-    For a writer whose own durable record, made after this returns, says which files are whole
-    (the spool's index): unlike ``durable_write``, the file takes its name before its data is on
-    disk, so that the two fsyncs can run at once; on ext4 they then share one journal commit, one
-    wait for the disk instead of two. After return both data and name survive a crash; a crash
-    before can leave ``target`` with part of its data, a file no record points at.
+    For a writer that makes its own durable record of the file (the spool's index) while these run,
+    and waits for both (``SyncingWrite.wait``) before it counts the file as safe: unlike
+    ``durable_write``, the file takes its name before its data is on disk, so that the two fsyncs (and
+    the writer's record) run at once; on ext4 they share one journal commit, one wait for the disk
+    instead of several. Until ``wait`` returns, a crash can leave ``target`` missing or with part of
+    its data. Readers in this process see the whole file at once (the page cache).
     """
     _make_folder(target.parent)
     fd, tmp_name = _create(tmp_dir, prefix=f".{target.name}.", suffix=".part")
     written = Path(tmp_name)
     try:
-        try:
-            _write_all(fd, data)
-            os.replace(written, target)
-            written = target
-            folder_synced = pool.submit(_fsync_dir, target.parent)
-            try:
-                os.fsync(fd)
-            finally:
-                folder_synced.result()
-        finally:
-            os.close(fd)
+        _write_all(fd, data)
+        os.replace(written, target)
     except BaseException:
+        os.close(fd)
         written.unlink(missing_ok=True)
         raise
+    return SyncingWrite(target, fd, pool)
+
+
+class SyncingWrite:
+    """A file written and named whose data and folder are being fsynced; ``wait`` or ``discard`` it exactly once."""
+
+    def __init__(self, target: Path, fd: int, pool: Executor) -> None:
+        self.target = target
+        self._fd = fd
+        try:
+            self._syncs = [pool.submit(os.fsync, fd), pool.submit(_fsync_dir, target.parent)]
+        except BaseException:  # the pool shut down: nothing runs on the descriptor
+            os.close(fd)
+            target.unlink(missing_ok=True)
+            raise
+
+    def wait(self) -> None:
+        """Return once data and name are on disk; raise the fsync's ``OSError`` otherwise, the file removed."""
+        try:
+            futures.wait(self._syncs)
+        finally:
+            os.close(self._fd)
+        for sync in self._syncs:
+            if sync.exception() is not None:
+                self.target.unlink(missing_ok=True)
+                sync.result()
+
+    def discard(self) -> None:
+        """Remove the file, once its fsyncs have ended (they hold its descriptor)."""
+        try:
+            futures.wait(self._syncs)
+        finally:
+            os.close(self._fd)
+            self.target.unlink(missing_ok=True)
 
 
 @contextmanager

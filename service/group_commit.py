@@ -4,9 +4,9 @@ A PACS that sends several series at once has one association thread per series, 
 for its instance to be fsynced and indexed before it may answer Success. Committed one by one,
 every commit (an fsync of the index) waits for the one before it. Here the first thread to
 arrive runs the batch for itself; threads that arrive while a batch is running queue, and the
-next of them to run takes every queued item into one batch: one folder fsync per folder and
-one transaction for all of them. Each thread returns only once the batch holding its item is
-durable, so a Success still means what it meant. With a single sender every batch is one item
+next of them to run takes every queued item into one batch: one transaction for all of them.
+Each thread returns only once the batch holding its item is committed (the spool then waits
+for its file's fsyncs too), so a Success still means what it meant. With a single sender every batch is one item
 and nothing waits.
 """
 

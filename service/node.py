@@ -97,7 +97,8 @@ class Node:
         self.space.check()  # before the index opens: its -shm file needs room
         min_free = config.spool.min_free_disk_mb * 2**20
         self.spool = Spool(config.spool.dir, min_free_bytes=min_free, space=self.space)
-        leftovers = self.spool.clear_tmp() + self.spool.remove_unindexed_files()
+        spool = self.spool
+        leftovers = spool.clear_tmp() + spool.remove_partial_instances() + spool.remove_unindexed_files()
         if not self.space.restore():
             log.error("the spool's disk is full (%d KiB free): new instances are answered 0xA700 and no series is "
                       "processed until space returns", self.space.free_bytes() // 1024)  # fmt: skip

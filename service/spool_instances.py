@@ -1,12 +1,14 @@
 """Receiving: writing instances durably into the spool, indexing them, duplicates and free space.
 
 Each instance joins its series' open job, or opens the series' next version (``spool_queue``).
-Its file is written, named, and fsynced together with its folder (the folder's fsync on a
-helper thread, so that both wait for the disk once); only then is its row committed to the
-index, in one transaction with the rows of instances that arrive at the same time from other
-associations (``group_commit``), and only then does ``store_instance`` return. The index is
-what says an instance is held: a crash before the commit can leave a file that no row points at,
-never a row without its whole file.
+Its file is written and named; then three things run at once, so that one wait for the disk
+covers them all: the fsync of the file and the fsync of its folder (on helper threads), and the
+commit of its row to the index (in one transaction with the rows of instances that arrive at the
+same time from other associations, ``group_commit``). ``store_instance`` returns, and Success is
+answered, only once all three are done. The index is what says an instance is held, so a crash
+in between is repaired at the next start: a file no row points at is removed
+(``remove_unindexed_files``), and so is a row whose file is missing or partial
+(``remove_partial_instances``); neither was acknowledged, so the sender sends it again.
 """
 
 from __future__ import annotations
@@ -17,27 +19,30 @@ import re
 import secrets
 import shutil
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 from liverfat.errors import LiverfatError, Reason
-from liverfat.files import write_and_sync_at_once
+from liverfat.files import SyncingWrite, write_and_start_sync
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.group_commit import GroupCommit
 from liverfat.service.spool_db import DB_NAME, SpoolDatabase
 from liverfat.service.spool_queue import latest_job, new_version
-from liverfat.service.spool_types import OPEN_STATES, InstanceInfo, JobState, StoreOutcome
+from liverfat.service.spool_types import ENDED_STATES, OPEN_STATES, InstanceInfo, JobState, StoreOutcome
 
 log = logging.getLogger(__name__)
 
 _PLAIN_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]*(?<!\.)")  # kept as it is by file_name
-FOLDER_SYNC_THREADS = 4  # one per association storing at the same moment, up to a PACS's usual few
+SYNC_THREADS = 8  # a file's and a folder's fsync per association storing at the same moment, up to a PACS's usual 4
 
 
 class Arrival(NamedTuple):
-    """An instance whose file and folder are fsynced, to be indexed."""
+    """An instance whose file is written and named (its fsyncs running), to be indexed."""
 
     info: InstanceInfo
     relative: Path  # its file, relative to the spool's root
@@ -61,11 +66,48 @@ class Instances(SpoolDatabase):
     def __init__(self, root: Path) -> None:
         super().__init__(root)
         self._arrivals = GroupCommit(self._index_arrivals)
-        self._folder_syncs = ThreadPoolExecutor(max_workers=FOLDER_SYNC_THREADS, thread_name_prefix="spool-fsync")
+        self._syncs = ThreadPoolExecutor(max_workers=SYNC_THREADS, thread_name_prefix="spool-fsync")
+        self._storing = _Storing()
 
     def close(self) -> None:
-        self._folder_syncs.shutdown()
+        self._syncs.shutdown()
         super().close()
+
+    def remove_partial_instances(self) -> int:
+        """Delete the rows and files of instances whose file is missing or partial; returns how many.
+
+        Call before receiving, and before ``remove_unindexed_files``.
+
+        A row is committed while its file's fsyncs run, and Success is answered once all are done:
+        a crash in between can leave a row whose file is missing or short, of an instance never
+        acknowledged. Its sender sends it again, and without this the duplicate check would accept
+        it without storing it. A file counts as whole when its size is the row's ``size``: on ext4
+        (the default ``data=ordered``) and XFS the size a crash leaves on disk covers only data
+        that reached it; a file system that can record the size before the data (ext4
+        ``data=writeback``) could leave a file of the right size with zeros in it.
+
+        Only the rows of jobs not yet ended are checked (received, complete, processing): such a
+        row was committed into a job then receiving, and later transactions move that job on
+        without waiting for the fsyncs; for it to have ended, an fsync cut off by the crash would
+        have had to outlast the series' completion and its whole processing. A job that loses rows
+        goes back to receiving, so that the instances sent again join it (its clock restarts with
+        the restart's recovery).
+        """
+        states = [state for state in JobState if state not in ENDED_STATES]
+        rows = self.query(f"SELECT i.series_uid, i.sop_instance_uid, i.path, i.size FROM instances AS i "
+                          f"JOIN jobs AS j ON j.id = i.job_id WHERE j.state IN ({', '.join('?' * len(states))})",
+                          states)  # fmt: skip
+        partial = [row for row in rows if _size(self.root / row["path"]) != row["size"]]
+        if partial:
+            with self.transaction() as db:
+                for row in partial:
+                    _unindex(db, row["series_uid"], row["sop_instance_uid"], reopen=True)
+            for row in partial:
+                log.warning("restart: instance %s of series %s was indexed but its file is %s (a crash before its "
+                            "Success): removed, to be sent again", row["sop_instance_uid"], row["series_uid"],
+                            "partial" if (self.root / row["path"]).exists() else "missing")  # fmt: skip
+                (self.root / row["path"]).unlink(missing_ok=True)
+        return len(partial)
 
     def remove_unindexed_files(self) -> int:
         """Delete instance files that no index row points at; returns how many. Call before receiving.
@@ -98,8 +140,15 @@ class Instances(SpoolDatabase):
         free space would fall below the configured minimum or the disk is full,
         ``SPOOL_WRITE_FAILED`` on any other failure. Nothing is indexed (and no file is left)
         when it raises.
+
+        Two stores of one instance (two associations) run one after the other: a row is visible
+        to the duplicate check before its file's fsyncs end, and a duplicate must not be answered
+        Success for a file that is not yet safe.
         """
-        now = time.time() if now is None else now
+        with self._storing.alone((info.series_uid, info.sop_instance_uid)):
+            return self._store(data, info, time.time() if now is None else now)
+
+    def _store(self, data: bytes, info: InstanceInfo, now: float) -> StoreOutcome:
         if self.space is not None and self.space.is_full():
             raise LiverfatError(Reason.SPOOL_FULL, f"the spool's disk ({self.root}) is full: nothing is stored "
                                 "until space returns")  # fmt: skip
@@ -116,21 +165,39 @@ class Instances(SpoolDatabase):
         relative = Path("instances") / file_name(info.series_uid) / name
         target = self.root / relative
         try:
-            write_and_sync_at_once(target, data, self.tmp_dir, self._folder_syncs)
+            syncing = write_and_start_sync(target, data, self.tmp_dir, self._syncs)
         except OSError as error:
             raise self._write_error(f"cannot write instance to {target}", error) from error
         try:
             indexed = self._arrivals.submit(Arrival(info, relative, len(data), now))
-        except sqlite3.Error as error:
-            target.unlink(missing_ok=True)
-            raise self._write_error(f"cannot index instance in {self.root / DB_NAME}", error) from error
+        except BaseException as error:
+            syncing.discard()
+            if isinstance(error, sqlite3.Error):
+                raise self._write_error(f"cannot index instance in {self.root / DB_NAME}", error) from error
+            raise
         if indexed.outcome is StoreOutcome.DUPLICATE:
-            target.unlink(missing_ok=True)  # a concurrent association stored it first: this copy is not indexed
-        elif indexed.other_series is not None:
+            syncing.discard()  # another process on the same index stored it first: this copy is not indexed
+            return indexed.outcome
+        self._wait_for_sync(syncing, info)
+        if indexed.other_series is not None:
             log.warning("SOP Instance UID %s of series %s was already received in series %s (an anonymiser that "
                         "reuses UIDs?): kept as an instance of each series", info.sop_instance_uid, info.series_uid,
                         indexed.other_series)  # fmt: skip
         return indexed.outcome
+
+    def _wait_for_sync(self, syncing: SyncingWrite, info: InstanceInfo) -> None:
+        """Wait for the file's fsyncs; if one fails, take back its row, committed meanwhile, and raise."""
+        try:
+            syncing.wait()
+        except OSError as error:
+            try:
+                with self.transaction() as db:
+                    _unindex(db, info.series_uid, info.sop_instance_uid, reopen=False)
+            except sqlite3.Error as undo_error:  # the row stays, its file gone: the next start removes the row
+                log.error("instance %s of series %s: its fsync failed and its row could not be removed (%s); until "
+                          "the node restarts it counts as held", info.sop_instance_uid, info.series_uid,
+                          undo_error)  # fmt: skip
+            raise self._write_error(f"cannot write instance to {syncing.target}", error) from error
 
     def _write_error(self, what: str, error: Exception) -> LiverfatError:
         """The error a failed write raises; a full disk also enters the node's disk-full state."""
@@ -159,11 +226,32 @@ class Instances(SpoolDatabase):
             return [_index_arrival(db, arrival) for arrival in arrivals]
 
 
+class _Storing:
+    """The instances being stored now, by (series, SOP Instance UID): a second store of one waits for the first."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._keys: set[tuple[str, str]] = set()
+
+    @contextmanager
+    def alone(self, key: tuple[str, str]) -> Iterator[None]:
+        with self._changed:
+            while key in self._keys:
+                self._changed.wait()
+            self._keys.add(key)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._keys.discard(key)
+                self._changed.notify_all()
+
+
 def _index_arrival(db: sqlite3.Connection, arrival: Arrival) -> Indexed:
     """Index one arrival in the batch's transaction, unless its series already holds it."""
     info, now = arrival.info, arrival.now
     if _mark_held(db, info, now):
-        return Indexed(StoreOutcome.DUPLICATE, None)  # a concurrent association stored it first
+        return Indexed(StoreOutcome.DUPLICATE, None)  # another process on the same index stored it first
     job_id = _open_job(db, info, now)
     db.execute("UPDATE jobs SET n_instances = n_instances + 1, last_instance_at = ? WHERE id = ?", (now, job_id))
     db.execute(
@@ -184,6 +272,27 @@ def _open_job(db: sqlite3.Connection, info: InstanceInfo, now: float) -> int:
         db.execute("UPDATE jobs SET state = ?, completed_at = NULL WHERE id = ?", (JobState.RECEIVED, latest["id"]))
         return int(latest["id"])
     return new_version(db, latest, JobState.RECEIVED, now, info=info)
+
+
+def _unindex(db: sqlite3.Connection, series_uid: str, sop_instance_uid: str, *, reopen: bool) -> None:
+    """Remove an instance's row from its job; with ``reopen``, a job complete or processing goes back to receiving."""
+    row = db.execute("DELETE FROM instances WHERE series_uid = ? AND sop_instance_uid = ? RETURNING job_id",
+                     (series_uid, sop_instance_uid)).fetchone()  # fmt: skip
+    if row is None:
+        return
+    job_id = row["job_id"]
+    db.execute("UPDATE jobs SET n_instances = n_instances - 1 WHERE id = ?", (job_id,))
+    if reopen:  # a processing job was interrupted, not failed: that attempt does not count (as park_processing)
+        db.execute("UPDATE jobs SET state = ?, completed_at = NULL, attempts = CASE WHEN state = ? THEN "
+                   "MAX(attempts - 1, 0) ELSE attempts END WHERE id = ? AND state IN (?, ?)",
+                   (JobState.RECEIVED, JobState.PROCESSING, job_id, JobState.COMPLETE, JobState.PROCESSING))  # fmt: skip
+
+
+def _size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return None
 
 
 def _mark_held(db: sqlite3.Connection, info: InstanceInfo, now: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from liverfat.files import durable_path, durable_write, write_and_sync_at_once
+from liverfat.files import durable_path, durable_write, write_and_start_sync
 
 
 def test_durable_write_makes_missing_folders_and_leaves_only_the_target(tmp_path: Path) -> None:
@@ -21,23 +22,40 @@ def test_durable_write_makes_missing_folders_and_leaves_only_the_target(tmp_path
     assert list(target.parent.iterdir()) == [target]
 
 
-def test_write_and_sync_at_once_leaves_the_target_and_no_temporary_file(tmp_path: Path) -> None:
+def test_write_and_start_sync_names_the_file_at_once_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     target, tmp_dir = tmp_path / "instances" / "1.2" / "3.dcm", tmp_path / "tmp"
     tmp_dir.mkdir()
-    with ThreadPoolExecutor(1) as pool:
-        write_and_sync_at_once(target, b"DICM", tmp_dir, pool)
+    with ThreadPoolExecutor(2) as pool:
+        syncing = write_and_start_sync(target, b"DICM", tmp_dir, pool)
+        assert target.read_bytes() == b"DICM"  # named before its fsyncs end: readers here see it whole
+        syncing.wait()
     assert target.read_bytes() == b"DICM" and list(tmp_dir.iterdir()) == []
 
 
-def test_write_and_sync_at_once_leaves_nothing_when_the_rename_fails(tmp_path: Path) -> None:
+def test_write_and_start_sync_leaves_nothing_when_the_rename_fails(tmp_path: Path) -> None:
     other_file_system = Path("/dev/shm")
     if not other_file_system.is_dir() or os.stat(other_file_system).st_dev == os.stat(tmp_path).st_dev:
         pytest.skip("needs /dev/shm on another file system than the test's folder")
     target = tmp_path / "instances" / "3.dcm"
-    with ThreadPoolExecutor(1) as pool, pytest.raises(OSError):  # a rename across file systems (EXDEV)
-        write_and_sync_at_once(target, b"DICM", other_file_system, pool)
+    with ThreadPoolExecutor(2) as pool, pytest.raises(OSError):  # a rename across file systems (EXDEV)
+        write_and_start_sync(target, b"DICM", other_file_system, pool)
     assert not target.exists()
     assert not [path for path in other_file_system.iterdir() if path.name.startswith(".3.dcm.")]
+
+
+def test_a_failed_fsync_raises_from_wait_and_removes_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target, tmp_dir = tmp_path / "3.dcm", tmp_path / "tmp"  # no folder to make: the first fsync is the file's
+    tmp_dir.mkdir()
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with ThreadPoolExecutor(2) as pool:
+        syncing = write_and_start_sync(target, b"DICM", tmp_dir, pool)
+        with pytest.raises(OSError, match="Input/output error"):
+            syncing.wait()
+    assert not target.exists() and list(tmp_dir.iterdir()) == []
 
 
 def test_durable_path_gives_a_writer_the_target_suffix_and_renames_on_success(tmp_path: Path) -> None:

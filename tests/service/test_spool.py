@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,85 @@ def test_files_no_row_points_at_are_removed_before_receiving_and_indexed_ones_ke
     assert spool.remove_unindexed_files() == 2
     assert [path.name for path in (spool.root / "instances").glob("*/*")] == [kept.name]
     assert kept.read_bytes() == b"kept"
+
+
+def test_rows_whose_file_is_missing_or_partial_are_removed_at_start_and_the_instances_sent_again_stored(
+        spool: Spool) -> None:  # fmt: skip
+    """A row is committed while its file's fsyncs run: a crash between leaves a row without its whole file."""
+    for sop, data in (("1.1", b"whole"), ("1.2", b"partial"), ("1.3", b"lost")):
+        spool.store_instance(data, info(sop), now=100.0)
+    spool.complete_series([SERIES], now=101.0)
+    whole, partial, lost = spool.job_files(spool.jobs()[0])
+    os.truncate(partial, 3)
+    lost.unlink()
+    spool.close()
+    reopened = Spool(spool.root)
+    assert reopened.remove_partial_instances() == 2
+    [job] = reopened.jobs()
+    assert (job.state, job.n_instances) == (JobState.RECEIVED, 1)  # receiving again: the sender sends them again
+    assert reopened.job_files(job) == [whole] and not partial.exists()
+    assert reopened.remove_unindexed_files() == 0
+    assert [reopened.store_instance(data, info(sop), now=200.0) for sop, data in (("1.2", b"partial"), ("1.3", b"lost"))
+            ] == [StoreOutcome.STORED] * 2  # fmt: skip
+    [job] = reopened.jobs()
+    assert job.n_instances == 3
+    assert sorted(path.read_bytes() for path in reopened.job_files(job)) == [b"lost", b"partial", b"whole"]
+    assert reopened.remove_partial_instances() == 0
+
+
+def test_an_instance_whose_fsync_fails_is_refused_and_its_committed_row_taken_back(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    spool.store_instance(b"a", info("1.1"), now=100.0)
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        if "1.2." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(LiverfatError, match="Input/output error") as raised:
+        spool.store_instance(b"b", info("1.2"), now=101.0)
+    assert raised.value.reason is Reason.SPOOL_WRITE_FAILED
+    assert not spool.has_instance("1.2", SERIES)
+    [job] = spool.jobs()
+    assert job.n_instances == 1 and [path.read_bytes() for path in spool.job_files(job)] == [b"a"]
+    assert spool.remove_unindexed_files() == 0
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert spool.store_instance(b"b", info("1.2"), now=102.0) is StoreOutcome.STORED
+
+
+def test_the_same_instance_from_a_second_association_waits_until_the_first_copy_is_on_disk(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Its row is visible before its file's fsync ends: a duplicate must not be answered Success before that."""
+    spool.store_instance(b"a", info("1.1"), now=100.0)  # the series' folder exists: the next fsyncs are the file's
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        if "1.2." in os.readlink(f"/proc/self/fd/{fd}"):
+            assert release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    outcomes: dict[str, StoreOutcome] = {}
+
+    def store(name: str) -> None:
+        outcomes[name] = spool.store_instance(b"b", info("1.2"), now=101.0)
+
+    first = threading.Thread(target=store, args=("first",))
+    first.start()
+    deadline = time.monotonic() + 10
+    while not spool.has_instance("1.2", SERIES) and time.monotonic() < deadline:  # committed, fsync still held
+        time.sleep(0.01)
+    second = threading.Thread(target=store, args=("second",))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and first.is_alive()  # neither answered while the file's fsync is held
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert outcomes == {"first": StoreOutcome.STORED, "second": StoreOutcome.DUPLICATE}
 
 
 def test_new_spool_folders_keep_others_out_whatever_the_umask(tmp_path: Path) -> None:
