@@ -8,7 +8,7 @@
    ``liverfat`` node process, its worker idle). Orthanc 1.10 waits for the disk once per
    instance (strace: 53 ``fdatasync`` for 50 instances, no other sync call): its SQLite index
    runs WAL with ``SYNCHRONOUS=NORMAL``, whose commits a power loss can undo. The node waits
-   twice: file and folder fsynced at once, then its index committed (WAL, ``synchronous=FULL``).
+   once: the fsyncs of file and folder and its index's commit (WAL, ``synchronous=FULL``) at once.
    Once over one association, once as four
    series sent at once by four storescu (a PACS that sends several series at once). Each
    receiver starts empty for each timing; ``--repeat`` rounds, interleaved; the figure is
@@ -191,7 +191,7 @@ def orthanc_receiver(work: Path) -> Iterator[Target]:
 
 @contextmanager
 def node_receiver(work: Path) -> Iterator[Target]:
-    """A real node process, its worker idle: file and folder fsynced, then the SQLite commit, before Success."""
+    """A real node process, its worker idle: file and folder fsynced and the SQLite commit, all before Success."""
     port = free_port()
     process = NodeProcess(work / "node", {
         "node": {"host": "127.0.0.1", "port": port},
