@@ -193,6 +193,22 @@ def test_instance_norm_is_the_keras_formula_not_torch_instance_norm() -> None:
     assert np.abs(torch_norm - expected).max() > 0.05
 
 
+def test_instance_norm_of_many_chunks_matches_float64() -> None:
+    # 20,250 voxels: two whole chunks of statistics and a partial one whose rows are not a multiple
+    # of the multiply-add's tile; an offset of 50 standard deviations and a trend along x, so the
+    # chunks' means differ and a one-pass sum of squares in float32 would lose the variance
+    rng = np.random.default_rng(8)
+    trend = np.linspace(-3.0, 3.0, 30)[None, None, :, None, None]
+    values = 50.0 + trend + rng.normal(0.0, 1.0, size=(1, 3, 30, 25, 27))
+    x = torch.from_numpy(values).float().contiguous(memory_format=torch.channels_last_3d)
+
+    got = keras_instance_norm_(x).double().numpy()
+    mean = values.mean(axis=(2, 3, 4), keepdims=True)
+    expected = (values - mean) / (values.std(axis=(2, 3, 4), keepdims=True) + 1e-7)
+
+    assert np.abs(got - expected).max() < 2e-5
+
+
 def test_instance_norm_refuses_a_layout_it_cannot_update_in_place() -> None:
     with pytest.raises(ValueError, match="channels-last"):
         keras_instance_norm_(torch.zeros(1, 3, 4, 5, 6))
