@@ -194,12 +194,12 @@ def test_instance_norm_is_the_keras_formula_not_torch_instance_norm() -> None:
 
 
 def test_instance_norm_of_many_chunks_matches_float64() -> None:
-    # 20,250 voxels: two whole chunks of statistics and a partial one whose rows are not a multiple
+    # 135,000 voxels: two whole chunks of statistics and a partial one; rows not a multiple
     # of the multiply-add's tile; an offset of 50 standard deviations and a trend along x, so the
     # chunks' means differ and a one-pass sum of squares in float32 would lose the variance
     rng = np.random.default_rng(8)
-    trend = np.linspace(-3.0, 3.0, 30)[None, None, :, None, None]
-    values = 50.0 + trend + rng.normal(0.0, 1.0, size=(1, 3, 30, 25, 27))
+    trend = np.linspace(-3.0, 3.0, 60)[None, None, :, None, None]
+    values = 50.0 + trend + rng.normal(0.0, 1.0, size=(1, 3, 60, 50, 45))
     x = torch.from_numpy(values).float().contiguous(memory_format=torch.channels_last_3d)
 
     got = keras_instance_norm_(x).double().numpy()
