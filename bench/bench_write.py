@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,24 +48,26 @@ import pydicom
 # Run as a script, Python puts bench/ on sys.path; the phantom helpers live in tests/ and bench_node.py.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_node import write_phantom  # noqa: E402
+from baseline_cases import (  # noqa: E402
+    add_arguments,
+    lidc_missing,
+    lidc_with_liver,
+    phantom_with_liver,
+    print_rows,
+    summarise,
+    write_report,
+)
+from baseline_cases import load_baseline as load_modules  # noqa: E402
 
 from liverfat import __version__  # noqa: E402
 from liverfat.dicom_io import keyimage, outputs, seg  # noqa: E402
-from liverfat.dicom_io.read import discover, load_series, read_mask  # noqa: E402
 from liverfat.dicom_io.series import CTSeries  # noqa: E402
 from liverfat.dicom_io.site import OutputSettings  # noqa: E402
 from liverfat.dicom_io.sr import build_circle_sr, build_summary_sr  # noqa: E402
 from liverfat.dicom_io.uids import output_uids  # noqa: E402
 from liverfat.inference.pipeline import measure_series  # noqa: E402
 from liverfat.result import AnalysisResult  # noqa: E402
-from tests.dicom_io.output_cases import ds_points  # noqa: E402
-from tests.phantom import Phantom  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-LIDC = SHARED / "chest-ct" / "lidc-idri-0002"
-LIDC_LIVER = SHARED / "seed-dl-parenchymal" / "LIDC-IDRI_0002_3d_liver_seg.nii.gz"
 DEFAULT_BASELINE = "611a497"
 BASELINE_MODULES = ("seg", "keyimage", "outputs")  # in import order: each imports the ones before it
 CREATED = datetime(2024, 5, 6, 7, 8, 9)  # both paths stamp the same times, so their files can be compared
@@ -77,49 +76,18 @@ OBJECTS = ("SEG", "circle SR", "summary SR", "key image")
 
 
 def load_baseline(revision: str) -> dict[str, ModuleType]:
-    """The write modules of ``revision``, each importing the others' baseline versions.
-
-    While one is executed, ``sys.modules`` maps the names of those loaded before it to their
-    baseline modules, so its ``from liverfat.dicom_io.seg import build_seg`` gets the baseline's.
-    The working tree's modules are put back afterwards.
-    """
-    names = [f"liverfat.dicom_io.{name}" for name in BASELINE_MODULES]
-    saved = {name: sys.modules[name] for name in names}
-    loaded: dict[str, ModuleType] = {}
-    try:
-        for short, name in zip(BASELINE_MODULES, names):
-            source = subprocess.run(["git", "show", f"{revision}:dicom_io/{short}.py"], cwd=REPO, check=True,
-                                    capture_output=True, text=True).stdout  # fmt: skip
-            module = ModuleType(name)
-            module.__file__ = f"{revision}:dicom_io/{short}.py"
-            sys.modules[name] = module
-            exec(compile(source, module.__file__, "exec"), module.__dict__)  # noqa: S102  # our own code, from git
-            loaded[short] = module
-    finally:
-        sys.modules.update(saved)
-    return loaded
+    """The write modules of ``revision`` (``seg``, ``keyimage``, ``outputs``), beside the working tree's."""
+    return load_modules(revision, [f"dicom_io.{name}" for name in BASELINE_MODULES])
 
 
 def phantom_case(folder: Path, slices: int) -> tuple[CTSeries, AnalysisResult]:
-    """The phantom in ``folder`` (written there first unless it is already), with its analytic liver."""
-    if not folder.is_dir() or not any(folder.iterdir()):
-        write_phantom(folder, slices)
-    series = load(folder)
-    if len(series.datasets) != slices:
-        raise RuntimeError(f"{folder} holds a phantom of {len(series.datasets)} slices, not {slices}")
-    phantom = Phantom()
-    liver = np.stack([phantom.liver_at(ds_points(dataset)) for dataset in series.datasets])
-    return series, measured(series, series.volume.with_array(liver))
+    series, liver = phantom_with_liver(folder, slices)
+    return series, measured(series, liver)
 
 
 def lidc_case() -> tuple[CTSeries, AnalysisResult]:
-    series = load(LIDC)
-    return series, measured(series, read_mask(LIDC_LIVER, series.volume))
-
-
-def load(folder: Path) -> CTSeries:
-    (found,) = discover([folder]).series
-    return load_series(found)
+    series, liver = lidc_with_liver()
+    return series, measured(series, liver)
 
 
 def measured(series: CTSeries, liver: Any) -> AnalysisResult:
@@ -189,44 +157,29 @@ def run_case(name: str, series: CTSeries, result: AnalysisResult, baseline: dict
         (work / name / "baseline" / file).read_bytes() == (work / name / "new" / file).read_bytes()
         for file in written["new"]
     )
-    best = {path: {key: min(values) for key, values in by_key.items()} for path, by_key in times.items()}
     return {
         "case": name,
         "slices": len(series.datasets),
         "matrix": list(series.volume.array.shape[1:]),
         "seg_frames": int(pydicom.dcmread(work / name / "new" / outputs.SEG_FILE, stop_before_pixels=True).NumberOfFrames),
-        "best_s": {path: {key: round(value, 3) for key, value in by_key.items()} for path, by_key in best.items()},
-        "median_s": {
-            path: {key: round(statistics.median(values), 3) for key, values in by_key.items()}
-            for path, by_key in times.items()
-        },
-        "ratio_new_to_baseline": {key: round(best["new"][key] / best["baseline"][key], 2) for key in best["new"]},
+        **summarise(times),
         "files": written["new"],
         "identical_files": identical,
     }
 
 
 def print_case(figures: dict[str, Any], repeat: int) -> None:
-    best, ratio = figures["best_s"], figures["ratio_new_to_baseline"]
     print(f"{figures['case']}: {figures['slices']} slices {figures['matrix'][0]}x{figures['matrix'][1]}, "
           f"SEG of {figures['seg_frames']} frames; best of {repeat}, seconds")  # fmt: skip
-    print(f"  {'':<40} {'baseline':>9} {'new':>9} {'new/base':>9}")
     labels = {key: f"build {key}" for key in OBJECTS} | {"write": "write_outputs (all four, encoded, fsynced)",
                                                           "first write": "  first write, fresh process"}  # fmt: skip
-    for key, label in labels.items():
-        print(f"  {label:<40} {best['baseline'][key]:9.3f} {best['new'][key]:9.3f} {ratio[key]:9.2f}")
+    print_rows(figures, labels, width=40)
     print(f"  files byte-identical ({', '.join(figures['files'])}): {'yes' if figures['identical_files'] else 'NO'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=["phantom", "lidc-idri-0002"],
-                        choices=["phantom", "lidc-idri-0002"])  # fmt: skip
-    parser.add_argument("--slices", type=int, default=300, help="slices of the phantom")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--baseline", default=DEFAULT_BASELINE, help="git revision of the baseline write path")
-    parser.add_argument("--phantom-dir", type=Path, help="keep the phantom here and reuse it (default: a temporary one)")
-    parser.add_argument("--json", type=Path, help="also write the figures and versions here")
+    add_arguments(parser, repeat=5, baseline=DEFAULT_BASELINE)
     parser.add_argument("--first-write", choices=["baseline", "new"], help=argparse.SUPPRESS)  # the bench's own child
     args = parser.parse_args(argv)
     if args.first_write is not None:
@@ -239,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="liverfat-bench-write-") as tmp:
         work = Path(tmp)
         for name in args.cases:
-            if name == "lidc-idri-0002" and not (LIDC.is_dir() and LIDC_LIVER.is_file()):
-                print(f"{name}: skipped, {LIDC} or {LIDC_LIVER} is missing")
+            if lidc_missing(name):
                 continue
             phantom_dir = args.phantom_dir or work / "phantom"
             series, result = load_case(name, phantom_dir, args.slices)
@@ -251,22 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             figures["ratio_new_to_baseline"]["first write"] = round(first, 2)
             print_case(figures, args.repeat)
             cases.append(figures)
-    report = {
-        "benchmark": "write",
-        "baseline": args.baseline,
-        "cases": cases,
-        "versions": {
-            "liverfat": __version__,
-            "highdicom": highdicom.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": f"{platform.platform()}, {os.cpu_count()} CPU",
-        "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine slows both paths
-    }
-    print(json.dumps(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    versions = {"liverfat": __version__, "highdicom": highdicom.__version__, "numpy": np.__version__}
+    write_report("write", args, cases, versions)
     return 0 if all(case["identical_files"] for case in cases) else 1
 
 
