@@ -6,13 +6,18 @@ import os
 import random
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from liverfat.service.config import NodeConfig, NodeSection, SpoolSection
 from tests.phantom import Grid, Phantom, SeriesHeader, write_series
+
+if TYPE_CHECKING:
+    from tests.service.test_sender import Receiver
 
 DCMTK_BIN = Path("/usr/bin")  # by full path: the venv's pynetdicom installs its own storescu/echoscu
 STORESCU = DCMTK_BIN / "storescu"
@@ -83,3 +88,13 @@ def require_dcmtk() -> None:
     missing = [str(tool) for tool in (STORESCU, ECHOSCU, STORESCP) if not tool.exists()]
     if missing:
         pytest.skip(f"dcmtk is not installed ({', '.join(missing)} missing): apt-get install dcmtk")
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A real C-STORE SCP (pynetdicom) on a free port, the destination a node sends its results to."""
+    from tests.service.test_sender import Receiver  # a test module: imported when the fixture is used
+
+    started = Receiver(free_port()).start()
+    yield started
+    started.stop()

@@ -12,7 +12,6 @@ import os
 import re
 import stat
 import subprocess
-from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import dockerfile
 import pytest
 
 from liverfat.service.config import NodeConfig, SendSection, WorkerSection, load_config
-from tests.service.conftest import free_port, phantom_series, storescu
+from tests.service.conftest import phantom_series, storescu
 from tests.service.node_process import sending_node, wait_for
 from tests.service.test_sender import Receiver
 
@@ -174,13 +173,6 @@ def test_systemd_unit_verifies_clean_and_its_exposure_is_ok(systemd_analyze: Pat
     found = re.search(r"Overall exposure level for \S+: ([\d.]+)", security.stdout)
     assert found is not None, security.stdout + security.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, security.stdout
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver(free_port()).start()
-    yield started
-    started.stop()
 
 
 @pytest.mark.slow

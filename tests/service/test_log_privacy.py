@@ -18,20 +18,13 @@ from liverfat.service.config import LogSection
 from liverfat.service.logs import QUIET_LIBRARIES, WITHHELD, configure_logging
 from liverfat.service.spool import JobState
 from tests.phantom import SeriesHeader
-from tests.service.conftest import free_port, phantom_series, storescu
+from tests.service.conftest import phantom_series, storescu
 from tests.service.node_process import sending_node, wait_for
 from tests.service.test_sender import Receiver
 
 LONG_NAME = "LONGSECRETNAME" * 715  # 10,010 characters; PN allows 64 per component group
 PATIENTS = [("SECRETSINGLE", "SECRETID-1"), ("SECRETFAMILY^SECRETGIVEN", "SECRETID-2"), (LONG_NAME, "SECRETID-3")]
 DONE = (JobState.DONE, JobState.REJECTED, JobState.FAILED)
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver(free_port()).start()
-    yield started
-    started.stop()
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ Sent by dcmtk's ``storescu -xd``; the node is a real subprocess with the phantom
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -13,18 +12,11 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from liverfat.service.spool import JobState
-from tests.service.conftest import PHANTOM_LIVER_HU, free_port, phantom_series, storescu
+from tests.service.conftest import PHANTOM_LIVER_HU, phantom_series, storescu
 from tests.service.node_process import sending_node, wait_for
 from tests.service.test_sender import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("require_dcmtk")]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver(free_port()).start()
-    yield started
-    started.stop()
 
 
 def test_a_deflated_series_is_stored_as_sent_and_analysed(tmp_path: Path, receiver: Receiver) -> None:

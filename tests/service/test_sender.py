@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pydicom
-import pytest
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
@@ -54,13 +52,6 @@ class Receiver:
     def _store(self, event: Event) -> int:
         self.stored.append(str(event.request.AffectedSOPInstanceUID))  # type: ignore[union-attr]
         return self.status
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver(free_port()).start()
-    yield started
-    started.stop()
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from liverfat import __version__
 from liverfat.service.spool import ENDED_STATES, JobState
 from liverfat.service.status_page import render_status_page
 from tests.phantom import SeriesHeader
-from tests.service.conftest import free_port, phantom_series, storescu
+from tests.service.conftest import phantom_series, storescu
 from tests.service.node_process import NodeProcess, sending_node, wait_for
 from tests.service.test_health import REPORT
 from tests.service.test_sender import Receiver
@@ -38,13 +37,6 @@ def test_every_value_on_the_page_is_escaped() -> None:
     page = render_status_page({**REPORT, "recent": [job], "node": {**REPORT["node"], "ae_title": "A&B"}})
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "liverfat node A&amp;B" in page and "No destination configured" in page and "No errors." in page
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    started = Receiver(free_port()).start()
-    yield started
-    started.stop()
 
 
 def chromium(home: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
