@@ -242,11 +242,29 @@ class ModelSection(_Validated):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # the default model's arithmetic; auto: bf16 on bf16 hardware
 
 
+def _device_list(value: Any) -> Any:
+    """``"0,1"`` from the environment as GPU indices; ``"auto"`` and ``"cpu"`` stay words."""
+    if isinstance(value, str) and value.strip() not in ("auto", "cpu"):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+WorkerDevices = Annotated[Literal["auto", "cpu"] | tuple[Annotated[Int, Field(ge=0)], ...], BeforeValidator(_device_list)]
+
+
 @dataclass(frozen=True)
 class WorkerSection(_Validated):
+    count: PositiveInt = 1  # CPU worker processes (they split the cores); with GPUs, see devices
+    devices: WorkerDevices = "auto"  # "auto": one worker per visible GPU, else `count` on CPU; "cpu"; or GPU indices
     max_attempts: PositiveInt = 3  # a series whose processing killed the worker this often is marked failed
     shutdown_grace_s: NonNegativeFloat = 30.0  # on SIGTERM, wait this long for the series in hand, then park it
     ineligible_result: Literal["nothing", "sr"] = "nothing"  # "sr": a short "not applicable" SR
+
+
+@dataclass(frozen=True)
+class QueueSection(_Validated):
+    broker: OptionalText = None  # "amqp://user:password@host:5672/vhost" (or amqps://): Celery on RabbitMQ
+    path_map: Annotated[tuple[str, ...], BeforeValidator(_split)] = ()  # "PUBLISHER_PREFIX=THIS_HOST_PREFIX"
 
 
 @dataclass(frozen=True)
@@ -341,6 +359,7 @@ class NodeConfig(_Validated):
     series: SeriesSection = field(default_factory=SeriesSection)
     model: ModelSection = field(default_factory=ModelSection)
     worker: WorkerSection = field(default_factory=WorkerSection)
+    queue: QueueSection = field(default_factory=QueueSection)
     eligibility: Annotated[EligibilityPolicy, PlainValidator(_eligibility)] = field(default_factory=EligibilityPolicy)
     analysis: Annotated[AnalysisConfig, PlainValidator(_analysis)] = field(default_factory=AnalysisConfig)
     grading: Annotated[GradingConfig, PlainValidator(_grading)] = field(default_factory=GradingConfig)
