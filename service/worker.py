@@ -21,29 +21,26 @@ import shutil
 import signal
 import sqlite3
 import time
-from collections.abc import Sequence
 from dataclasses import replace
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
-from pathlib import Path
 
-from liverfat.analysis import AnalysisOptions, BackendLoader, ModelCache, Outcome, analyze_dicom_series
-from liverfat.dicom_io.outputs import WrittenFile, warm_up
-from liverfat.dicom_io.read import read_series
+from liverfat.analysis import BackendLoader, ModelCache
+from liverfat.dicom_io.outputs import warm_up
 from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
 from liverfat.service.config import ModelSection, NodeConfig
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.health import ModelState
 from liverfat.service.logs import configure_logging
-from liverfat.service.spool import Job, JobResult, JobState, OutputFile, Spool
+from liverfat.service.series_job import analyze_series_files
+from liverfat.service.spool import Job, JobResult, JobState, Spool
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle worker sleeps unless woken
 DISK_FULL_RETRY_S = (5.0, 300.0)  # after a disk-full park, no new series for this long: first, cap (doubling)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-STATES = {Outcome.PROCESSED: JobState.DONE, Outcome.REJECTED: JobState.REJECTED, Outcome.FAILED: JobState.FAILED}
 
 
 class ModelLoader:
@@ -146,7 +143,8 @@ def process_job(job: Job, spool: Spool, config: NodeConfig, models: ModelCache,
     if job.note:
         log.warning("series %s v%d: %s", job.series_uid, job.version, job.note, extra={"job": job.id})
     try:
-        result = _run_series(job, files, spool, config, models)
+        result = analyze_series_files(job.series_uid, files, spool.results_dir / str(job.id), spool.root, config,
+                                      models)  # fmt: skip
         if space is not None:
             space.check()
             if space.is_full():
@@ -186,36 +184,6 @@ def _park_for_space(job: Job, spool: Spool, space: DiskSpace | None, error: Base
         return JobResult(JobState.PROCESSING, error=why)
     log.warning("series %s v%d: %s", job.series_uid, job.version, why, extra={"job": job.id})
     return JobResult(JobState.COMPLETE, error=why)
-
-
-def _run_series(job: Job, files: Sequence[Path], spool: Spool, config: NodeConfig, models: ModelCache) -> JobResult:
-    started = time.monotonic()
-    found = read_series(job.series_uid, files)
-    discover_s = time.monotonic() - started
-    if not found.series:
-        reasons = tuple(skipped.finding.to_json() for skipped in found.skipped)
-        return JobResult(JobState.REJECTED, reasons=reasons, error="no readable CT instance in the series")
-    options = AnalysisOptions(out_dir=spool.results_dir / str(job.id), policy=config.eligibility,
-                             config=config.analysis, site=config.site,
-                             not_applicable_sr=config.worker.ineligible_result == "sr")  # fmt: skip
-    report = analyze_dicom_series(found.series[0], options, models)
-    result = report.result
-    return JobResult(
-        state=STATES[report.outcome],
-        grade=result.grade.value,
-        parenchymal_hu=result.parenchymal_hu,
-        borderline=result.borderline,
-        reasons=tuple(f.to_json() for f in result.reasons),
-        timings={"discover": discover_s, **result.timings_s},
-        outputs=tuple(_output_file(written, spool.root) for written in report.dicom),
-        error="; ".join(f.message for f in result.reasons) if report.outcome is Outcome.FAILED else None,
-    )
-
-
-def _output_file(written: WrittenFile, root: Path) -> OutputFile:
-    """The outbox row of a DICOM output (already durable: ``liverfat.files``), from what the writer knew."""
-    return OutputFile(str(written.path.relative_to(root)), written.sop_class_uid, written.sop_instance_uid,
-                      written.transfer_syntax_uid)  # fmt: skip
 
 
 def _die_with_parent() -> None:
