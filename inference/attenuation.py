@@ -45,10 +45,11 @@ is where the slice choice is made.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import edt
 import numpy as np
-from scipy import ndimage
 
 from liverfat.dicom_io.resample import nonzero_box
 from liverfat.errors import Finding, Reason
@@ -61,6 +62,7 @@ REFERENCE_MIN_VOXELS = 1000  # below this the eroded mask is too small; the whol
 ENHANCEMENT_PERCENTILE = 98.0  # high percentile of liver HU: enhanced intrahepatic vessels (see grading)
 _MM3_PER_ML = 1000.0
 _MAD_TO_SD = 1.4826  # the median absolute deviation of a normal distribution is 0.6745 SD
+_THREADS = os.cpu_count() or 1  # the distance transform's threads, as many as torch's by default
 
 
 @dataclass(frozen=True)
@@ -175,9 +177,13 @@ def parenchymal_reference(
 
     The erosion is a Euclidean distance, ``spacing`` being (i, j, k); outside the arrays counts as
     background, so ``hu`` and ``mask`` may be cropped to the mask's bounding box (``measure`` does).
+    The distance comes from ``edt`` (float32, 3-8x faster than scipy's float64 transform, whose
+    feature transform also takes 12 bytes a voxel). Only ``distance > 5 mm`` is used: on the
+    0.7 x 0.7 x 2.5 mm working grid no squared voxel distance lies within 0.01 mm^2 of 25 mm^2 but
+    25 itself (exact in float32), so the eroded set is scipy's, voxel for voxel.
     """
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=(spacing[2], spacing[1], spacing[0]))
-    inner = distance[1:-1, 1:-1, 1:-1] > REFERENCE_EROSION_MM
+    distance = edt.edt(mask, anisotropy=(spacing[2], spacing[1], spacing[0]), black_border=True, parallel=_THREADS)
+    inner = distance > REFERENCE_EROSION_MM
     values = hu[inner] if np.count_nonzero(inner) >= REFERENCE_MIN_VOXELS else hu[mask]
     median = float(np.median(values))
     return ParenchymalReference(median, _MAD_TO_SD * float(np.median(np.abs(values - median))))
