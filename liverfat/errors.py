@@ -57,6 +57,9 @@ class Reason(StrEnum):
     SPOOL_WRITE_FAILED = "spool_write_failed"
     SPOOL_IN_USE = "spool_in_use"
     UNKNOWN_SERIES = "unknown_series"
+    # fleet (service/fleet)
+    BROKER_UNAVAILABLE = "broker_unavailable"  # the message broker cannot be reached
+    DEAD_LETTERED = "dead_lettered"  # the series stopped its worker as often as the broker's delivery limit allows
     # models
     MODEL_IMPORT_FAILED = "model_import_failed"
 

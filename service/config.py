@@ -265,6 +265,9 @@ class WorkerSection(_Validated):
 class QueueSection(_Validated):
     broker: OptionalText = None  # "amqp://user:password@host:5672/vhost" (or amqps://): Celery on RabbitMQ
     path_map: Annotated[tuple[str, ...], BeforeValidator(_split)] = ()  # "PUBLISHER_PREFIX=THIS_HOST_PREFIX"
+    ca_certificates: OptionalPath = None  # amqps://: CA bundle that signed the broker's certificate (else the system's)
+    certificate: OptionalPath = None  # amqps:// with client certificates: ours, and its private key
+    private_key: OptionalPath = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""The fleet's broker client against a real RabbitMQ loaded with deploy/rabbitmq/definitions.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from liverfat.errors import Reason
+from liverfat.service.config import QueueSection
+from liverfat.service.fleet.broker import BrokerClient, BrokerUnavailable, celery_app, redacted
+from liverfat.service.fleet.messages import (
+    SERIES_QUEUE,
+    TASK_NAME,
+    Completion,
+    SeriesTask,
+    WorkerIdentity,
+    node_reply_queue,
+    task_id,
+)
+from liverfat.service.spool_types import JobResult, JobState, OutputFile
+from tests.broker import RabbitMQ
+
+
+def a_task(reply_to: str, version: int = 1) -> SeriesTask:
+    return SeriesTask.create(kind="node", publisher="NODE", series_uid="1.2.3", version=version,
+                             files=[Path("/srv/spool/instances/a.dcm")], out_dir=Path("/srv/spool/results/7"),
+                             root=Path("/srv/spool"), reply_to=reply_to, settings={"grading": {"threshold_hu": 40.0}},
+                             job_id=7)  # fmt: skip
+
+
+def test_redacted_hides_the_password_only() -> None:
+    assert redacted("amqps://node:s3cr3t@rabbit.example.org:5671/liverfat") == "amqps://node:***@rabbit.example.org:5671/liverfat"
+    assert redacted("amqp://rabbit:5672//") == "amqp://rabbit:5672//"
+    assert "s3cr3t" not in redacted("amqp://node:s3cr3t@[::1]:5672//")
+
+
+def test_task_ids_follow_the_series_version() -> None:
+    assert task_id("NODE", "1.2.3", 1) == task_id("NODE", "1.2.3", 1)
+    assert task_id("NODE", "1.2.3", 1) != task_id("NODE", "1.2.3", 2)
+    assert task_id("NODE", "1.2.3", 1) != task_id("OTHER", "1.2.3", 1)
+    assert SeriesTask.from_json(a_task("q").to_json()) == a_task("q")
+
+
+def test_a_published_task_waits_in_the_quorum_queue_as_a_celery_message(broker: RabbitMQ) -> None:
+    client = BrokerClient(celery_app(QueueSection(broker=broker.url)))
+    task = a_task(node_reply_queue("NODE"))
+    client.publish_task(task)
+    assert client.depth(SERIES_QUEUE).ready == 1
+    [delivery] = client.fetch(SERIES_QUEUE)
+    args, _kwargs, _embed = delivery.body
+    assert delivery.headers["id"] == task.task_id and delivery.headers["task"] == TASK_NAME
+    assert SeriesTask.from_json(args[0]) == task
+    delivery.ack()
+    assert client.depth(SERIES_QUEUE).ready == 0
+    client.close()
+
+
+def test_a_completion_stays_queued_until_acknowledged(broker: RabbitMQ) -> None:
+    reply_to = node_reply_queue("ACKTEST")
+    completion = Completion.of(a_task(reply_to), JobResult(JobState.DONE, grade="normal", parenchymal_hu=55.0,
+                               outputs=(OutputFile("results/7/1.2.3/seg.dcm", "1.2", "1.3", "1.4"),)),
+                               WorkerIdentity("liverfat@host-cpu", "host", "cpu", 12))  # fmt: skip
+    publisher = BrokerClient(celery_app(QueueSection(broker=broker.url)))
+    publisher.publish_completion(reply_to, completion)
+    consumer = BrokerClient(celery_app(QueueSection(broker=broker.url)))
+    [unacked] = consumer.fetch(reply_to)
+    assert unacked.completion == completion
+    consumer.close()  # the caller crashed before its commit: the broker keeps the completion
+    [delivery] = consumer.fetch(reply_to)
+    assert delivery.completion == completion
+    delivery.ack()
+    assert list(consumer.fetch(reply_to)) == []
+    publisher.close()
+    consumer.close()
+
+
+def test_an_unreachable_broker_is_reported_without_its_password(broker: RabbitMQ) -> None:
+    url = f"amqp://liverfat:{broker.password}@127.0.0.1:1//"
+    client = BrokerClient(celery_app(QueueSection(broker=url)))
+    with pytest.raises(BrokerUnavailable) as raised:
+        client.depth(SERIES_QUEUE)
+    assert raised.value.reason is Reason.BROKER_UNAVAILABLE
+    assert broker.password not in raised.value.message and "***" in raised.value.message
+    assert not client.connected
