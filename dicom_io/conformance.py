@@ -27,6 +27,7 @@ import numpy as np
 from highdicom import SpecificCharacterSetValues
 from pydicom.charset import python_encoding
 from pydicom.datadict import dictionary_description, keyword_for_tag
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.tag import BaseTag
@@ -39,6 +40,7 @@ from liverfat.errors import LiverfatError, Reason
 __all__ = [
     "MAX_MATRIX",
     "MAX_VOLUME_BYTES",
+    "ElementKey",
     "check_frame",
     "check_header",
     "check_volume_size",
@@ -49,6 +51,7 @@ MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 MAX_MATRIX = 4096  # Rows and Columns; ultra-high-resolution CT stores 2048 x 2048
 MAX_VOLUME_BYTES = 16 * 2**30  # the float32 HU volume: 1,000 slices of 2048 x 2048 fit
 KNOWN_VRS = frozenset(vr.value for vr in VR)
+ElementKey = tuple[object, ...]  # what decoding one encoded element depends on (``_element_key``)
 
 DEFAULT_REPERTOIRE = ("", "ISO_IR 6")
 ISO_2022 = "ISO 2022"
@@ -62,8 +65,14 @@ END_MARKER = b"\xff\xd9"  # JPEG and JPEG-LS EOI, JPEG 2000 EOC
 FRAGMENT_PADDING = b"\x00"  # fragments have even length: an odd codestream ends with 00 (some pad more)
 
 
-def check_header(header: Dataset, source: Path | str) -> None:
+def check_header(header: Dataset, source: Path | str, decoded: set[ElementKey] | None = None) -> None:
     """Refuse a file whose header cannot give a faithful HU slice or valid outputs.
+
+    ``decoded``, shared by the calls for the files of one series, remembers the encoded
+    elements that decoded and passed (see ``_element_key``): an element with the same bytes in
+    the same context decodes the same way, so it is not decoded again. Most of a series'
+    header is the same in every file; decoding every element of every file took about 1.7 ms
+    per file (0.5 s for 300 slices), more than reading the file.
 
     Raises
     ------
@@ -73,7 +82,7 @@ def check_header(header: Dataset, source: Path | str) -> None:
         (no Study Instance UID, no Rescale Slope/Intercept) or ``NOT_CT`` (not one
         greyscale sample per pixel).
     """
-    _check_elements(header, source)
+    _check_elements(header, source, set() if decoded is None else decoded)
     _check_character_set(header, source)
     study_uid = str(header.get("StudyInstanceUID", "") or "")
     if not study_uid:
@@ -153,16 +162,44 @@ def check_frame(dataset: Dataset, transfer_syntax: UID, source: Path | str) -> N
         )
 
 
-def _check_elements(dataset: Dataset, source: Path | str) -> None:
-    """Every element must decode: a known VR, and no decimal string that is NaN or infinite."""
+def _element_key(dataset: Dataset, element: DataElement | RawDataElement,
+                charset: tuple[str, ...]) -> ElementKey | None:  # fmt: skip
+    """What decoding ``element`` of ``dataset`` depends on, or None when that is not known from the element alone.
+
+    A raw element decodes from its tag, VR, length, bytes and encoding, the data set's character
+    set (``charset``) and, for a private element, its block's private creator (which names the VR
+    of an implicit one). A deferred or buffered element (no bytes here) or one already decoded is
+    not keyed.
+    """
+    if not isinstance(element, RawDataElement) or element.value is None or element.is_buffered:
+        return None
+    tag = BaseTag(element.tag)
+    creator = None
+    if tag.is_private and not tag.is_private_creator:
+        owner = dataset.get_item(BaseTag(tag.group << 16 | (tag.element >> 8)), keep_deferred=True)
+        creator = None if owner is None else owner.value
+    return (tag, element.VR, element.length, element.value, element.is_implicit_VR, element.is_little_endian,
+            charset, creator)  # fmt: skip
+
+
+def _check_elements(dataset: Dataset, source: Path | str, decoded: set[ElementKey]) -> None:
+    """Every element must decode: a known VR, and no decimal string that is NaN or infinite.
+
+    An element whose key is in ``decoded`` passed before; the key of each that passes is added.
+    """
+    charset = tuple(_declared_sets(dataset))
     for tag in list(dataset.keys()):
-        vr = dataset.get_item(tag, keep_deferred=True).VR
+        raw = dataset.get_item(tag, keep_deferred=True)
+        vr = raw.VR
         if vr is not None and vr not in KNOWN_VRS:
             raise LiverfatError(
                 Reason.INVALID_ATTRIBUTE,
                 f"{source}: {_label(tag)} has value representation {vr!r}; expected one defined in PS3.5 6.2 "
                 "(a corrupt or non-conformant file)",
             )
+        key = _element_key(dataset, raw, charset)
+        if key is not None and key in decoded:
+            continue
         try:
             element = dataset[tag]
         except Exception as exc:  # pydicom's value converters raise many exception types
@@ -171,7 +208,7 @@ def _check_elements(dataset: Dataset, source: Path | str) -> None:
             ) from exc
         if element.VR == VR.SQ:
             for item in element.value:
-                _check_elements(item, source)
+                _check_elements(item, source, set())  # its own memo: an item's key would not name the parent's character set
         elif element.VR == VR.DS and not element.is_empty:
             values = element.value if element.VM > 1 else [element.value]
             bad = [value for value in values if value is not None and not math.isfinite(float(value))]
@@ -179,6 +216,8 @@ def _check_elements(dataset: Dataset, source: Path | str) -> None:
                 raise LiverfatError(
                     Reason.INVALID_ATTRIBUTE, f"{source}: {_label(tag)} is {bad[0]}, expected a finite number"
                 )
+        if key is not None:
+            decoded.add(key)
 
 
 def _check_character_set(dataset: Dataset, source: Path | str) -> None:

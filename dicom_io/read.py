@@ -39,7 +39,13 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from liverfat.dicom_io.conformance import check_frame, check_header, check_volume_size, complete_character_set
+from liverfat.dicom_io.conformance import (
+    ElementKey,
+    check_frame,
+    check_header,
+    check_volume_size,
+    complete_character_set,
+)
 from liverfat.dicom_io.filekinds import file_kind
 from liverfat.dicom_io.masks import place_on_grid, read_mask_file
 from liverfat.dicom_io.nifti import is_nifti, read_nifti
@@ -131,8 +137,9 @@ def load_series(series: SeriesFiles) -> CTSeries:
     """
     members = _unique_instances(series)
     _check_image_type(members)
+    decoded: set[ElementKey] = set()  # elements that passed, shared by the series' files: most are the same in all
     for path, header in members:
-        check_header(header, path)
+        check_header(header, path, decoded)
     slices = [SliceHeader.parse(path, header) for path, header in members]
     check_uniform(slices)
     stack = Stack.build(slices)

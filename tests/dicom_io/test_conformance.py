@@ -91,6 +91,21 @@ def test_a_nan_rescale_slope_is_refused_before_it_reaches_the_writers(tmp_path: 
     assert "(0028,1053) 'Rescale Slope' is NaN, expected a finite number" in error.message
 
 
+def test_a_value_that_only_the_last_file_holds_is_checked_after_the_same_element_passed_in_the_others(
+    tmp_path: Path,
+) -> None:
+    # The check remembers the elements that passed (same bytes, same context) across the series' files.
+    paths = phantom_files(tmp_path)
+    rewrite(paths, lambda ds: setattr(ds, "ReconstructionDiameter", "360.0"))
+    patch_bytes(paths[-1], b"\x18\x00\x00\x11DS\x06\x00360.0 ", b"\x18\x00\x00\x11DS\x06\x00NaN   ")
+
+    error = load_error(tmp_path)
+
+    assert error.reason == Reason.INVALID_ATTRIBUTE
+    assert "(0018,1100) 'Reconstruction Diameter' is NaN, expected a finite number" in error.message
+    assert paths[-1].name in error.message
+
+
 def test_an_element_with_an_unknown_value_representation_is_named(tmp_path: Path) -> None:
     paths = phantom_files(tmp_path)
     rewrite(paths[:1], lambda ds: setattr(ds, "StudyDescription", "CHEST WO"))
