@@ -16,9 +16,12 @@ import logging
 import os
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 RESERVE_NAME = "reserve"
 RESERVE_BYTES = 1 << 20
@@ -64,6 +67,16 @@ class DiskSpace:
             return
         log.error("the spool's disk is full (%s): new instances are answered 0xA700 and no series is processed "
                   "until space returns; %s released for the index", why, self.reserve)  # fmt: skip
+
+    def write(self, what: str, write: Callable[[], T]) -> T | None:
+        """``write()``, or ``None`` when the disk is full: the full state is entered and the caller tries later."""
+        try:
+            return write()
+        except (sqlite3.Error, OSError) as error:
+            if not is_disk_full(error):
+                raise
+            self.release(f"{what}: {error}")
+            return None
 
     def check(self) -> None:
         """Release the reserve when free space has dropped below ``FULL_BELOW_BYTES`` (a cheap statvfs)."""

@@ -5,6 +5,10 @@ collector over the node's status and the client's ``ProcessCollector`` (``proces
 memory, open files of the node process). Counts come from the spool's index, so a series
 deleted by retention (``[spool] keep_days``) leaves the per-state, per-grade and per-reason
 gauges; counters that the index holds (instances received, send failures) can fall then too.
+
+Workers, local processes or fleet workers alike, are labelled ``worker``, ``host`` and ``device``;
+their counters (jobs done) start again when the node restarts. The queue gauges exist in fleet
+mode only (in local mode ``liverfat_series{state="complete"}`` is the queue).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from prometheus_client.utils import floatToGoString
 
 from liverfat import __version__
 from liverfat.service.health import NodeStatus, assess
+from liverfat.service.workers import QueueInfo, WorkerInfo
+
+WORKER_LABELS = ["worker", "host", "device"]
 
 
 class NodeCollector(Collector):
@@ -64,8 +71,39 @@ class NodeCollector(Collector):
                       "model": None if status.model is None else status.model.loaded}  # fmt: skip
         yield _labelled("liverfat_up", "1 when the component runs (the model: is loaded).", "component",
                         {name: float(up) for name, up in components.items() if up is not None})  # fmt: skip
-        yield CounterMetricFamily("liverfat_worker_restarts", "Times the worker process died and was started again.",
-                                  value=status.worker_restarts)  # fmt: skip
+        yield CounterMetricFamily("liverfat_worker_restarts", "Times a worker process died and was started again, "
+                                  "all workers together.", value=status.worker_restarts)  # fmt: skip
+        if status.workers is not None:
+            yield from _workers(status.workers, status.time)
+        if status.queue is not None:
+            yield from _queue(status.queue)
+
+
+def _workers(workers: tuple[WorkerInfo, ...], now: float) -> Iterator[Metric]:
+    up = sum(w.up for w in workers)
+    yield _labelled("liverfat_workers", "Workers by state.", "state", {"up": up, "down": len(workers) - up})
+    states = GaugeMetricFamily("liverfat_worker_up", "1 when the worker runs.", labels=WORKER_LABELS)
+    done = CounterMetricFamily("liverfat_worker_jobs_done", "Series versions whose outcome the worker recorded "
+                               "since the node started.", labels=WORKER_LABELS)  # fmt: skip
+    seen = GaugeMetricFamily("liverfat_worker_last_seen_seconds", "Seconds since the worker was last seen "
+                             "(0 while a local worker runs).", labels=WORKER_LABELS)  # fmt: skip
+    for worker in workers:
+        labels = [worker.name, worker.host, worker.device]
+        states.add_metric(labels, float(worker.up))
+        done.add_metric(labels, worker.jobs_done)
+        if worker.last_seen is not None:
+            seen.add_metric(labels, round(max(now - worker.last_seen, 0.0), 1))
+    yield from (states, done, seen)
+
+
+def _queue(queue: QueueInfo) -> Iterator[Metric]:
+    yield GaugeMetricFamily("liverfat_queue_connected", "1 when the node is connected to the broker.",
+                            value=float(queue.connected))  # fmt: skip
+    yield GaugeMetricFamily("liverfat_queue_waiting", "Series tasks ready in the broker's queue.", value=queue.waiting)
+    yield GaugeMetricFamily("liverfat_queue_in_flight", "Series tasks delivered to a worker, not yet acknowledged.",
+                            value=queue.in_flight)  # fmt: skip
+    yield GaugeMetricFamily("liverfat_queue_dead_lettered", "Series dead-lettered after the delivery limit.",
+                            value=queue.dead_lettered)  # fmt: skip
 
 
 def _labelled(name: str, help_text: str, label: str, values: Mapping[str, float]) -> GaugeMetricFamily:

@@ -1,42 +1,37 @@
-"""``liverfat serve``: the listener, the series clock, the worker process, the sender and the HTTP endpoints.
+"""``liverfat serve``: the listener, the series clock, the workers, the sender and the HTTP endpoints.
 
 Stages follow mercure's split (receiver, router, processor, dispatcher) but run as threads
-of one process plus one worker process, all sharing the spool's SQLite index. The main
-thread runs the series clock (stable series become complete) and watches the worker: a
-worker that dies while the node lives is restarted and its series put back in the queue (or
-failed after ``[worker] max_attempts``). A series found in hand at start was interrupted by
-the whole node stopping: it is re-queued without counting the attempt. SIGTERM or SIGINT stops
-the listener, lets the worker finish the series in hand for ``[worker] shutdown_grace_s`` and
-parks it otherwise.
+of one process plus the workers, all sharing the spool's SQLite index. The main thread runs the
+series clock (stable series become complete) and ticks the node's :class:`Workers`: in local mode
+(the default) ``LocalWorkers`` (``service/worker_pool.py``), worker processes on this host that
+are restarted when they die, their series put back in the queue. SIGTERM or SIGINT stops the
+listener, lets the workers finish the series in hand for ``[worker] shutdown_grace_s`` and parks
+them otherwise.
 
 A full spool disk never stops the node (see ``diskspace``): index writes that fail for lack of
-space are retried at the next tick, and the worker is (re)started only once the series it
-might find in hand have been recorded as re-queued.
+space are retried at the next tick; after a restart, no series completes before the clocks of
+those still receiving have been restarted, and no worker starts before the series it might find
+in hand have been recorded as re-queued.
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import multiprocessing
 import os
-import queue
 import shutil
 import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from multiprocessing.context import SpawnProcess
-from multiprocessing.queues import Queue
 from types import FrameType
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
 from liverfat.analysis import BackendLoader
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig
 from liverfat.service.diskspace import PROBE_S, DiskSpace, is_disk_full
-from liverfat.service.health import ModelState, NodeStatus, assess
+from liverfat.service.health import NodeStatus, assess
 from liverfat.service.http_server import HttpServer
 from liverfat.service.report import status_report
 from liverfat.service.retention import purge_expired
@@ -44,18 +39,14 @@ from liverfat.service.scp import StorageSCP
 from liverfat.service.sender import Sender
 from liverfat.service.spool import Spool
 from liverfat.service.spool_db import SPOOL_FOLDER_MODE
-from liverfat.service.worker import run_worker
+from liverfat.service.worker_pool import LocalWorkers
+from liverfat.service.workers import Workers
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5  # series clock and worker watch
-RESTART_DELAY_S = (1.0, 60.0)  # worker restart backoff: first delay, cap
 RETENTION_INTERVAL_S = 600.0  # how often expired series are looked for ([spool] keep_days)
-WORKER_STEADY_S = 60.0  # a worker that lived this long resets the restart backoff
 LOCK_FILE = "node.lock"
-NODE_STOPPED = "the node stopped while this series was processed; processed again, not counted as an attempt"
-
-T = TypeVar("T")
 
 
 class Node:
@@ -68,22 +59,13 @@ class Node:
     def __init__(self, config: NodeConfig, load_model: BackendLoader | None = None) -> None:
         self.config = config
         self.load_model = load_model
-        self._context = multiprocessing.get_context("spawn")
-        self._worker_stop = self._context.Event()
-        self._worker_wake = self._context.Event()
-        self._model_reports: Queue[ModelState] = self._context.Queue()  # ModelState from the worker: each load, success or failure
-        self._model: ModelState | None = None
-        self._worker: SpawnProcess | None = None
-        self._worker_starts = 0
-        self._worker_started_at = 0.0
-        self._restart_delay_s = RESTART_DELAY_S[0]
-        self._restart_at: float | None = None
         self._retention_at = 0.0  # monotonic time of the next retention pass
         self._lock_file: TextIO | None = None
-        self._recovery: str | None = None  # why jobs left processing must be re-queued before a worker starts
+        self._clocks_restarted = False  # no series completes before the clocks restart after a start
         self._probe_at = 0.0  # monotonic time of the next try to write the disk reserve again
         self.space = DiskSpace(config.spool.dir)
         self.spool: Spool | None = None
+        self.workers: Workers | None = None
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
         self.http: HttpServer | None = None
@@ -102,39 +84,41 @@ class Node:
         if not self.space.restore():
             log.error("the spool's disk is full (%d KiB free): new instances are answered 0xA700 and no series is "
                       "processed until space returns", self.space.free_bytes() // 1024)  # fmt: skip
-        self._recovery = NODE_STOPPED
-        if self._recover() and leftovers:
+        self._clocks_restarted = False
+        if self._restart_clocks() and leftovers:
             log.info("restart: %d partial or unacknowledged file(s) removed", leftovers)
+        self.workers = self._make_workers(spool)
+        self.workers.start()
         _warn_about_defaults(config)
         self.scp = StorageSCP(config, Spool(config.spool.dir, min_free_bytes=min_free, space=self.space),
                               on_release=self._on_release)  # fmt: skip
         self.scp.start()
         self.sender = Sender(config, Spool(config.spool.dir))
         self.sender.start()
-        if self._recovery is None:
-            self._start_worker()
         if config.http.port:
             self.http = HttpServer(config.http, self.status, self.report)
             self.http.start()
         log.info("node %s ready: spool %s, stable after %.0f s, %d destination(s)", config.node.ae_title,
                  config.spool.dir, config.series.stable_seconds, len(config.send.destinations))  # fmt: skip
 
+    def _make_workers(self, spool: Spool) -> Workers:
+        """Who processes the complete series: local worker processes (the fleet's dispatcher plugs in here)."""
+        return LocalWorkers(self.config, spool, self.space, self.load_model)
+
     def tick(self, now: float | None = None) -> None:
-        """Complete the stable series and watch the worker; the main thread calls this every ``TICK_S``."""
-        assert self.spool is not None, "start() first"
-        self._read_model_reports()
+        """Complete the stable series and tick the workers; the main thread calls this every ``TICK_S``."""
+        assert self.spool is not None and self.workers is not None, "start() first"
         self._watch_space()
-        if self._recovery is not None:
-            self._recover()
-            return  # series complete once the clocks have been restarted: after recovery
+        self.workers.tick()
+        if not self._clocks_restarted and not self._restart_clocks():
+            return  # series complete once the clocks have been restarted
         spool = self.spool
-        completed = self._disk_write("completing stable series",
+        completed = self.space.write("completing stable series",
                                      lambda: spool.complete_stable(self.config.series.stable_seconds, now))  # fmt: skip
         if completed:
             log.info("%d series complete (no new instance for %.0f s)", len(completed),
                      self.config.series.stable_seconds)  # fmt: skip
-            self._worker_wake.set()
-        self._watch_worker()
+            self.workers.wake()
         if self.config.spool.keep_days > 0 and time.monotonic() >= self._retention_at:
             self._retention_at = time.monotonic() + RETENTION_INTERVAL_S
             self._purge_expired(now)
@@ -147,46 +131,23 @@ class Node:
             if self.space.restore():
                 log.info("space returned on the spool's disk (%d MiB free): receiving and processing again",
                          self.space.free_bytes() // 2**20)  # fmt: skip
-                self._worker_wake.set()
+                if self.workers is not None:
+                    self.workers.wake()
 
-    def _disk_write(self, what: str, write: Callable[[], T]) -> T | None:
-        """``write()``, or ``None`` when the disk is full (the node enters the disk-full state and goes on)."""
-        try:
-            return write()
-        except (sqlite3.Error, OSError) as error:
-            if not is_disk_full(error):
-                raise
-            self.space.release(f"{what}: {error}")
-            return None
+    def _restart_clocks(self) -> bool:
+        """After a start, give every series still receiving a full stable wait; whether that is recorded.
 
-    def _recover(self) -> bool:
-        """Re-queue the jobs a stopped node or a dead worker left ``processing``; whether that is recorded.
-
-        After a node-wide stop the attempt is not counted and the clocks of series still receiving
-        restart; after a worker death it counts (see ``Spool.recover``).
+        While the node was down its senders could not reach it (see ``Spool.restart_clocks``).
         """
-        assert self.spool is not None and self._recovery is not None
-        spool, why, config = self.spool, self._recovery, self.config
-        if why == NODE_STOPPED:
-            done = self._disk_write("re-queueing after a restart", lambda: (spool.park_processing(why),
-                                                                          spool.restart_clocks()))  # fmt: skip
-            if done is None:
-                return False
-            parked, receiving = done
-            if parked or receiving:
-                log.info("restart: %d series re-queued (not counted as an attempt), %d series still receiving "
-                         "(complete %.0f s from now unless more arrives)", len(parked), receiving,
-                         config.series.stable_seconds)  # fmt: skip
-        else:
-            recovered = self._disk_write("re-queueing after a worker died",
-                                         lambda: spool.recover(config.worker.max_attempts, why))  # fmt: skip
-            if recovered is None:
-                return False
-            for job in recovered:
-                log.error("series %s v%d: %s; now %s", job.series_uid, job.version, why, job.state.value)
-        self._recovery = None
-        if self._worker is None and self._restart_at is None:
-            self._restart_at = time.monotonic()
+        assert self.spool is not None
+        spool = self.spool
+        receiving = self.space.write("restarting the series clocks", spool.restart_clocks)
+        if receiving is None:
+            return False
+        if receiving:
+            log.info("restart: %d series still receiving (complete %.0f s from now unless more arrives)", receiving,
+                     self.config.series.stable_seconds)  # fmt: skip
+        self._clocks_restarted = True
         return True
 
     def _purge_expired(self, now: float | None) -> None:
@@ -209,7 +170,9 @@ class Node:
             self.scp.stop()
             self.scp.spool.close()
             self.scp = None
-        self._stop_worker()
+        if self.workers is not None:
+            self.workers.stop()
+            self.workers = None
         if self.sender is not None:
             self.sender.stop()
             self.sender.spool.close()
@@ -235,9 +198,8 @@ class Node:
             destinations=len(self.config.send.destinations),
             unhealthy_after_s=self.config.send.unhealthy_after_s,
             listener_up=self.scp is not None and self.scp.running,
-            worker_up=self._worker is not None and self._worker.is_alive(),
-            worker_restarts=max(self._worker_starts - 1, 0),
-            model=self._model,
+            workers=None if self.workers is None else self.workers.workers(),
+            queue=None if self.workers is None else self.workers.queue(),
             spool_full=self.space.is_full(),
         )
 
@@ -247,64 +209,6 @@ class Node:
         status = self.status()
         return status_report(self.config, status, assess(status), self.spool, running=True)
 
-    def _read_model_reports(self) -> None:
-        """Take the worker's reports on its model (main thread only: one reader)."""
-        while True:
-            try:
-                self._model = self._model_reports.get_nowait()
-            except queue.Empty:
-                return
-
-    # -- the worker process ---------------------------------------------------------------
-
-    def _start_worker(self) -> None:
-        self._worker_stop.clear()
-        args = (self.config, self.load_model, self._worker_stop, self._worker_wake, self._model_reports)
-        self._worker = self._context.Process(target=run_worker, name="liverfat-worker", args=args)
-        self._worker.start()
-        self._worker_starts += 1
-        self._worker_started_at = time.monotonic()
-        self._restart_at = None
-        log.info("worker process %d started", self._worker.pid)
-
-    def _watch_worker(self) -> None:
-        assert self.spool is not None
-        worker = self._worker
-        if worker is not None and worker.is_alive():
-            if time.monotonic() - self._worker_started_at > WORKER_STEADY_S:
-                self._restart_delay_s = RESTART_DELAY_S[0]
-            return
-        if worker is not None:
-            log.error("worker process %d died with exit code %s; restarting in %.0f s", worker.pid, worker.exitcode,
-                      self._restart_delay_s)  # fmt: skip
-            self._worker = None
-            self._restart_at = time.monotonic() + self._restart_delay_s
-            self._restart_delay_s = min(self._restart_delay_s * 2, RESTART_DELAY_S[1])
-            self._recovery = f"the worker process died (exit code {worker.exitcode}) while processing this series"
-            self._recover()
-        if self._recovery is None and self._restart_at is not None and time.monotonic() >= self._restart_at:
-            self._start_worker()
-
-    def _stop_worker(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is None:
-            return
-        self._worker_stop.set()
-        self._worker_wake.set()
-        worker.join(self.config.worker.shutdown_grace_s)
-        if worker.is_alive():
-            log.warning("worker still busy after %.0f s: stopping it and parking its series",
-                        self.config.worker.shutdown_grace_s)  # fmt: skip
-            worker.kill()  # nothing to clean up: the job is parked below and its outputs rewritten
-            worker.join()
-        spool = self.spool
-        if spool is not None and self._recovery is None:
-            parked = self._disk_write("parking at shutdown",
-                                      lambda: spool.park_processing("parked at shutdown; processed again after the "
-                                                                    "restart"))  # fmt: skip
-            for job_id in parked or []:
-                log.info("job %d parked: it will be processed again after the restart", job_id)
-
     def _on_release(self, series_uids: list[str]) -> None:
         """An association ended with a release: noted (see ``UNRELEASED_NOTE``), and the fast path to completion.
 
@@ -313,12 +217,13 @@ class Node:
         spool = self.scp.spool if self.scp is not None else None
         if spool is None:
             return
-        if self._disk_write("noting a release", lambda: spool.note_released(series_uids)) is None:
+        if self.space.write("noting a release", lambda: spool.note_released(series_uids)) is None:
             return
         if not self.config.series.complete_on_release:
             return
-        if self._disk_write("completing released series", lambda: spool.complete_series(series_uids)):
-            self._worker_wake.set()
+        completed = self.space.write("completing released series", lambda: spool.complete_series(series_uids))
+        if completed and self.workers is not None:
+            self.workers.wake()
 
 
 def run(config: NodeConfig, load_model: BackendLoader | None = None) -> int:

@@ -7,7 +7,6 @@ loads the configuration and calls one library function.
 from __future__ import annotations
 
 import argparse
-import calendar
 import json
 import logging
 import shutil
@@ -21,10 +20,11 @@ from typing import Any
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.diskspace import DiskSpace
-from liverfat.service.health import UTC, Health, ModelState, NodeStatus, assess
+from liverfat.service.health import Health, NodeStatus, assess
 from liverfat.service.logs import configure_logging
 from liverfat.service.report import status_report
 from liverfat.service.spool import DB_NAME, Spool
+from liverfat.service.workers import QueueInfo, WorkerInfo
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -111,11 +111,10 @@ def _with_node_state(status: NodeStatus, url: str) -> NodeStatus:
             body = json.load(answer)
     except urllib.error.HTTPError as error:
         body = json.load(error)
-    model = body["model"]
-    state = None if model is None else ModelState(model["loaded"], model["detail"],
-                                                  calendar.timegm(time.strptime(model["at"], UTC)))  # fmt: skip
-    return replace(status, listener_up=body["listener_up"], worker_up=body["worker_up"],
-                   worker_restarts=body["worker_restarts"], model=state)  # fmt: skip
+    workers, queue = body["workers"], body["queue"]
+    return replace(status, listener_up=body["listener_up"],
+                   workers=None if workers is None else tuple(WorkerInfo.from_json(w) for w in workers),
+                   queue=None if queue is None else QueueInfo.from_json(queue))  # fmt: skip
 
 
 def cmd_resend(args: argparse.Namespace) -> int:
@@ -162,6 +161,14 @@ def format_status(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     if model is not None:
         lines.append(f"model: {model['detail']}" if model["loaded"] else f"model: NOT LOADED: {model['detail']}")
+    queue = report["queue"]
+    if queue is not None:
+        lines.append(f"broker {queue['broker']} ({'connected' if queue['connected'] else 'NOT CONNECTED'}): "
+                     f"{queue['waiting']} waiting, {queue['in_flight']} in flight, {queue['dead_lettered']} "
+                     "dead-lettered")  # fmt: skip
+    if report["workers"] is not None:
+        lines.append("workers:" + ("" if report["workers"] else " none seen yet"))
+        lines += [_worker_line(worker) for worker in report["workers"]]
     lines += [f"PROBLEM: {p}" for p in report["health"]["problems"]]
     lines += [f"warning: {w}" for w in report["health"]["warnings"]]
     if report["recent"]:
@@ -174,6 +181,14 @@ def format_status(report: dict[str, Any]) -> str:
         lines += [f"  send {e['file']} of {e['series_uid']} to {e['destination']} ({e['state']}, {e['attempts']} "
                   f"attempts): {e['error']}" for e in report["send_errors"]]  # fmt: skip
     return "\n".join(lines)
+
+
+def _worker_line(worker: dict[str, Any]) -> str:
+    state = "up" if worker["up"] else f"DOWN (last seen {worker['last_seen'] or 'never'})"
+    model = worker["model"]
+    loaded = "" if model is None else f", model {'loaded' if model['loaded'] else 'NOT LOADED'}"
+    return (f"  {worker['name']} on {worker['host']} ({worker['device']}): {state}, {worker['jobs_done']} series "
+            f"done, {worker['restarts']} restart(s){loaded}")  # fmt: skip
 
 
 def _recent_line(job: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ from liverfat import __version__
 from liverfat.service.config import NodeConfig
 from liverfat.service.health import Health, NodeStatus, utc
 from liverfat.service.spool import DestinationBacklog, Job, Spool
+from liverfat.service.workers import WorkerInfo
 
 RECENT_SERIES = 10
 RECENT_ERRORS = 5
@@ -32,6 +33,8 @@ def status_report(config: NodeConfig, status: NodeStatus, health: Health, spool:
                  "destinations": [str(d) for d in config.send.destinations]},
         "health": {"ok": health.ok, "problems": list(health.problems), "warnings": list(health.warnings)},
         "model": None if status.model is None else {"loaded": status.model.loaded, "detail": status.model.detail},
+        "workers": None if status.workers is None else [worker_json(w, status.time) for w in status.workers],
+        "queue": None if status.queue is None else status.queue.to_json(),
         "series": {state.value: n for state, n in status.counts.jobs.items()},
         "outbox": {state.value: n for state, n in status.counts.outbox.items()},
         "instances_received": status.counts.instances,
@@ -56,13 +59,23 @@ def _destination_json(name: str, backlog: DestinationBacklog | None, status: Nod
             "failing_since": utc(backlog.failing_since), "last_error": backlog.last_error}  # fmt: skip
 
 
+def worker_json(worker: WorkerInfo, now: float) -> dict[str, Any]:
+    """One worker as shown: where it runs, whether it is up, what it did, its model; ``None`` where not known."""
+    model = worker.model
+    return {"name": worker.name, "host": worker.host, "device": worker.device, "up": worker.up,
+            "restarts": worker.restarts, "jobs_done": worker.jobs_done,
+            "last_seen": None if worker.last_seen is None else utc(worker.last_seen),
+            "last_seen_s": None if worker.last_seen is None else round(max(now - worker.last_seen, 0.0), 1),
+            "model": None if model is None else {"loaded": model.loaded, "detail": model.detail}}  # fmt: skip
+
+
 def job_json(job: Job) -> dict[str, Any]:
     """One series version as shown: UIDs, state, grade, value, borderline, findings; no patient data."""
     return {"series_uid": job.series_uid, "version": job.version, "state": job.state.value, "grade": job.grade,
             "parenchymal_hu": job.parenchymal_hu, "borderline": job.borderline,
             "reasons": [dict(reason) for reason in job.reasons], "instances": job.n_instances,
             "attempts": job.attempts, "processing_s": job.processing_s, "last_error": job.last_error,
-            "note": job.note,
+            "note": job.note, "worker": job.claimed_by,
             "updated_at": job.finished_at or job.started_at or job.completed_at or job.last_instance_at}  # fmt: skip
 
 

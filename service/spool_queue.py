@@ -77,16 +77,19 @@ class JobQueue(SpoolDatabase):
 
     # -- the worker -----------------------------------------------------------------------
 
-    def claim_next(self, now: float | None = None) -> Job | None:
-        """Take the oldest complete job: it becomes ``processing`` with one more attempt."""
+    def claim_next(self, worker: str | None = None, now: float | None = None) -> Job | None:
+        """Take the oldest complete job for ``worker``: it becomes ``processing`` with one more attempt.
+
+        One transaction (SQLite's write lock): two workers never take the same job.
+        """
         now = time.time() if now is None else now
         with self.transaction() as db:
             row = db.execute("SELECT id FROM jobs WHERE state = ? ORDER BY completed_at, id LIMIT 1",
                              (JobState.COMPLETE,)).fetchone()  # fmt: skip
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ? WHERE id = ?",
-                       (JobState.PROCESSING, now, row["id"]))  # fmt: skip
+            db.execute("UPDATE jobs SET state = ?, attempts = attempts + 1, started_at = ?, claimed_by = ? "
+                       "WHERE id = ?", (JobState.PROCESSING, now, worker, row["id"]))  # fmt: skip
         return self.job(int(row["id"]))
 
     def job_files(self, job: Job) -> list[Path]:
@@ -123,13 +126,17 @@ class JobQueue(SpoolDatabase):
             ).fetchall()
         return [int(row["id"]) for row in rows]
 
-    def recover(self, max_attempts: int, why: str) -> list[Job]:
-        """Jobs left ``processing`` by a dead worker: back to the queue, or failed after ``max_attempts``."""
+    def recover(self, max_attempts: int, why: str, claimed_by: str | None = None) -> list[Job]:
+        """Jobs left ``processing`` by a dead worker: back to the queue, or failed after ``max_attempts``.
+
+        Only those ``claimed_by`` that worker when given (the others' workers are alive), else all.
+        """
+        where, params = ("", []) if claimed_by is None else (" AND claimed_by = ?", [claimed_by])
         with self.transaction() as db:
             rows = db.execute(
                 "UPDATE jobs SET state = CASE WHEN attempts >= ? THEN ? ELSE ? END, last_error = ? "
-                "WHERE state = ? RETURNING id",
-                (max_attempts, JobState.FAILED, JobState.COMPLETE, why, JobState.PROCESSING),
+                f"WHERE state = ?{where} RETURNING id",
+                (max_attempts, JobState.FAILED, JobState.COMPLETE, why, JobState.PROCESSING, *params),
             ).fetchall()  # fmt: skip
         return [self.job(int(row["id"])) for row in rows]
 

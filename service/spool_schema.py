@@ -96,7 +96,12 @@ V3 = """
 ALTER TABLE jobs ADD COLUMN borderline INTEGER;
 """
 
-MIGRATIONS = (V1, V2, V3)  # MIGRATIONS[n] takes an index from version n to n + 1
+# v4: which worker claimed a job (``[worker] count`` and GPUs run several): a dead worker's job only is re-queued.
+V4 = """
+ALTER TABLE jobs ADD COLUMN claimed_by TEXT;
+"""
+
+MIGRATIONS = (V1, V2, V3, V4)  # MIGRATIONS[n] takes an index from version n to n + 1
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

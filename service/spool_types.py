@@ -100,6 +100,7 @@ class Job:
     note: str | None = None  # how this version came about, when unusual (a possibly partial series, a retry)
     reasons: tuple[Mapping[str, str], ...] = ()  # findings ({"code", "message"}): why not graded, or warnings
     borderline: bool | None = None
+    claimed_by: str | None = None  # the worker that took it last (``[worker] count``, GPUs), for recovery and status
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -113,6 +114,7 @@ class Job:
             timings=json.loads(row["timings"] or "{}"), outputs=outputs, note=row["note"],
             reasons=tuple(json.loads(row["reasons"] or "[]")),
             borderline=None if row["borderline"] is None else bool(row["borderline"]),
+            claimed_by=row["claimed_by"],
         )  # fmt: skip
 
 

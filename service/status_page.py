@@ -42,7 +42,9 @@ def render_status_page(report: dict[str, Any]) -> str:
         _section("Queue", _rows([
             ("series", _counts(report["series"])), ("result files", _counts(report["outbox"])),
             ("instances received", report["instances_received"]), ("failed send attempts", report["send_failures"]),
+            *_broker(report["queue"]),
         ])),
+        _section("Workers", _workers(report["workers"])),
         _section("Destinations", _destinations(report["destinations"])),
         _section("Recent series", _recent(report["recent"])),
         _section("Errors", _errors(report["job_errors"], report["send_errors"])),
@@ -93,6 +95,26 @@ def _model(model: dict[str, Any] | None) -> str:
     if model is None:
         return "not reported yet"
     return str(model["detail"]) if model["loaded"] else f"NOT LOADED: {model['detail']}"
+
+
+def _broker(queue: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """The fleet's broker queue rows (none in local mode)."""
+    if queue is None:
+        return []
+    state = "connected" if queue["connected"] else "NOT CONNECTED"
+    return [("broker", f"{queue['broker']} ({state})"), ("waiting in the broker", queue["waiting"]),
+            ("in flight", queue["in_flight"]), ("dead-lettered", queue["dead_lettered"])]  # fmt: skip
+
+
+def _workers(workers: list[dict[str, Any]] | None) -> str:
+    if workers is None:
+        return "<p>Not known here.</p>"
+    rows = [[_e(w["name"]), _e(w["host"]), _e(w["device"]),
+             '<span class="ok">up</span>' if w["up"] else '<span class="bad">DOWN</span>', _e(w["restarts"]),
+             _e(w["jobs_done"]), f'<span class="time">{_e(w["last_seen"] or "never")}</span>',
+             _e(_model(w["model"]))] for w in workers]  # fmt: skip
+    return _table(("worker", "host", "device", "state", "restarts", "series done", "last seen", "model"), rows,
+                  "No worker seen yet.")  # fmt: skip
 
 
 def _destinations(destinations: list[dict[str, Any]]) -> str:

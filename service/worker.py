@@ -1,4 +1,6 @@
-"""The worker: one process that takes complete series from the queue and analyses them, one at a time.
+"""A worker: one process that takes complete series from the queue and analyses them, one at a time.
+
+The node runs one or more (``service/worker_pool.py``); each claims jobs in its own name.
 
 It loads the model once and keeps it. Each job goes through ``liverfat.analysis.analyze_dicom_series`` (the
 same code as ``liverfat analyze``): header eligibility first, so an ineligible series is
@@ -21,9 +23,10 @@ import shutil
 import signal
 import sqlite3
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
+from typing import TYPE_CHECKING
 
 from liverfat.analysis import BackendLoader, ModelCache
 from liverfat.dicom_io.outputs import warm_up
@@ -31,16 +34,28 @@ from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
 from liverfat.service.config import ModelSection, NodeConfig
 from liverfat.service.diskspace import DiskSpace, is_disk_full
-from liverfat.service.health import ModelState
 from liverfat.service.logs import configure_logging
 from liverfat.service.series_job import analyze_series_files
 from liverfat.service.spool import Job, JobResult, JobState, Spool
+from liverfat.service.workers import ModelState
+
+if TYPE_CHECKING:
+    from liverfat.service.worker_pool import WorkerSlot
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # how long an idle worker sleeps unless woken
 DISK_FULL_RETRY_S = (5.0, 300.0)  # after a disk-full park, no new series for this long: first, cap (doubling)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """What a worker tells the node: how a model load went, or that it recorded a job's outcome."""
+
+    worker: str
+    model: ModelState | None = None
+    jobs_done: int = 0
 
 
 class ModelLoader:
@@ -63,7 +78,8 @@ class ReportingLoader:
     (weights installed while the node runs are picked up) and each try is reported.
     """
 
-    def __init__(self, load_model: BackendLoader, reports: Queue[ModelState]) -> None:
+    def __init__(self, worker: str, load_model: BackendLoader, reports: Queue[WorkerReport]) -> None:
+        self.worker = worker
         self.load_model = load_model
         self.reports = reports
 
@@ -72,24 +88,31 @@ class ReportingLoader:
             backend = self.load_model()
         except Exception as error:  # reported, then raised to the caller as before
             why = error.message if isinstance(error, LiverfatError) else f"{type(error).__name__}: {error}"
-            self.reports.put(ModelState(loaded=False, detail=why, at=time.time()))
+            self._report(ModelState(loaded=False, detail=why, at=time.time()))
             raise
         info = backend.info
-        self.reports.put(ModelState(loaded=True, detail=f"{info.name} {info.version} on {info.device}", at=time.time()))
+        self._report(ModelState(loaded=True, detail=f"{info.name} {info.version} on {info.device}", at=time.time()))
         return backend
 
+    def _report(self, model: ModelState) -> None:
+        self.reports.put(WorkerReport(self.worker, model=model))
 
-def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event, wake: Event,
-               reports: Queue[ModelState]) -> None:  # fmt: skip
-    """Entry point of the worker process: loop until ``stop`` is set or the node process is gone."""
+
+def run_worker(config: NodeConfig, load_model: BackendLoader | None, slot: WorkerSlot, stop: Event, wake: Event,
+               reports: Queue[WorkerReport]) -> None:  # fmt: skip
+    """Entry point of a worker process: loop until ``stop`` is set or the node process is gone.
+
+    Nothing has touched CUDA yet (the model loads below): ``slot.pin()`` chooses the GPU first.
+    """
     _die_with_parent()
+    slot.pin()
     configure_logging(config.log)
     terminated: list[int] = []  # a plain list: a signal handler must not take the locks an Event uses
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the node decides
     signal.signal(signal.SIGTERM, lambda signum, _frame: terminated.append(signum))  # finish the series in hand
     space = DiskSpace(config.spool.dir)
     spool = Spool(config.spool.dir, space=space)
-    models = ModelCache(ReportingLoader(load_model or ModelLoader(config.model), reports))
+    models = ModelCache(ReportingLoader(slot.name, load_model or ModelLoader(config.model), reports))
     try:
         backend = models.get()
         log.info("model loaded: %s %s on %s", backend.info.name, backend.info.version, backend.info.device)
@@ -99,7 +122,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
     unparked: dict[int, str] = {}  # jobs parked for space whose park could not be recorded yet
     resume_at, delay_s = 0.0, DISK_FULL_RETRY_S[0]
     while not terminated and not stop.is_set() and _parent_alive():
-        job = None if space.is_full() or time.monotonic() < resume_at else _claim(spool, space, unparked)
+        job = None if space.is_full() or time.monotonic() < resume_at else _claim(spool, space, unparked, slot.name)
         if job is None:
             wake.wait(IDLE_WAIT_S)
             wake.clear()
@@ -111,17 +134,18 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, stop: Event
             resume_at, delay_s = time.monotonic() + delay_s, min(delay_s * 2, DISK_FULL_RETRY_S[1])
         else:
             delay_s = DISK_FULL_RETRY_S[0]
+            reports.put(WorkerReport(slot.name, jobs_done=1))
     spool.close()
     log.info("worker stopped")
 
 
-def _claim(spool: Spool, space: DiskSpace, unparked: dict[int, str]) -> Job | None:
+def _claim(spool: Spool, space: DiskSpace, unparked: dict[int, str], worker: str) -> Job | None:
     """Record the parks that failed for lack of space, then take the next job; ``None`` while the disk is full."""
     try:
         for job_id, why in list(unparked.items()):
             spool.park_processing(why, job_id)
             del unparked[job_id]
-        return spool.claim_next()
+        return spool.claim_next(worker)
     except sqlite3.Error as error:
         if not is_disk_full(error):
             raise

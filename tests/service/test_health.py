@@ -13,9 +13,10 @@ import pytest
 
 from liverfat import __version__
 from liverfat.service.config import HttpSection
-from liverfat.service.health import ModelState, NodeStatus, assess
+from liverfat.service.health import NodeStatus, assess
 from liverfat.service.http_server import HttpServer
 from liverfat.service.spool import PROCESSING_BUCKETS_S, DestinationBacklog, JobState, OutboxState, SpoolCounts
+from liverfat.service.workers import ModelState, QueueInfo, WorkerInfo
 
 LOADED = ModelState(loaded=True, detail="phantom 1 on cpu", at=9_000.0)
 NO_WEIGHTS = ModelState(loaded=False, detail="the default model's weights (pyliverlesionseg 0.3) are not in /x: run "
@@ -31,11 +32,21 @@ def counts(**changes: object) -> SpoolCounts:
     return replace(base, **changes)  # type: ignore[arg-type]
 
 
+def worker(name: str = "worker-0", **changes: object) -> WorkerInfo:
+    base = WorkerInfo(name=name, host="ct-node", device="cpu", up=True, restarts=0, jobs_done=0, last_seen=10_000.0,
+                      model=LOADED)  # fmt: skip
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
 def status(**changes: object) -> NodeStatus:
     base = NodeStatus(counts=counts(), spool_free_bytes=10 * 2**30, min_free_bytes=2**20, destinations=1,
-                      nearly_full_bytes=2**30, listener_up=True, worker_up=True, model=LOADED,
-                      time=10_000.0)  # fmt: skip
+                      nearly_full_bytes=2**30, listener_up=True, workers=(worker(),), time=10_000.0)  # fmt: skip
     return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def one_worker(**changes: object) -> NodeStatus:
+    """The default single-worker node with its worker changed."""
+    return status(workers=(worker(**changes),))
 
 
 def test_a_running_node_with_a_loaded_model_and_a_destination_is_healthy_without_warnings() -> None:
@@ -44,8 +55,8 @@ def test_a_running_node_with_a_loaded_model_and_a_destination_is_healthy_without
 
 
 def test_a_dead_worker_or_listener_or_full_spool_is_a_problem() -> None:
-    assert assess(status(worker_up=False)).problems == ("the worker process is not running",)
-    (restarted,) = assess(status(worker_up=False, worker_restarts=3)).problems
+    assert assess(one_worker(up=False)).problems == ("the worker process is not running",)
+    (restarted,) = assess(one_worker(up=False, restarts=3)).problems
     assert restarted == "the worker process is not running (it died 3 time(s) since the node started; see the log)"
     assert "listener is not running" in assess(status(listener_up=False)).problems[0]
     full = assess(status(spool_free_bytes=100))
@@ -53,12 +64,45 @@ def test_a_dead_worker_or_listener_or_full_spool_is_a_problem() -> None:
 
 
 def test_a_model_that_cannot_load_is_a_problem_naming_why_and_one_still_loading_a_warning() -> None:
-    (problem,) = assess(status(model=NO_WEIGHTS)).problems
+    (problem,) = assess(one_worker(model=NO_WEIGHTS)).problems
     assert problem == (f"the model cannot be loaded: {NO_WEIGHTS.detail}; every series fails until this is fixed "
                        "(last try 1970-01-01T02:30:00Z)")
-    loading = assess(status(model=None))
+    loading = assess(one_worker(model=None))
     (waiting,) = loading.warnings
     assert loading.ok and waiting == "the worker is loading the model; series wait in the queue until it is loaded"
+
+
+def test_with_several_workers_each_dead_one_and_each_model_failure_is_named() -> None:
+    gpu = worker("worker-1", device="cuda:1", up=False, restarts=2, model=NO_WEIGHTS)
+    health = assess(status(workers=(worker(), gpu)))
+    assert health.problems == (
+        "the worker process worker-1 (cuda:1) is not running (it died 2 time(s) since the node started; see the log)",
+        (f"the model cannot be loaded on worker-1 (cuda:1): {NO_WEIGHTS.detail}; the series they take fail until "
+         "this is fixed (last try 1970-01-01T02:30:00Z)"),
+    )
+    loading = assess(status(workers=(worker(), worker("worker-1", model=None))))
+    assert loading.ok and loading.warnings == (
+        "loading the model: worker-1 (cpu); series wait in the queue until a worker has it loaded",
+    )
+
+
+FLEET = QueueInfo(broker="amqp://liverfat:***@mq:5672//", connected=True, waiting=0, in_flight=1, dead_lettered=0)
+
+
+def test_fleet_health_is_the_broker_and_a_worker_seen_while_series_wait_and_dead_letters_warn() -> None:
+    remote = worker("liverfat@gpu1-cuda0", device="cuda:0", last_seen=9_990.0, model=None)
+    assert assess(status(workers=(remote,), queue=FLEET)).ok
+    (down,) = assess(status(workers=(remote,), queue=replace(FLEET, connected=False))).problems
+    assert down.startswith("the broker amqp://liverfat:***@mq:5672// cannot be reached")
+    silent = replace(remote, up=False, last_seen=10_000.0 - 61)
+    unserved = assess(status(workers=(silent,), queue=replace(FLEET, waiting=3, dead_lettered=2)))
+    assert unserved.problems == (
+        "3 series wait in the broker's queue and no worker seen for 1 min 1 s: start `liverfat worker` on a GPU host",
+    )
+    assert unserved.warnings[0] == "worker liverfat@gpu1-cuda0 on ct-node (cuda:0) is gone (last seen 1970-01-01T02:45:39Z)"
+    assert unserved.warnings[1].startswith("2 series dead-lettered")
+    assert assess(status(workers=(), queue=replace(FLEET, waiting=1))).problems[0].startswith(
+        "1 series wait in the broker's queue and no worker has been seen")
 
 
 def test_a_spool_within_the_margin_above_the_minimum_is_nearly_full_and_red() -> None:
@@ -100,7 +144,7 @@ def test_a_failing_destination_is_a_warning_then_a_problem_after_unhealthy_after
 
 
 def test_healthz_json_carries_the_version_model_and_worker_restarts() -> None:
-    current = status(model=NO_WEIGHTS, worker_restarts=2)
+    current = one_worker(model=NO_WEIGHTS, restarts=2)
     body = assess(current).to_json(current)
     assert body["version"] == __version__ and body["status"] == "unhealthy" and body["worker_restarts"] == 2
     assert body["model"] == {"loaded": False, "detail": NO_WEIGHTS.detail, "at": "1970-01-01T02:30:00Z"}
@@ -113,7 +157,8 @@ REPORT: dict[str, Any] = {
     "version": __version__, "generated_at": "2026-12-07T10:00:00Z",
     "node": {"ae_title": "LIVERFAT", "port": 11112, "running": True, "spool": "/s", "spool_free_mib": 10,
              "destinations": []},
-    "health": {"ok": True, "problems": [], "warnings": []}, "model": None, "series": {}, "outbox": {},
+    "health": {"ok": True, "problems": [], "warnings": []}, "model": None, "workers": [], "queue": None,
+    "series": {}, "outbox": {},
     "instances_received": 0, "send_failures": 0, "destinations": [], "recent": [], "job_errors": [], "send_errors": [],
 }  # fmt: skip
 
@@ -142,8 +187,8 @@ def test_healthz_answers_200_when_healthy_and_503_with_the_reason_when_not(
     code, body = get(f"{base}/healthz")
     assert code == 200 and json.loads(body)["status"] == "ok", "/healthz needs no token"
     for unhealthy, reason in [
-        (status(worker_up=False), "the worker process is not running"),
-        (status(model=NO_WEIGHTS), "the model cannot be loaded: the default model's weights"),
+        (one_worker(up=False), "the worker process is not running"),
+        (one_worker(model=NO_WEIGHTS), "the model cannot be loaded: the default model's weights"),
         (status(spool_free_bytes=2**29), "spool is nearly full: 512 MiB free"),
         (status(counts=counts(destinations=(FAILING,)), unhealthy_after_s=60.0),
          "destination PACS@10.0.0.5:104 failing since"),

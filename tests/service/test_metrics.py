@@ -8,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from liverfat import __version__
 from liverfat.service.metrics import exposition, node_registry
 from liverfat.service.spool import PROCESSING_BUCKETS_S, JobState
-from tests.service.test_health import FAILING, NO_WEIGHTS, counts, status
+from tests.service.test_health import FAILING, NO_WEIGHTS, counts, one_worker, status, worker
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -25,7 +25,7 @@ def test_metrics_carry_version_counts_grades_reasons_restarts_histogram_and_proc
                       processing_buckets=buckets, destinations=(FAILING,),
                       grades={"moderate-to-severe": 1, "not moderate-to-severe": 1, "not graded": 1},
                       reasons={"contrast": 1, "roi_on_vessel": 2}),
-        worker_restarts=3,
+        workers=(worker(restarts=3),),
     )  # fmt: skip
     body, content_type = exposition(node_registry(lambda: current), accept=None)
     assert content_type.startswith("text/plain; version=")
@@ -52,7 +52,7 @@ def test_metrics_carry_version_counts_grades_reasons_restarts_histogram_and_proc
 
 
 def test_each_node_has_its_own_registry_and_openmetrics_is_served_on_request() -> None:
-    healthy, broken = status(), status(model=NO_WEIGHTS, worker_up=False)
+    healthy, broken = status(), one_worker(model=NO_WEIGHTS, up=False)
     first, second = node_registry(lambda: healthy), node_registry(lambda: broken)
     assert samples(exposition(first, None)[0].decode())[("liverfat_healthy", ())] == 1
     found = samples(exposition(second, None)[0].decode())

@@ -65,7 +65,7 @@ def test_a_version_1_index_is_migrated_keeping_its_jobs_and_instances(tmp_path: 
         db.execute("COMMIT")
         assert db.execute("PRAGMA user_version").fetchone()[0] == 1
     spool = Spool(folder)
-    assert spool.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+    assert spool.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
     [job] = spool.jobs()
     assert (job.state, job.n_instances, job.note) == (JobState.FAILED, 1, None)
     assert spool.has_instance("1.1", SERIES) and not spool.has_instance("1.1", "9.9")
@@ -304,6 +304,20 @@ def test_recover_requeues_processing_jobs_until_max_attempts(spool: Spool) -> No
         [job] = spool.recover(max_attempts=2, why="worker died")
         assert job.attempts == attempt
     assert job.state is JobState.FAILED and job.last_error == "worker died"
+
+
+def test_each_claim_records_its_worker_and_recovery_takes_back_only_the_dead_workers_job(spool: Spool) -> None:
+    for series in ("9.1", "9.2"):
+        spool.store_instance(b"a", info("1.1", series), now=100.0)
+    spool.complete_stable(1.0, now=200.0)
+    first, second = spool.claim_next("worker-0"), spool.claim_next("worker-1")
+    assert first is not None and second is not None and spool.claim_next("worker-0") is None
+    assert (first.claimed_by, second.claimed_by) == ("worker-0", "worker-1")
+    [requeued] = spool.recover(max_attempts=3, why="worker-1 died", claimed_by="worker-1")
+    assert (requeued.id, requeued.state) == (second.id, JobState.COMPLETE)
+    assert spool.job(first.id).state is JobState.PROCESSING
+    again = spool.claim_next("worker-0")
+    assert again is not None and (again.id, again.claimed_by, again.attempts) == (second.id, "worker-0", 2)
 
 
 def test_parked_job_goes_back_to_the_queue_without_counting_the_attempt(spool: Spool) -> None:
