@@ -242,14 +242,29 @@ class ModelSection(_Validated):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # the default model's arithmetic; auto: bf16 on bf16 hardware
 
 
+WORKER_DEVICES_HELP = '"auto" (a worker per visible GPU, else `count` on the CPU), "cpu", or GPU indices like [0, 1]'
+
+
 def _device_list(value: Any) -> Any:
-    """``"0,1"`` from the environment as GPU indices; ``"auto"`` and ``"cpu"`` stay words."""
-    if isinstance(value, str) and value.strip() not in ("auto", "cpu"):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    """``[worker] devices`` checked in one readable line: a word, or GPU indices each once (``"0,1"`` from the env)."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "cpu"):
+        return value.strip().lower()
+    parts = [part.strip() for part in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(parts, list | tuple) or not parts or not all(_gpu_index(part) for part in parts):
+        raise ValueError(f"must be {WORKER_DEVICES_HELP}, got {value!r}")
+    indices = tuple(int(part) for part in parts)
+    if len(set(indices)) < len(indices):
+        raise ValueError(f"lists a GPU twice ({value!r}); a worker per GPU, each listed once")
+    return indices
 
 
-WorkerDevices = Annotated[Literal["auto", "cpu"] | tuple[Annotated[Int, Field(ge=0)], ...], BeforeValidator(_device_list)]
+def _gpu_index(part: Any) -> bool:
+    return (isinstance(part, int) and not isinstance(part, bool) and part >= 0) or (
+        isinstance(part, str) and part.isdigit()
+    )
+
+
+WorkerDevices = Annotated[Literal["auto", "cpu"] | tuple[int, ...], BeforeValidator(_device_list)]
 
 
 @dataclass(frozen=True)
