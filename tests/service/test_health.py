@@ -46,7 +46,7 @@ def status(**changes: object) -> NodeStatus:
 
 def one_worker(**changes: object) -> NodeStatus:
     """The default single-worker node with its worker changed."""
-    return status(workers=(worker(**changes),))
+    return status(workers=(replace(worker(), **changes),))  # type: ignore[arg-type]
 
 
 def test_a_running_node_with_a_loaded_model_and_a_destination_is_healthy_without_warnings() -> None:
