@@ -74,6 +74,9 @@ def test_no_model_weights_turn_health_red_with_the_reason_and_status_shows_it(
     assert cli.main(["status", "--config", str(node.config_path)]) == 0
     shown = capsys.readouterr().out
     assert f"PROBLEM: {problem}" in shown and "model: NOT LOADED: the default model's weights" in shown
+    [worker] = body["workers"]
+    assert (worker["name"], worker["device"], worker["up"], worker["model"]["loaded"]) == ("worker-0", "cpu", True, False)
+    assert f"  worker-0 on {worker['host']} (cpu): up, 0 series done, 0 restart(s), model NOT LOADED" in shown
     assert node.terminate() == 0
 
 

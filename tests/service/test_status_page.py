@@ -39,6 +39,20 @@ def test_every_value_on_the_page_is_escaped() -> None:
     assert "liverfat node A&amp;B" in page and "No destination configured" in page and "No errors." in page
 
 
+def test_the_page_lists_every_worker_and_the_broker_queue_when_there_is_one() -> None:
+    gpu = {"name": "liverfat@gpu<1>-cuda0", "host": "gpu1", "device": "cuda:0", "up": False, "restarts": 0,
+           "jobs_done": 12, "last_seen": "2026-12-07T10:00:00Z", "last_seen_s": 75.0,
+           "model": {"loaded": False, "detail": "no weights"}}  # fmt: skip
+    local = {**gpu, "name": "worker-0", "host": "ct-node", "device": "cpu", "up": True, "model": None}
+    queue = {"broker": "amqp://liverfat:***@mq:5672//", "connected": False, "waiting": 7, "in_flight": 2,
+             "dead_lettered": 1}  # fmt: skip
+    page = render_status_page({**REPORT, "workers": [local, gpu], "queue": queue})
+    assert "liverfat@gpu&lt;1&gt;-cuda0" in page and '<span class="bad">DOWN</span>' in page
+    assert "NOT LOADED: no weights" in page and "not reported yet" in page and "2026-12-07T10:00:00Z" in page
+    assert "amqp://liverfat:***@mq:5672// (NOT CONNECTED)" in page and "<th>dead-lettered</th><td>1</td>" in page
+    assert "<h2>Workers</h2>\n<p>No worker seen yet.</p>" in render_status_page({**REPORT, "workers": []})
+
+
 def chromium(home: Path, *arguments: str) -> subprocess.CompletedProcess[str]:
     """Headless Chromium (as root it needs --no-sandbox), its profile and caches under ``home``."""
     command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
