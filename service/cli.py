@@ -19,6 +19,7 @@ from liverfat.inference.models.devices import DEVICE_CHOICES, device_problem
 from liverfat.inference.roi import RoiMode
 from liverfat.service.config import load_config
 from liverfat.service.config_cli import add_config_commands
+from liverfat.service.fleet.worker_cli import add_worker_command
 from liverfat.service.models_cli import add_models_commands
 from liverfat.service.node_cli import add_node_commands
 from liverfat.service.progress import ConsoleProgress
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_commands(commands)
     add_node_commands(commands)
     add_config_commands(commands)
+    add_worker_command(commands)
     return parser
 
 

@@ -4,7 +4,8 @@
 ``load_config``'s (it collects all of them, each with its section and key); a valid
 configuration is printed as TOML with the defaults filled in and the ``LIVERFAT_*`` variables
 applied, which ``load_config`` reads back to the same configuration. Values of secret keys
-(``[http] token``, any key naming a password or secret) are printed as ``REDACTED``; file paths
+(``[http] token``, any key naming a password or secret) are printed as ``REDACTED``, the
+password in ``[queue] broker`` as ``***``; file paths
 (a TLS private key's) are shown, their contents never read.
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 import tomli_w
 
 from liverfat.service.config import Caller, Destination, NodeConfig, load_config
+from liverfat.service.fleet.urls import redacted
 
 REDACTED = "REDACTED"
 SECRET_WORDS = ("token", "password", "secret")
@@ -61,6 +63,8 @@ def _plain(value: Any, key: str = "") -> Any:
     """``value`` as TOML can write it: tables, lists, strings, numbers, booleans; ``None`` for unset."""
     if any(word in key for word in SECRET_WORDS) and value is not None:
         return REDACTED
+    if key == "broker" and isinstance(value, str):
+        return redacted(value)  # [queue] broker: the URL's password
     if isinstance(value, Destination | Caller | Path):
         return str(value)  # the forms load_config reads: "AE@host:port", "AE" or "AE@host", a path
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -154,7 +154,7 @@ class RabbitMQ:
     def ctl(self, *args: str) -> str:
         """Run ``rabbitmqctl`` against this node; its standard output."""
         completed = subprocess.run(self._in_netns(str(CTL), "-n", self.node, *args), env={**os.environ, **self.env},
-                                   capture_output=True, text=True, timeout=START_TIMEOUT_S + 10)  # fmt: skip
+                                   capture_output=True, text=True, timeout=START_TIMEOUT_S + 10, check=False)  # fmt: skip
         if completed.returncode != 0:
             raise RuntimeError(f"rabbitmqctl {' '.join(args)} exited with {completed.returncode}: "
                                f"{completed.stderr[-2000:]}{completed.stdout[-2000:]}")  # fmt: skip

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
 from amqp.exceptions import AMQPError
 from celery import Celery
@@ -40,25 +40,12 @@ from kombu.message import Message
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import QueueSection
 from liverfat.service.fleet.messages import QUEUE_ARGUMENTS, SERIES_QUEUE, TASK_NAME, Completion, SeriesTask
+from liverfat.service.fleet.urls import redacted
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
-
-
-def redacted(url: str | None) -> str:
-    """``url`` with its password replaced by ``***`` (the form every log line and status page shows)."""
-    if not url:
-        return ""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host
-    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port is not None else "")
-    return SplitResult(parts.scheme, netloc, parts.path, parts.query, parts.fragment).geturl()
 
 
 def liverfat_queue(name: str) -> Queue:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from liverfat.errors import Reason
+from liverfat.service.cli import main
 from liverfat.service.config import QueueSection
 from liverfat.service.fleet.broker import BrokerClient, BrokerUnavailable, celery_app, redacted
 from liverfat.service.fleet.messages import (
@@ -30,9 +31,19 @@ def a_task(reply_to: str, version: int = 1) -> SeriesTask:
 
 
 def test_redacted_hides_the_password_only() -> None:
-    assert redacted("amqps://node:s3cr3t@rabbit.example.org:5671/liverfat") == "amqps://node:***@rabbit.example.org:5671/liverfat"
+    url = "amqps://node:s3cr3t@rabbit.example.org:5671/liverfat"
+    assert redacted(url) == "amqps://node:***@rabbit.example.org:5671/liverfat"
     assert redacted("amqp://rabbit:5672//") == "amqp://rabbit:5672//"
     assert "s3cr3t" not in redacted("amqp://node:s3cr3t@[::1]:5672//")
+
+
+def test_config_check_prints_the_broker_without_its_password(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.setenv("LIVERFAT_QUEUE_BROKER", "amqps://node:s3cr3t@rabbit.example.org:5671/liverfat")
+    assert main(["config", "check"]) == 0
+    printed = capsys.readouterr().out
+    assert "s3cr3t" not in printed
+    assert 'broker = "amqps://node:***@rabbit.example.org:5671/liverfat"' in printed
 
 
 def test_task_ids_follow_the_series_version() -> None:
