@@ -28,10 +28,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, ClassVar
 
 from billiard.process import current_process
 from celery import signals
+from celery.worker.consumer import Consumer
 from pydantic import TypeAdapter, ValidationError
 
 from liverfat.analysis import BackendLoader, ModelCache, safe_folder_name, write_json_atomically
@@ -188,6 +189,15 @@ def publish_completion(state: ChildState, reply_to: str, completion: Completion)
             delay = min(delay * 2, PUBLISH_RETRY_S[1])
 
 
+class SeriesConsumer(Consumer):
+    """Celery's consumer without native delayed delivery: liverfat sends no ETA tasks, and that step would
+    declare 28 quorum queues and 29 exchanges (``celery_delayed_*``) on the broker for them."""
+
+    class Blueprint(Consumer.Blueprint):
+        default_steps: ClassVar[list[str]] = [step for step in Consumer.Blueprint.default_steps
+                                              if not step.endswith(":DelayedDelivery")]  # fmt: skip
+
+
 class FleetWorker:
     """The Celery worker of this host: its app, its slots, and the state each child builds."""
 
@@ -209,6 +219,7 @@ class FleetWorker:
         log.info("fleet worker %s: %d child(ren) on %s, broker %s", self.name, len(self.slots),
                  ", ".join(slot.device for slot in self.slots), redacted(self.config.queue.broker))  # fmt: skip
         worker = self.app.Worker(hostname=self.name, concurrency=len(self.slots), pool="prefork", optimization="fair",
+                                 consumer_cls=SeriesConsumer,
                                  without_gossip=True, without_mingle=True, without_heartbeat=True, quiet=True,
                                  loglevel=self.config.log.level)  # fmt: skip
         worker.start()

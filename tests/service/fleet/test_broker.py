@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +24,7 @@ from liverfat.service.fleet.messages import (
     task_id,
 )
 from liverfat.service.spool_types import JobResult, JobState, OutputFile
-from tests.broker import RabbitMQ
+from tests.broker import RabbitMQ, rabbitmq_server
 
 
 def a_task(reply_to: str, version: int = 1) -> SeriesTask:
@@ -94,3 +98,29 @@ def test_an_unreachable_broker_is_reported_without_its_password(broker: RabbitMQ
     assert raised.value.reason is Reason.BROKER_UNAVAILABLE
     assert broker.password not in raised.value.message and "***" in raised.value.message
     assert not client.connected
+
+
+_DEPTH = (
+    "import sys\n"
+    "from liverfat.service.config import QueueSection\n"
+    "from liverfat.service.fleet.broker import BrokerClient, celery_app\n"
+    "print(BrokerClient(celery_app(QueueSection(broker=sys.argv[1]))).depth(sys.argv[2]).ready)\n"
+)
+
+
+def test_a_broker_in_a_network_namespace_serves_that_namespace_only(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("a network namespace needs root and ip (Debian package iproute2)")
+    netns = f"lfbroker{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", netns], check=True, capture_output=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "lo", "up"], check=True, capture_output=True)
+        with rabbitmq_server(tmp_path / "rabbitmq", netns=netns) as broker:
+            inside = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", _DEPTH, broker.url,
+                                     SERIES_QUEUE], capture_output=True, text=True, check=False)  # fmt: skip
+            assert inside.returncode == 0, inside.stderr
+            assert inside.stdout.strip() == "0"
+            with pytest.raises(BrokerUnavailable):
+                BrokerClient(celery_app(QueueSection(broker=broker.url))).depth(SERIES_QUEUE)
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
