@@ -41,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+from liverfat.service.config import TlsSection
+
 logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,12 +84,20 @@ class RabbitMQ:
     epmd_port: int
     password: str = field(default_factory=lambda: secrets.token_hex(12), repr=False)
     netns: str | None = None
+    tls_port: int | None = None  # the amqps:// listener, when started with ``tls``
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         """The AMQP URL for ``[queue] broker``: user ``liverfat`` with a random password (tests check it stays secret)."""
         return f"amqp://{USER}:{self.password}@127.0.0.1:{self.amqp_port}//"
+
+    @property
+    def tls_url(self) -> str:
+        """The ``amqps://`` URL of the TLS listener (the broker's certificate names 127.0.0.1)."""
+        if self.tls_port is None:
+            raise RuntimeError("this broker was started without tls")
+        return f"amqps://{USER}:{self.password}@127.0.0.1:{self.tls_port}//"
 
     @property
     def log(self) -> Path:
@@ -210,27 +220,38 @@ def _free_ports(count: int, netns: str | None) -> list[int]:
     return [int(port) for port in subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()]
 
 
-def broker_config(amqp_port: int) -> str:
-    """The production rabbitmq.conf with this broker's listener and the repository's definitions file."""
+def broker_config(amqp_port: int, tls_port: int | None = None, tls: TlsSection | None = None) -> str:
+    """The production rabbitmq.conf with this broker's listeners and the repository's definitions file.
+
+    With ``tls``, an amqps:// listener on ``tls_port`` presents ``tls.certificate`` and requires a
+    client certificate signed by ``tls.ca_certificates``.
+    """
     kept = [line for line in CONFIG.read_text().splitlines() if not line.strip().startswith(MANAGED_KEYS)]
-    return "\n".join([*kept, f"listeners.tcp.default = 127.0.0.1:{amqp_port}", f"load_definitions = {DEFINITIONS}",
-                      ""])  # fmt: skip
+    lines = [*kept, f"listeners.tcp.default = 127.0.0.1:{amqp_port}", f"load_definitions = {DEFINITIONS}"]
+    if tls is not None and tls_port is not None:
+        lines += [f"listeners.ssl.default = 127.0.0.1:{tls_port}", f"ssl_options.cacertfile = {tls.ca_certificates}",
+                  f"ssl_options.certfile = {tls.certificate}", f"ssl_options.keyfile = {tls.private_key}",
+                  "ssl_options.verify = verify_peer", "ssl_options.fail_if_no_peer_cert = true"]  # fmt: skip
+    return "\n".join([*lines, ""])
 
 
 @contextmanager
-def rabbitmq_server(folder: Path, *, netns: str | None = None) -> Iterator[RabbitMQ]:
-    """Start a RabbitMQ node with its files under ``folder`` (inside ``netns`` if given); stop it after."""
+def rabbitmq_server(folder: Path, *, netns: str | None = None, tls: TlsSection | None = None) -> Iterator[RabbitMQ]:
+    """Start a RabbitMQ node with its files under ``folder`` (inside ``netns`` if given); stop it after.
+
+    ``tls`` (certificate, key and CA files) adds an amqps:// listener (``RabbitMQ.tls_url``).
+    """
     if not SERVER.exists():
         pytest.skip(f"real RabbitMQ test not possible: {SERVER} is absent (Debian package rabbitmq-server)")
     if _epmd() is None:
         pytest.skip("real RabbitMQ test not possible: no epmd under /usr/lib/erlang (Debian package erlang-base)")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "home").mkdir(exist_ok=True)
-    amqp_port, dist_port, epmd_port = _free_ports(3, netns)
+    amqp_port, dist_port, epmd_port, tls_port = _free_ports(4, netns)
     (folder / "enabled_plugins").write_text("[].\n")
-    (folder / "rabbitmq.conf").write_text(broker_config(amqp_port))
+    (folder / "rabbitmq.conf").write_text(broker_config(amqp_port, tls_port, tls))
     broker = RabbitMQ(folder, f"liverfat-{secrets.token_hex(4)}@localhost", amqp_port, dist_port, epmd_port,
-                      netns=netns)  # fmt: skip
+                      netns=netns, tls_port=tls_port if tls else None)  # fmt: skip
     try:
         broker.start()
         broker.ctl("add_user", USER, broker.password)  # definitions loaded at boot leave the node without users

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from liverfat.service.fleet.messages import (
 )
 from liverfat.service.spool_types import JobResult, JobState, OutputFile
 from tests.broker import RabbitMQ, rabbitmq_server
+from tests.service.test_scp import make_certificates
 
 
 def a_task(reply_to: str, version: int = 1) -> SeriesTask:
@@ -124,3 +126,23 @@ def test_a_broker_in_a_network_namespace_serves_that_namespace_only(tmp_path: Pa
                 BrokerClient(celery_app(QueueSection(broker=broker.url))).depth(SERIES_QUEUE)
     finally:
         subprocess.run(["ip", "netns", "del", netns], check=False, capture_output=True)
+
+
+def test_amqps_needs_the_brokers_ca_and_a_client_certificate(tmp_path: Path) -> None:
+    tls = make_certificates(tmp_path / "tls")
+    other = make_certificates(tmp_path / "other-ca")
+    with rabbitmq_server(tmp_path / "rabbitmq", tls=tls) as broker:
+        secure = QueueSection(broker=broker.tls_url, ca_certificates=tls.ca_certificates, certificate=tls.certificate,
+                              private_key=tls.private_key)  # fmt: skip
+        client = BrokerClient(celery_app(secure))
+        client.publish_task(a_task(node_reply_queue("TLS"), version=9))
+        [delivery] = client.fetch(SERIES_QUEUE)
+        assert delivery.headers["id"] == task_id("NODE", "1.2.3", 9)
+        delivery.ack()
+        client.close()
+        no_client_certificate = replace(secure, certificate=None, private_key=None)
+        other_ca = replace(secure, ca_certificates=other.ca_certificates)  # did not sign the broker's certificate
+        for refused in (no_client_certificate, other_ca):
+            with pytest.raises(BrokerUnavailable) as raised:
+                BrokerClient(celery_app(refused)).depth(SERIES_QUEUE)
+            assert "SSL" in raised.value.message and broker.password not in raised.value.message
