@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from liverfat.service.fleet.urls import redacted
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5.0
+IDLE_RECONNECT_S = 60.0  # a client connection unused this long is replaced before its next call
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1.0}
 
 
@@ -162,6 +164,7 @@ class BrokerClient:
         self.url: str = app.conf.broker_url
         self._connection: Connection | None = None
         self._declared: set[str] = set()
+        self._used_at = 0.0
 
     @property
     def connected(self) -> bool:
@@ -214,6 +217,16 @@ class BrokerClient:
         self._declared.clear()
 
     def _channel(self) -> Any:
+        """The open channel; a connection idle for ``IDLE_RECONNECT_S`` is replaced first.
+
+        The client's connection has no heartbeats (nothing would answer them between calls), so a
+        connection that a broker or network failure killed while idle goes unnoticed until it is
+        used; a fresh one costs milliseconds.
+        """
+        now = time.monotonic()
+        if self._connection is not None and now - self._used_at > IDLE_RECONNECT_S:
+            self.close()
+        self._used_at = now
         if self._connection is None:
             self._connection = self.app.connection_for_write()
         if not self._connection.connected:

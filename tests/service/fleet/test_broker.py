@@ -146,3 +146,11 @@ def test_amqps_needs_the_brokers_ca_and_a_client_certificate(tmp_path: Path) -> 
             with pytest.raises(BrokerUnavailable) as raised:
                 BrokerClient(celery_app(refused)).depth(SERIES_QUEUE)
             assert "SSL" in raised.value.message and broker.password not in raised.value.message
+
+
+def test_liverfat_worker_without_a_broker_says_what_to_set(tmp_path: Path) -> None:
+    environ = {key: value for key, value in os.environ.items() if not key.startswith("LIVERFAT_")}
+    completed = subprocess.run([sys.executable, "-m", "liverfat.service.cli", "worker"], cwd=tmp_path, env=environ,
+                               capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+    assert completed.returncode == 2
+    assert "[queue] broker is not set" in completed.stderr and "[config_invalid]" in completed.stderr
