@@ -11,19 +11,28 @@ from dataclasses import replace
 from pathlib import Path
 
 from liverfat import __version__
-from liverfat.analysis import AnalysisOptions, Outcome
+from liverfat.analysis import AnalysisOptions, BackendLoader, ModelCache, Outcome
 from liverfat.dicom_io.series import SkippedFile
 from liverfat.errors import LiverfatError, Reason
 from liverfat.inference.backend import Backend
 from liverfat.inference.models.devices import DEVICE_CHOICES, device_problem
 from liverfat.inference.roi import RoiMode
-from liverfat.service.config import load_config
+from liverfat.service.config import QueueSection, load_config
 from liverfat.service.config_cli import add_config_commands
+from liverfat.service.fleet.urls import redacted
 from liverfat.service.fleet.worker_cli import add_worker_command
 from liverfat.service.models_cli import add_models_commands
 from liverfat.service.node_cli import add_node_commands
 from liverfat.service.progress import ConsoleProgress
-from liverfat.service.research import RESULTS_CSV, SKIPPED_JSON, ResearchRun, RunResult, analyze_inputs, check_inputs
+from liverfat.service.research import (
+    RESULTS_CSV,
+    SKIPPED_JSON,
+    ResearchRun,
+    RunResult,
+    analyze_inputs,
+    check_inputs,
+    plan_run,
+)
 
 log = logging.getLogger("liverfat")
 
@@ -88,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--roi-mode", choices=[m.value for m in RoiMode], help="default: [analysis] roi_mode")
     analyze.add_argument("--threshold-hu", type=float, help="DL-parenchymal below this (strictly) is "
                          "moderate-to-severe steatosis (default: [grading] threshold_hu)")  # fmt: skip
+    analyze.add_argument("--broker", nargs="?", const="", metavar="URL", help="have the fleet's workers ('liverfat "
+                         "worker') analyse the DICOM series: publish each to this RabbitMQ (amqp:// or amqps://; "
+                         "without URL: [queue] broker, i.e. LIVERFAT_QUEUE_BROKER, which keeps the password off the "
+                         "command line) and add their rows to results.csv as they finish. --out and the inputs must "
+                         "be on storage the workers share ([queue] path_map on theirs); the workers' own [model] "
+                         "is used. NIfTI files are analysed here, on this machine's model")  # fmt: skip
     analyze.set_defaults(command=cmd_analyze)
 
     add_models_commands(commands)
@@ -150,7 +165,39 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return load_backend(model, device=args.device or node.model.device, cache_dir=node.model.cache,
                             precision=precision)  # fmt: skip
 
+    if args.broker is not None:
+        return _analyze_on_fleet(args, run, replace(node.queue, broker=args.broker or node.queue.broker), load_model)
     result = analyze_inputs(args.inputs, run, load_model, ConsoleProgress())
+    return _analyze_exit_status(result, args.out)
+
+
+FLEET_LOCAL_ONLY = ("mask", "mask_label", "model", "device", "precision")  # options --broker refuses
+
+
+def _analyze_on_fleet(args: argparse.Namespace, run: ResearchRun, queue: QueueSection,
+                      load_model: BackendLoader) -> int:  # fmt: skip
+    """``analyze --broker``: the DICOM series published to the fleet, their rows collected as they finish."""
+    from liverfat.service.fleet.broker import BrokerClient, celery_app  # Celery only for --broker
+    from liverfat.service.fleet.research import FleetRun
+
+    local_only = [f"--{name.replace('_', '-')}" for name in FLEET_LOCAL_ONLY if getattr(args, name) is not None]
+    if local_only:
+        raise LiverfatError(Reason.CONFIG_INVALID, f"{', '.join(local_only)} cannot go with --broker: the workers "
+                            "analyse with their own [model] (a --mask needs no model: run it without --broker)")  # fmt: skip
+    if not queue.broker:
+        raise LiverfatError(Reason.CONFIG_INVALID, "--broker without a URL takes [queue] broker, which is not set "
+                            "(LIVERFAT_QUEUE_BROKER=amqp://user:password@host:5672//)")  # fmt: skip
+    client = BrokerClient(celery_app(queue))
+    try:
+        progress = ConsoleProgress()
+        fleet = FleetRun(plan_run(args.inputs, run), client, progress)
+        published = fleet.publish()
+        if published:
+            progress.note(f"liverfat: {published} series published to {redacted(queue.broker)} "
+                          f"(replies in {fleet.reply_to}); collecting their results as the workers finish")  # fmt: skip
+        result = fleet.collect(ModelCache(load_model))
+    finally:
+        client.close()
     return _analyze_exit_status(result, args.out)
 
 

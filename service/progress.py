@@ -45,6 +45,13 @@ class ConsoleProgress:
         if self._bar is not None:
             self._bar.set_postfix_str(name)
 
+    def note(self, text: str) -> None:
+        """A line on stderr that leaves the bar intact (``analyze --broker``: what went to the fleet)."""
+        if self._bar is not None:
+            self._bar.write(text, file=self._err)
+        else:
+            print(text, file=self._err, flush=True)
+
     def case_done(self, index: int, outcome: CaseOutcome) -> None:
         line = f"series {index}/{self._total} {summary_line(outcome)}"
         if self._bar is not None:
@@ -57,14 +64,18 @@ class ConsoleProgress:
 
 
 def summary_line(outcome: CaseOutcome) -> str:
-    """``folder: status, grade value (why)``: the reasons' messages for a case analysed now, codes for a kept row."""
+    """``folder: status, grade value (why)``: the reasons' messages for a case analysed here, codes for a kept row
+    or a fleet worker's (``[worker]`` at the end)."""
     report = outcome.report
     if report is None:
         row = outcome.row
         value = f" graded on {row['graded_hu']} HU" if row.get("graded_hu") else ""
         withheld = row.get("status") != Outcome.PROCESSED.value or row.get("grade") == Grade.NOT_GRADED.value
         why = f" ({row['reasons']})" if row.get("reasons") and withheld else ""
-        return f"{outcome.case.folder}: up to date ({row.get('status')}, {row.get('grade')}{value}{why})"
+        facts = f"{row.get('status')}, {row.get('grade')}{value}{why}"
+        if outcome.analysed_by is not None:  # a fleet worker's result, read from its result.json
+            return f"{outcome.case.folder}: {facts} [{outcome.analysed_by}]"
+        return f"{outcome.case.folder}: up to date ({facts})"
     result = report.result
     value = f" {result.value_text()}" if result.value_text() else ""
     withheld = report.outcome is not Outcome.PROCESSED or result.grade is Grade.NOT_GRADED

@@ -8,6 +8,8 @@ skips every case whose row is current: same input files (paths, sizes, modificat
 same software version, same settings (model asked for, mask, analysis and eligibility settings,
 outputs asked for), and a result (processed or rejected, not failed). ``redo`` analyses them all again.
 The file is rewritten durably after each case, so an interrupted run resumes where it stopped.
+``liverfat analyze --broker`` (``service/fleet/research.py``) plans and records through the same
+:class:`RunPlan`, with the fleet's workers analysing the DICOM series.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ CSV_COLUMNS = (
 _HEADER_COLUMNS = {"patient_id": "PatientID", "accession_number": "AccessionNumber", "study_date": "StudyDate",
                    "series_description": "SeriesDescription", "slice_thickness_mm": "SliceThickness"}  # fmt: skip
 _CURRENT_STATUSES = frozenset({Outcome.PROCESSED.value, Outcome.REJECTED.value})
+_ROW_COLUMNS = frozenset({"status", "model", "reasons", "warnings"})  # in result.json, but not as the row has them
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,16 @@ class Case:
 
 @dataclass(frozen=True)
 class CaseOutcome:
-    """A case's row in results.csv after this run; ``report`` is None when the row was current and kept."""
+    """A case's row in results.csv after this run.
+
+    ``report`` is None when the row was current and kept, or when a fleet worker analysed the case
+    (``analysed_by`` names it: ``liverfat analyze --broker``); the row was read from its ``result.json``.
+    """
 
     case: Case
     row: Mapping[str, str]
     report: SeriesReport | None
+    analysed_by: str | None = None
 
     @property
     def status(self) -> str:
@@ -145,6 +153,10 @@ def check_inputs(inputs: Sequence[Path], policy: EligibilityPolicy) -> Iterator[
         yield _skipped_json(skipped)
 
 
+def _ignore(_stage: str) -> None:
+    """No listener: stages go unreported."""
+
+
 def analyze_inputs(inputs: Sequence[Path], run: ResearchRun, load_model: BackendLoader,
                    listener: RunListener | None = None) -> RunResult:  # fmt: skip
     """Analyse every case found in ``inputs`` that has no current row; write results, ``results.csv``, ``skipped.json``.
@@ -152,45 +164,85 @@ def analyze_inputs(inputs: Sequence[Path], run: ResearchRun, load_model: Backend
     ``load_model`` is called at most once, on the first case that needs a model, so a run
     that only rejects series, resumes, or uses a mask never loads one.
     """
-    options = run.options
+    plan = plan_run(inputs, run)
+    models = ModelCache(load_model)
+    if listener is not None:
+        listener.run_started(len(plan.cases))
+    outcomes = []
+    for index, case in enumerate(plan.cases, start=1):
+        if listener is not None:
+            listener.case_started(index, case)
+        outcome = plan.kept(case) or plan.analyse(case, models, listener)
+        outcomes.append(outcome)
+        if listener is not None:
+            listener.case_done(index, outcome)
+    return plan.finish(outcomes)
+
+
+@dataclass
+class RunPlan:
+    """One run's cases and the ``results.csv`` they resume from: what is current, and each new row written durably.
+
+    ``analyze_inputs`` analyses the other cases here; ``liverfat analyze --broker``
+    (``service/fleet/research.py``) has fleet workers analyse them and records their rows the same way.
+    """
+
+    run: ResearchRun
+    cases: list[Case]
+    skipped: tuple[SkippedFile, ...]
+    rows: dict[str, dict[str, str]]
+    settings: str  # the run's settings fingerprint
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run.options.out_dir
+
+    @property
+    def csv_path(self) -> Path:
+        return self.out_dir / RESULTS_CSV
+
+    def kept(self, case: Case) -> CaseOutcome | None:
+        """The case's current row from an earlier run (none with ``redo``): nothing to analyse."""
+        previous = self.rows.get(case.folder)
+        if previous is None or self.run.redo or not _is_current(previous, case, self.settings, self.out_dir):
+            return None
+        return CaseOutcome(case, previous, None)
+
+    def analyse(self, case: Case, models: ModelCache, listener: RunListener | None = None) -> CaseOutcome:
+        """Analyse ``case`` in this process (its stages told to ``listener``) and record its row."""
+        options = self.run.options
+        on_stage = listener.stage if listener is not None else _ignore
+        if isinstance(case.item, SeriesFiles):
+            report = analyze_dicom_series(case.item, options, models, on_stage)
+        else:
+            report = analyze_nifti(case.item, options, models, on_stage)
+        outcome = CaseOutcome(case, csv_row(case, report, self.settings), report)
+        self.record(outcome)
+        return outcome
+
+    def record(self, outcome: CaseOutcome) -> None:
+        """Put ``outcome``'s row into results.csv, durably, before anything else happens."""
+        self.rows[outcome.case.folder] = dict(outcome.row)
+        write_results_csv(self.csv_path, self.rows.values(), identifiers=self.run.identifiers)
+
+    def finish(self, outcomes: Sequence[CaseOutcome]) -> RunResult:
+        """The run's ``results.csv`` once more and ``skipped.json``; the outcomes in the order of the cases."""
+        if self.rows:  # once more at the end: a run that only resumed still applies its choice of identifier columns
+            write_results_csv(self.csv_path, self.rows.values(), identifiers=self.run.identifiers)
+        if self.skipped:
+            write_json_atomically(self.out_dir / SKIPPED_JSON, [_skipped_json(s) for s in self.skipped])
+        order = {case.folder: index for index, case in enumerate(self.cases)}
+        return RunResult(tuple(sorted(outcomes, key=lambda outcome: order[outcome.case.folder])), self.skipped)
+
+
+def plan_run(inputs: Sequence[Path], run: ResearchRun) -> RunPlan:
+    """Discover the cases in ``inputs`` (DICOM series first, then NIfTI files) and read ``--out``'s results.csv."""
     found = discover(inputs)
     for skipped in found.skipped:
         log.info("skipped %s: %s", skipped.path, skipped.finding.message)
     cases = [*(_dicom_case(series) for series in found.series), *(_nifti_case(path) for path in found.nifti)]
-    csv_path = options.out_dir / RESULTS_CSV
-    rows = read_results_csv(csv_path)
-    settings = settings_fingerprint(run)
-    models = ModelCache(load_model)
-    if listener is not None:
-        listener.run_started(len(cases))
-    outcomes = []
-    for index, case in enumerate(cases, start=1):
-        if listener is not None:
-            listener.case_started(index, case)
-        previous = rows.get(case.folder)
-        if previous is not None and not run.redo and _is_current(previous, case, settings, options.out_dir):
-            outcome = CaseOutcome(case, previous, None)
-        else:
-            on_stage = listener.stage if listener is not None else _ignore
-            if isinstance(case.item, SeriesFiles):
-                report = analyze_dicom_series(case.item, options, models, on_stage)
-            else:
-                report = analyze_nifti(case.item, options, models, on_stage)
-            outcome = CaseOutcome(case, csv_row(case, report, settings), report)
-            rows[case.folder] = dict(outcome.row)
-            write_results_csv(csv_path, rows.values(), identifiers=run.identifiers)
-        outcomes.append(outcome)
-        if listener is not None:
-            listener.case_done(index, outcome)
-    if rows:  # once more at the end: a run that only resumed still applies its choice of identifier columns
-        write_results_csv(csv_path, rows.values(), identifiers=run.identifiers)
-    if found.skipped:
-        write_json_atomically(options.out_dir / SKIPPED_JSON, [_skipped_json(s) for s in found.skipped])
-    return RunResult(tuple(outcomes), found.skipped)
-
-
-def _ignore(_stage: str) -> None:
-    """No listener: stages go unreported."""
+    rows = read_results_csv(run.options.out_dir / RESULTS_CSV)
+    return RunPlan(run, cases, tuple(found.skipped), rows, settings_fingerprint(run))
 
 
 def _dicom_case(series: SeriesFiles) -> Case:
@@ -262,25 +314,27 @@ def _is_current(row: Mapping[str, str], case: Case, settings: str, out_dir: Path
 
 
 def csv_row(case: Case, report: SeriesReport, settings: str) -> dict[str, str]:
-    """The results.csv row of one analysed case (every value as text)."""
-    result = report.result
-    data = result.to_json()
-    measured = {key: data[key] for key in CSV_COLUMNS if key in data and key not in ("reasons", "warnings")}
-    row = {
+    """The results.csv row of one case analysed here (every value as text)."""
+    return result_row(case, {**report.result.to_json(), "status": report.outcome.value}, settings)
+
+
+def result_row(case: Case, result: Mapping[str, Any], settings: str) -> dict[str, str]:
+    """The results.csv row of one analysed case from its ``result.json`` (``AnalysisResult.to_json`` + status)."""
+    measured = {key: result[key] for key in CSV_COLUMNS if key in result and key not in _ROW_COLUMNS}
+    return {
         **{key: "" if value is None else str(value) for key, value in measured.items()},
         **case.header_facts,
         "folder": case.folder,
         "source": case.source,
-        "status": report.outcome.value,
-        "model": result.model.name,
-        "model_version": result.model.version,
-        "reasons": "; ".join(r.code.value for r in result.reasons),
-        "warnings": "; ".join(w.code.value for w in result.warnings),
+        "status": str(result["status"]),
+        "model": str(result["model"]["name"]),
+        "model_version": str(result["model"]["version"]),
+        "reasons": "; ".join(r["code"] for r in result["reasons"]),
+        "warnings": "; ".join(w["code"] for w in result["warnings"]),
         "analysed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "input_fingerprint": case.fingerprint,
         "settings_fingerprint": settings,
     }
-    return row
 
 
 def read_results_csv(path: Path) -> dict[str, dict[str, str]]:
