@@ -102,7 +102,11 @@ class Node:
                  config.spool.dir, config.series.stable_seconds, len(config.send.destinations))  # fmt: skip
 
     def _make_workers(self, spool: Spool) -> Workers:
-        """Who processes the complete series: local worker processes (the fleet's dispatcher plugs in here)."""
+        """Who processes the complete series: local worker processes, or the fleet with ``[queue] broker``."""
+        if self.config.queue.broker:
+            from liverfat.service.fleet.dispatch import FleetDispatcher  # Celery: only in fleet mode
+
+            return FleetDispatcher(self.config, spool, self.space)
         return LocalWorkers(self.config, spool, self.space, self.load_model)
 
     def tick(self, now: float | None = None) -> None:

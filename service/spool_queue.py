@@ -98,18 +98,25 @@ class JobQueue(SpoolDatabase):
                           (job.series_uid, job.id))  # fmt: skip
         return [self.root / row["path"] for row in rows]
 
-    def finish_job(self, job_id: int, result: JobResult, destinations: Sequence[str], now: float | None = None) -> None:
-        """Record the outcome and queue every output for every destination, in one transaction."""
+    def finish_job(self, job_id: int, result: JobResult, destinations: Sequence[str], now: float | None = None) -> bool:
+        """Record the outcome and queue every output for every destination, in one transaction.
+
+        Only a job still ``processing`` is finished; for any other (a fleet completion received
+        twice) nothing is recorded or queued and the answer is ``False``.
+        """
         now = time.time() if now is None else now
         with self.transaction() as db:
-            db.execute(
+            cursor = db.execute(
                 "UPDATE jobs SET state = ?, finished_at = ?, processing_s = ?, grade = ?, parenchymal_hu = ?, "
                 "borderline = ?, reasons = ?, timings = ?, outputs = ?, last_error = ? WHERE id = ? AND state = ?",
                 (result.state, now, result.processing_s, result.grade, result.parenchymal_hu, result.borderline,
                  json.dumps([dict(r) for r in result.reasons]), json.dumps(dict(result.timings or {})),
                  json.dumps([o.to_json() for o in result.outputs]), result.error, job_id, JobState.PROCESSING),
             )  # fmt: skip
+            if cursor.rowcount == 0:
+                return False
             queue_outputs(db, job_id, result.outputs, destinations, now)
+        return True
 
     def park_processing(self, why: str, job_id: int | None = None) -> list[int]:
         """Put jobs interrupted by something not their fault back in the queue; the attempt does not count.
