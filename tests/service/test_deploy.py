@@ -34,6 +34,9 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "liverfat.service"
 WORKER_UNIT = DEPLOY / "liverfat-worker.service"
+FLEET = DEPLOY / "compose-fleet.yml"
+FLEET_SECRETS = DEPLOY / "fleet-secrets.py"
+FLEET_SECRETS_DIR = Path("/etc/liverfat/fleet")  # fleet-secrets.py's folder in the install steps and compose's default
 SYSTEMD_ANALYZE = Path("/usr/bin/systemd-analyze")
 MAX_EXPOSURE = 2.0  # systemd-analyze security: 0 (locked down) to 10 (exposed); up to 3.9 it says "OK"
 RESULT_FILES = 4  # SEG, circle SR, summary SR, key image
@@ -160,10 +163,12 @@ def test_worker_unit_runs_liverfat_worker_sandboxed_as_the_node(unit: dict[str, 
     worker = unit_settings(WORKER_UNIT)
     assert worker["ExecStart"] == ["/opt/liverfat/.venv/bin/liverfat worker --config /etc/liverfat/worker.toml"]
     assert worker["KillMode"] == ["mixed"], "SIGTERM to the worker only: it finishes the series in hand"
-    own = {"Description", "Documentation", "After", "ExecStart", "TimeoutStopSec"}
+    own = {"Description", "Documentation", "After", "ExecStart", "TimeoutStopSec", "EnvironmentFile"}
     assert {key: values for key, values in worker.items() if key not in own} == {
         key: values for key, values in unit.items() if key not in own
     }, "user, state folder, model cache and every sandbox setting as the node's unit"
+    [environment_file] = worker["EnvironmentFile"]
+    assert Path(environment_file.removeprefix("-")) == FLEET_SECRETS_DIR / "worker.env", "fleet-secrets.py's file"
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +225,6 @@ def test_a_node_under_the_units_umask_writes_nothing_others_can_read(
     assert (len(received), len(results)) == (len(series), RESULT_FILES)
     assert set(received) | set(results) == {0o640}, "received CT and results: owner writes, group reads"
     assert modes[Path("index.sqlite")] == 0o640, "the index too, by the umask"
-
-
-FLEET = DEPLOY / "compose-fleet.yml"
-FLEET_SECRETS = DEPLOY / "fleet-secrets.py"
 
 
 def broker_urls(folder: Path) -> dict[str, str]:
@@ -291,6 +292,7 @@ def test_fleet_compose_hands_node_and_workers_their_own_broker_user_from_the_sec
         url = urlsplit(urls[role])
         assert (url.hostname, url.port) == ("rabbitmq", 5672) and url.hostname in services
     text = FLEET.read_text()
+    assert f"${{LIVERFAT_FLEET_SECRETS:-{FLEET_SECRETS_DIR}}}/node.env" in text, "the unit's folder by default"
     assert re.search(r"amqps?://[^\s@/]+:[^\s@/]+@", text) is None, "no credentials in the compose file"
     assert not any(urlsplit(url).password in text for url in urls.values())
 
