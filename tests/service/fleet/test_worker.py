@@ -133,7 +133,7 @@ def test_a_worker_started_before_the_broker_connects_when_it_comes_up(tmp_path: 
 def test_a_broker_restart_with_tasks_queued_and_in_flight_loses_none(tmp_path: Path, broker: RabbitMQ,
                                                                        client: BrokerClient, series: list[Path]) -> None:  # fmt: skip
     fleet = worker(tmp_path / "worker", broker)
-    fleet.start(delay_s=4.0)
+    fleet.start(delay_s=2.0)
     try:
         tasks = [node_task(tmp_path / "spool", series, job_id=job_id) for job_id in (21, 22, 23)]
         for task in tasks:
