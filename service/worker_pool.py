@@ -142,6 +142,9 @@ class _Worker:
     model: ModelState | None = None
     jobs_done: int = 0
     last_seen: float | None = None  # epoch s
+    # Its reports (model loads, recorded jobs): a queue per process, as a process killed while writing
+    # to a queue can leave the queue's lock held for good.
+    reports: Queue[WorkerReport] | None = None
 
     @property
     def alive(self) -> bool:
@@ -164,7 +167,6 @@ class LocalWorkers:
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Event()
         self._wake = self._context.Event()
-        self._reports: Queue[WorkerReport] = self._context.Queue()  # model loads and recorded jobs, tagged
         self._workers = {slot.name: _Worker(slot) for slot in slots}
         self._park_at_start = True  # jobs left processing by a stopped node: re-queued before any worker starts
 
@@ -174,8 +176,8 @@ class LocalWorkers:
         self.tick()
 
     def tick(self) -> None:
-        self._read_reports()
         for worker in self._workers.values():
+            self._read_reports(worker)
             self._watch(worker)
         if self._recover():
             now = time.monotonic()
@@ -207,8 +209,8 @@ class LocalWorkers:
             worker.process.kill()  # nothing to clean up: the job is parked below and its outputs rewritten
             worker.process.join()
         for worker in running:
+            self._read_reports(worker)
             worker.process, worker.start_at = None, None
-        self._read_reports()
         if self._recover():
             parked = self.space.write("parking at shutdown", lambda: self.spool.park_processing(SHUTDOWN_PARK))
             for job_id in parked or []:
@@ -231,7 +233,9 @@ class LocalWorkers:
         config = self.config
         if slot.model_device is not None:
             config = replace(config, model=replace(config.model, device=slot.model_device))
-        args = (config, self.load_model, slot, self._stop, self._wake, self._reports)
+        self._read_reports(worker)  # what the previous process said last
+        worker.reports = self._context.Queue()
+        args = (config, self.load_model, slot, self._stop, self._wake, worker.reports)
         worker.process = self._context.Process(target=run_worker, name=f"liverfat-{slot.name}", args=args)
         worker.process.start()
         worker.starts += 1
@@ -282,14 +286,13 @@ class LocalWorkers:
             worker.recovery = None
         return True
 
-    def _read_reports(self) -> None:
-        """Take the workers' reports (one reader: the main thread)."""
-        while True:
+    def _read_reports(self, worker: _Worker) -> None:
+        """Take a worker's reports (one reader: the main thread)."""
+        while worker.reports is not None:
             try:
-                report = self._reports.get_nowait()
+                report = worker.reports.get_nowait()
             except queue.Empty:
                 return
-            worker = self._workers[report.worker]
             if report.model is not None:
                 worker.model = report.model
             worker.jobs_done += report.jobs_done
