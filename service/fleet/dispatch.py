@@ -33,6 +33,7 @@ import logging
 import shutil
 import threading
 
+from liverfat.errors import Reason
 from liverfat.service.config import NodeConfig
 from liverfat.service.diskspace import DiskSpace
 from liverfat.service.fleet.broker import BrokerClient, BrokerUnavailable, celery_app
@@ -53,7 +54,7 @@ BROKER_DOWN = ("the broker could not be reached to publish this series; publishe
                "counted as an attempt")  # fmt: skip
 STAGING = ".partial-"  # a worker's staging folder beside out_dir: <job id>.partial-<task>-<host>-<pid> (worker.py)
 DEAD_LETTERED_SQL = ("SELECT COUNT(DISTINCT jobs.id) AS n FROM jobs, json_each(jobs.reasons) AS reason "
-                     "WHERE jobs.state = ? AND json_extract(reason.value, '$.code') = 'dead_lettered'")  # fmt: skip
+                     "WHERE jobs.state = ? AND json_extract(reason.value, '$.code') = ?")  # fmt: skip
 
 
 class FleetDispatcher:
@@ -108,7 +109,7 @@ class FleetDispatcher:
     def queue(self) -> QueueInfo | None:
         snapshot = self.monitor.snapshot
         in_flight = self.spool.read_committed("SELECT COUNT(*) AS n FROM jobs WHERE state = ?", (JobState.PROCESSING,))
-        recorded = self.spool.read_committed(DEAD_LETTERED_SQL, (JobState.FAILED,))
+        recorded = self.spool.read_committed(DEAD_LETTERED_SQL, (JobState.FAILED, Reason.DEAD_LETTERED.value))
         return QueueInfo(broker=self.broker, connected=self.connected, waiting=snapshot.waiting,
                          in_flight=int(in_flight[0]["n"]), dead_lettered=snapshot.dead_waiting + int(recorded[0]["n"]))  # fmt: skip
 
