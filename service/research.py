@@ -220,9 +220,10 @@ class RunPlan:
         self.record(outcome)
         return outcome
 
-    def record(self, outcome: CaseOutcome) -> None:
-        """Put ``outcome``'s row into results.csv, durably, before anything else happens."""
-        self.rows[outcome.case.folder] = dict(outcome.row)
+    def record(self, *outcomes: CaseOutcome) -> None:
+        """Put the outcomes' rows into results.csv, durably (one write for them all), before anything else happens."""
+        for outcome in outcomes:
+            self.rows[outcome.case.folder] = dict(outcome.row)
         write_results_csv(self.csv_path, self.rows.values(), identifiers=self.run.identifiers)
 
     def finish(self, outcomes: Sequence[CaseOutcome]) -> RunResult:

@@ -49,6 +49,7 @@ from liverfat.service.research import Case, CaseOutcome, ResearchRun, RunListene
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # between looks at the reply queue while nothing arrives
+FETCH = 100  # completions taken from the reply queue at a time (their rows written at once)
 RECONNECT_S = (1.0, 30.0)  # the broker away while waiting: first delay, cap (doubling)
 DEAD_LETTER = "dead-lettered"  # ``CaseOutcome.analysed_by`` of a series the broker gave up on
 T = TypeVar("T")
@@ -132,33 +133,41 @@ class FleetRun:
                                  settings=self.settings, case=case.folder)  # fmt: skip
 
     def _collect(self, accept: bool = True) -> int:
-        """Forward dead letters, then record every completion waiting in the reply queue; how many arrived."""
-        forward_dead_letters(self.client)
-        arrived = 0
-        for delivery in self.client.fetch(self.reply_to):
-            arrived += 1
-            case, completion = self._awaited(delivery) if accept else (None, None)
-            if case is not None and completion is not None:
-                self._done(self._record(case, completion))
-                self._waiting_stage()
-            with self._unavailable():
-                delivery.ack()  # after the row is durable; lost: the completion comes again and is a duplicate
-        return arrived
+        """Forward dead letters, then record the completions waiting in the reply queue; how many arrived.
 
-    def _awaited(self, delivery: Delivery) -> tuple[Case | None, Completion | None]:
-        """The case a completion is for, when this run waits for it (duplicates and outdated ones are not)."""
+        Their rows go into results.csv in one durable write (at 100,000 rows a write takes about
+        1.5 s: one per completion would not keep up with a large fleet), then they are acknowledged.
+        """
+        forward_dead_letters(self.client)
+        deliveries = list(self.client.fetch(self.reply_to, FETCH))
+        awaited = [self._awaited(delivery) for delivery in deliveries] if accept else []
+        recorded = [self._outcome(*pair) for pair in awaited if pair is not None]
+        if recorded:
+            self.plan.record(*recorded)
+            for outcome in recorded:
+                self._done(outcome)
+            self._waiting_stage()
+        for delivery in deliveries:
+            with self._unavailable():
+                delivery.ack()  # lost: the completion comes again and is ignored as a duplicate
+        return len(deliveries)
+
+    def _awaited(self, delivery: Delivery) -> tuple[Case, Completion] | None:
+        """The case a completion is for, when this run waits for it (duplicates, outdated and unreadable ones not)."""
         try:
             completion = delivery.completion
         except (KeyError, TypeError, ValueError) as error:
-            log.error("dropping a message in %s that is no completion: %s", self.reply_to, error)
-            return None, None
+            log.error("dropping a message in %s that is no completion: %s: %s", self.reply_to,
+                      type(error).__name__, error)  # fmt: skip
+            return None
         case = self.waiting.pop(completion.task_id, None)
         if case is None:
             log.info("completion of task %s (%s) ignored: already recorded, or its case changed since",
                      completion.task_id, completion.case)  # fmt: skip
+            return None
         return case, completion
 
-    def _record(self, case: Case, completion: Completion) -> CaseOutcome:
+    def _outcome(self, case: Case, completion: Completion) -> CaseOutcome:
         """The case's row from the worker's ``result.json``; a dead letter's or a failure's from the completion."""
         result_json = self.out_dir / case.folder / "result.json"
         worker = completion.worker
@@ -167,10 +176,8 @@ class FleetRun:
         else:  # the broker gave up on it, or the worker failed before any analysis (e.g. the files unreadable there)
             result = self._failed_result(case, completion)
             write_json_atomically(result_json, result)
-        outcome = CaseOutcome(case, result_row(case, result, self.plan.settings), None,
-                              worker.name if worker is not None else DEAD_LETTER)  # fmt: skip
-        self.plan.record(outcome)
-        return outcome
+        return CaseOutcome(case, result_row(case, result, self.plan.settings), None,
+                           worker.name if worker is not None else DEAD_LETTER)  # fmt: skip
 
     def _failed_result(self, case: Case, completion: Completion) -> dict[str, Any]:
         """``result.json`` of a series the fleet returned no analysis for: failed, with the completion's reasons."""
