@@ -188,14 +188,18 @@ def _analyze_on_fleet(args: argparse.Namespace, run: ResearchRun, queue: QueueSe
         raise LiverfatError(Reason.CONFIG_INVALID, "--broker without a URL takes [queue] broker, which is not set "
                             "(LIVERFAT_QUEUE_BROKER=amqp://user:password@host:5672//)")  # fmt: skip
     client = BrokerClient(celery_app(queue))
+    progress = ConsoleProgress()
+    fleet = FleetRun(plan_run(args.inputs, run), client, progress)
     try:
-        progress = ConsoleProgress()
-        fleet = FleetRun(plan_run(args.inputs, run), client, progress)
         published = fleet.publish()
         if published:
             progress.note(f"liverfat: {published} series published to {redacted(queue.broker)} "
                           f"(replies in {fleet.reply_to}); collecting their results as the workers finish")  # fmt: skip
         result = fleet.collect(ModelCache(load_model))
+    except KeyboardInterrupt:  # the workers carry on; their completions wait in the output folder's queue
+        progress.note(f"liverfat: stopped with {len(fleet.waiting)} series in the fleet; the same command "
+                      "records them as they finish")  # fmt: skip
+        return 130
     finally:
         client.close()
     return _analyze_exit_status(result, args.out)
