@@ -182,8 +182,9 @@ def _analyze_on_fleet(args: argparse.Namespace, run: ResearchRun, queue: QueueSe
 
     local_only = [f"--{name.replace('_', '-')}" for name in FLEET_LOCAL_ONLY if getattr(args, name) is not None]
     if local_only:
-        raise LiverfatError(Reason.CONFIG_INVALID, f"{', '.join(local_only)} cannot go with --broker: the workers "
-                            "analyse with their own [model] (a --mask needs no model: run it without --broker)")  # fmt: skip
+        raise LiverfatError(Reason.CONFIG_INVALID, f"{', '.join(local_only)} cannot go with --broker: the "
+                            "workers analyse with their own [model] (a --mask needs no model: run it without "
+                            "--broker)")  # fmt: skip
     if not queue.broker:
         raise LiverfatError(Reason.CONFIG_INVALID, "--broker without a URL takes [queue] broker, which is not set "
                             "(LIVERFAT_QUEUE_BROKER=amqp://user:password@host:5672//)")  # fmt: skip

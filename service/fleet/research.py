@@ -127,9 +127,9 @@ class FleetRun:
         return self.plan.finish(self.outcomes)
 
     def _task(self, case: Case, series: SeriesFiles) -> SeriesTask:
-        return SeriesTask.create(kind="research", publisher=str(self.out_dir), series_uid=series.series_uid,
-                                 version=case_version(case, self.plan.settings), files=series.files,
-                                 out_dir=self.out_dir, root=self.out_dir, reply_to=self.reply_to,
+        return SeriesTask.create(kind="research", publisher=str(self.out_dir.resolve()),
+                                 series_uid=series.series_uid, version=case_version(case, self.plan.settings),
+                                 files=series.files, out_dir=self.out_dir, root=self.out_dir, reply_to=self.reply_to,
                                  settings=self.settings, case=case.folder)  # fmt: skip
 
     def _collect(self, accept: bool = True) -> int:
