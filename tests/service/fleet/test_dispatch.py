@@ -16,11 +16,11 @@ import pytest
 from liverfat.service.config import NodeConfig, load_config
 from liverfat.service.diskspace import DiskSpace
 from liverfat.service.fleet.broker import BrokerClient
-from liverfat.service.fleet.dispatch import CLAIMED_BY, RETRY_S, FleetDispatcher
+from liverfat.service.fleet.dispatch import BROKER_DOWN, CLAIMED_BY, RETRY_S, FleetDispatcher
 from liverfat.service.fleet.fleet_status import host_and_device
 from liverfat.service.fleet.messages import SeriesTask
 from liverfat.service.spool import InstanceInfo, Job, JobState, Spool
-from tests.broker import RabbitMQ
+from tests.broker import USER, RabbitMQ
 from tests.service.conftest import phantom_series
 from tests.service.fleet.worker_process import WorkerProcess
 from tests.service.node_process import toml, wait_for
@@ -156,6 +156,28 @@ def test_a_node_whose_broker_is_down_keeps_its_series_and_publishes_them_when_it
     fleet_worker.start()
     try:
         wait_for(lambda: newest(spool, uid).state is JobState.DONE, DONE_S, "the series to be published and done")
+        assert newest(spool, uid).attempts == 1 and dispatcher.connected
+    finally:
+        dispatcher.stop()
+
+
+def test_a_publish_the_broker_refuses_puts_the_series_back_in_the_queue_without_counting_the_attempt(
+        tmp_path: Path, broker: RabbitMQ, spool: Spool, fleet_worker: WorkerProcess) -> None:  # fmt: skip
+    config = node_config(tmp_path, broker, "DISPATCH3")
+    uid = store_series(spool, tmp_path / "ct")
+    broker.ctl("set_permissions", "-p", "/", USER, ".*", "^$", ".*")  # it may declare and read, not publish
+    dispatcher = FleetDispatcher(config, spool, disk_space(config))
+    try:
+        dispatcher.start()
+        wait_for(lambda: newest(spool, uid).last_error == BROKER_DOWN, 30, "a publish that failed")
+        job = newest(spool, uid)
+        assert job.state is JobState.COMPLETE and job.attempts == 0, "back in the queue, the attempt not counted"
+        assert not dispatcher.connected
+    finally:
+        broker.ctl("set_permissions", "-p", "/", USER, ".*", ".*", ".*")
+    fleet_worker.start()
+    try:
+        wait_for(lambda: newest(spool, uid).state is JobState.DONE, DONE_S, "the series to be published again and done")
         assert newest(spool, uid).attempts == 1 and dispatcher.connected
     finally:
         dispatcher.stop()
