@@ -15,13 +15,14 @@ the best time per stage (the machine is shared; medians are in the JSON), the ra
 baseline, and whether both paths gave the same result: ``result.json``'s content but the
 timings, the image checks' findings, and the liver and ROI masks on both grids, value for value.
 
-Cases: ``phantom`` (``--slices`` x 512 x 512 synthetic chest, its analytic liver as the mask) and
-``lidc-idri-0002`` (the real chest CT in ``../shared/data`` with the seed method's liver mask;
-skipped without the data).
+Cases: ``phantom`` (``--slices`` x 512 x 512 synthetic chest, its analytic liver as the mask),
+``phantom-model`` (the same series with the liver the default model finds on it, as in
+``bench_node.py``: a much larger mask; not run unless named) and ``lidc-idri-0002`` (the real
+chest CT in ``../shared/data`` with the seed method's liver mask; skipped without the data).
 
 Run from the repository root::
 
-    .venv/bin/python bench/bench_measure.py [--cases phantom lidc-idri-0002] [--slices 300] [--repeat 3]
+    .venv/bin/python bench/bench_measure.py [--cases phantom phantom-model lidc-idri-0002] [--slices 300] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from baseline_cases import (
     lidc_missing,
     lidc_with_liver,
     phantom_with_liver,
+    phantom_with_model_liver,
     print_rows,
     summarise,
     write_report,
@@ -64,6 +66,7 @@ BASELINE_MODULES = ("dicom_io.resample", "inference.roi", "inference.attenuation
                     "inference.image_checks", "inference.pipeline")  # fmt: skip
 STAGES = ("not_ct_finding", "region_finding", "resample", "segment", "rois", "measure", "grade", "masks")
 AFTER_SEGMENT = ("rois", "measure", "grade", "masks")
+CASES = ("phantom", "phantom-model", "lidc-idri-0002")
 
 
 def load_baseline(revision: str) -> dict[str, ModuleType]:
@@ -122,6 +125,14 @@ def run_case(name: str, series: CTSeries, liver: Volume, baseline: dict[str, Mod
     }
 
 
+def load_case(name: str, phantom_dir: Path, slices: int) -> tuple[CTSeries, Volume]:
+    if name == "phantom":
+        return phantom_with_liver(phantom_dir, slices)
+    if name == "phantom-model":
+        return phantom_with_model_liver(phantom_dir, slices)
+    return lidc_with_liver()
+
+
 def print_case(figures: dict[str, Any], repeat: int) -> None:
     print(f"{figures['case']}: {figures['slices']} slices; best of {repeat}, seconds")
     labels = {"not_ct_finding": "image check: is it a CT", "region_finding": "image check: chest region (no header)",
@@ -135,7 +146,7 @@ def print_case(figures: dict[str, Any], repeat: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, repeat=3, baseline=DEFAULT_BASELINE)
+    add_arguments(parser, repeat=3, baseline=DEFAULT_BASELINE, cases=CASES)
     args = parser.parse_args(argv)
 
     baseline = load_baseline(args.baseline)
@@ -144,8 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.cases:
             if lidc_missing(name):
                 continue
-            series, liver = phantom_with_liver(args.phantom_dir or Path(tmp) / "phantom", args.slices) \
-                if name == "phantom" else lidc_with_liver()  # fmt: skip
+            series, liver = load_case(name, args.phantom_dir or Path(tmp) / "phantom", args.slices)
             figures = run_case(name, series, liver, baseline, args.repeat)
             print_case(figures, args.repeat)
             cases.append(figures)
