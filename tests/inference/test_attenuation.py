@@ -211,3 +211,18 @@ def test_parenchymal_reference_on_the_liver_box_is_the_reference_on_the_whole_gr
     whole = parenchymal_reference(hu, grid, SPACING)
     assert parenchymal_reference(hu[box], grid[box], SPACING) == whole
     assert whole.median_hu == pytest.approx(55.0, abs=1.0)
+
+
+def test_parenchymal_reference_erodes_the_voxels_scipys_distance_transform_puts_beyond_5_mm() -> None:
+    """The float32 ``edt`` distance gives the eroded set of scipy's float64 transform on the working grid."""
+    rng = np.random.default_rng(7)
+    mask = ndimage.binary_opening(ndimage.gaussian_filter(rng.random((30, 120, 140)), 4.0) > 0.5, iterations=2)
+    hu = rng.normal(50.0, 15.0, mask.shape).astype(np.float32)
+    spacing = (0.7, 0.7, 2.5)  # (i, j, k), as the working grid
+    distance = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=(2.5, 0.7, 0.7))[1:-1, 1:-1, 1:-1]
+    inner = distance > 5.0
+    assert 1000 <= np.count_nonzero(inner) < np.count_nonzero(mask)  # eroded, and enough left to be used
+    median = float(np.median(hu[inner]))
+    spread = 1.4826 * float(np.median(np.abs(hu[inner] - median)))
+    reference = parenchymal_reference(hu, mask, spacing)
+    assert (reference.median_hu, reference.spread_hu) == (median, spread)
