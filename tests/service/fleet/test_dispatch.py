@@ -84,6 +84,7 @@ def fleet_worker(tmp_path: Path, broker: RabbitMQ) -> Iterator[WorkerProcess]:
     worker.stop()
 
 
+@pytest.mark.slow  # a real broker and a real Celery worker
 def test_series_are_published_their_completions_recorded_once_and_the_fleet_is_shown(
         tmp_path: Path, broker: RabbitMQ, spool: Spool, fleet_worker: WorkerProcess,
         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
@@ -134,6 +135,7 @@ def test_series_are_published_their_completions_recorded_once_and_the_fleet_is_s
     assert broker.password not in caplog.text
 
 
+@pytest.mark.slow  # a real broker and a real Celery worker
 def test_a_node_whose_broker_is_down_keeps_its_series_and_publishes_them_when_it_returns(
         tmp_path: Path, broker: RabbitMQ, spool: Spool, fleet_worker: WorkerProcess,
         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
@@ -161,6 +163,7 @@ def test_a_node_whose_broker_is_down_keeps_its_series_and_publishes_them_when_it
         dispatcher.stop()
 
 
+@pytest.mark.slow  # a real broker and a real Celery worker
 def test_a_publish_the_broker_refuses_puts_the_series_back_in_the_queue_without_counting_the_attempt(
         tmp_path: Path, broker: RabbitMQ, spool: Spool, fleet_worker: WorkerProcess) -> None:  # fmt: skip
     config = node_config(tmp_path, broker, "DISPATCH3")
