@@ -71,8 +71,8 @@ def check_header(header: Dataset, source: Path | str, decoded: set[ElementKey] |
     ``decoded``, shared by the calls for the files of one series, remembers the encoded
     elements that decoded and passed (see ``_element_key``): an element with the same bytes in
     the same context decodes the same way, so it is not decoded again. Most of a series'
-    header is the same in every file; decoding every element of every file took about 1.7 ms
-    per file (0.5 s for 300 slices), more than reading the file.
+    header is the same in every file (about 11 of LIDC-IDRI-0002's ~87 elements differ);
+    decoding every element of every file doubled the load of a 300-slice series.
 
     Raises
     ------
