@@ -32,6 +32,7 @@ code that builds a section itself (tests, benchmarks) gets it as written, and
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -267,6 +268,17 @@ def _gpu_index(part: Any) -> bool:
 WorkerDevices = Annotated[Literal["auto", "cpu"] | tuple[int, ...], BeforeValidator(_device_list)]
 
 
+def _worker_name(value: str | None) -> str | None:
+    """``[worker] name``: a fleet worker's Celery name is ``liverfat@<name>``, unique in the fleet."""
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+        raise ValueError(f"must be letters, digits, '.', '_' or '-' (a letter or digit first, at most 100), "
+                         f"got {value!r}")  # fmt: skip
+    return value
+
+
+WorkerName = Annotated[OptionalText, AfterValidator(_worker_name)]
+
+
 @dataclass(frozen=True)
 class WorkerSection(_Validated):
     count: PositiveInt = 1  # CPU worker processes (they split the cores); with GPUs, see devices
@@ -274,6 +286,7 @@ class WorkerSection(_Validated):
     max_attempts: PositiveInt = 3  # a series whose processing killed the worker this often is marked failed
     shutdown_grace_s: NonNegativeFloat = 30.0  # on SIGTERM, wait this long for the series in hand, then park it
     ineligible_result: Literal["nothing", "sr"] = "nothing"  # "sr": a short "not applicable" SR
+    name: WorkerName = None  # fleet worker: Celery name liverfat@<name>; default <host>-<devices>, one per host
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ the series clock, the listener or ``/healthz``:
   (``liverfat.done.<AE title>``) and records each with ``Spool.finish_job``, which queues the
   outputs for the destinations as in local mode (the sender sends them); a completion is
   acknowledged only after its record is committed, and one received again (a task delivered
-  twice) is acknowledged and ignored; staging folders that workers which died left beside the
+  twice) is acknowledged and ignored; staging folders that workers which died left in the
   job's result folder are removed then;
 - it turns dead letters (``liverfat.dead``) into failed completions for their publishers
   (``dead_letters``): the node's own come back through its reply queue and are recorded
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import threading
 
 from liverfat.errors import Reason
@@ -40,6 +39,7 @@ from liverfat.service.fleet.broker import BrokerClient, BrokerUnavailable, celer
 from liverfat.service.fleet.dead_letters import forward_dead_letters
 from liverfat.service.fleet.fleet_status import FleetMonitor
 from liverfat.service.fleet.messages import Completion, SeriesTask, node_reply_queue, publisher_settings, task_id
+from liverfat.service.fleet.staging import remove_staging
 from liverfat.service.fleet.urls import redacted
 from liverfat.service.spool import Job, JobState, Spool
 from liverfat.service.workers import QueueInfo, WorkerInfo
@@ -52,7 +52,6 @@ RETRY_S = (0.5, 5.0)  # trying the broker again after it failed: first delay, ca
 STOP_S = 10.0  # how long stop() waits for a thread in the middle of a broker call
 BROKER_DOWN = ("the broker could not be reached to publish this series; published again once it can be, not "
                "counted as an attempt")  # fmt: skip
-STAGING = ".partial-"  # a worker's staging folder beside out_dir: <job id>.partial-<task>-<host>-<pid> (worker.py)
 DEAD_LETTERED_SQL = ("SELECT COUNT(DISTINCT jobs.id) AS n FROM jobs, json_each(jobs.reasons) AS reason "
                      "WHERE jobs.state = ? AND json_extract(reason.value, '$.code') = ?")  # fmt: skip
 
@@ -225,7 +224,7 @@ class FleetDispatcher:
             log.info("series %s v%d: a completion for it while %s (received again), ignored", job.series_uid,
                      job.version, job.state.value, extra={"job": job.id})  # fmt: skip
             return False
-        self._remove_staging(job)
+        self._remove_staging(job, completion.task_id)
         worker = "the broker" if completion.worker is None else f"{completion.worker.name} ({completion.worker.device})"
         hu = "" if result.parenchymal_hu is None else f", DL-parenchymal {result.parenchymal_hu:.1f} HU"
         error = f": {result.error}" if result.error else ""
@@ -233,16 +232,11 @@ class FleetDispatcher:
                  result.state.value, worker, result.grade, hu, len(result.outputs), error, extra={"job": job.id})  # fmt: skip
         return True
 
-    def _remove_staging(self, job: Job) -> None:
-        """Staging folders of the job's deliveries whose worker died (a host that went away leaves one behind).
-
-        A delivery still running elsewhere loses its staging folder and ends with the recorded result
-        (``worker.process_task`` returns the finished folder's record when its own rename fails).
-        """
-        for folder in self.spool.results_dir.glob(f"{job.id}{STAGING}*"):
-            shutil.rmtree(folder, ignore_errors=True)
+    def _remove_staging(self, job: Job, task: str) -> None:
+        """Staging folders of the job's deliveries whose worker died (a host that went away leaves one behind)."""
+        for name in remove_staging(self.spool.results_dir / str(job.id), task):
             log.info("series %s v%d: removed %s, left by a worker that stopped mid-series", job.series_uid,
-                     job.version, folder.name, extra={"job": job.id})  # fmt: skip
+                     job.version, name, extra={"job": job.id})  # fmt: skip
 
     def _job(self, job_id: int | None) -> Job | None:
         rows = [] if job_id is None else self.spool.query("SELECT * FROM jobs WHERE id = ?", (job_id,))

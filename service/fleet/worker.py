@@ -1,19 +1,25 @@
 """The fleet worker (``liverfat worker``): a Celery worker on a GPU (or CPU) host analysing series tasks.
 
-One Celery worker per host, named ``liverfat@<host>-<devices>``, with one prefork child per
+One Celery worker per host (or per ``[worker] name``), named ``liverfat@<name>`` (default
+``<host>-<devices>``), with one prefork child per
 planned slot (``worker_pool.plan_workers``: one per GPU, pinned with ``CUDA_VISIBLE_DEVICES``, or
 ``[worker] count`` CPU children splitting the cores). Each child loads this host's ``[model]``
 once and keeps it; each task is analysed with the PUBLISHER's settings (carried in the task).
 
 A task (:func:`process_task`) reads the series from the shared storage (paths mapped by
-``[queue] path_map``), writes its outputs into a staging folder beside ``out_dir``, records the
-outcome there (``job.json``) and renames the series' folder into ``out_dir`` atomically; then it
+``[queue] path_map``), writes its outputs into a staging folder inside ``out_dir`` (``staging``),
+records the outcome there (``job.json``) and renames the series' folder into ``out_dir``
+atomically; then it
 publishes the :class:`~.messages.Completion` to the task's ``reply_to`` queue, and only then is
 the message acknowledged (``acks_late``). So the same task delivered again (a re-publish after a
 node restart, a redelivery after a broker restart) finds the finished folder and publishes the
 same completion without analysing again; a child killed mid-series leaves only its staging
 folder, and the broker hands the message to a worker again (or dead-letters it after the
 delivery limit, see ``dead_letters``).
+
+Names are unique in a fleet: a worker whose name another connected worker answers to (Celery's
+``ping``) exits 2 with one line saying so before it consumes, as does one that loses the race
+for the name's remote-control queue. Each worker answers ``liverfat_identity`` (``identity``).
 """
 
 from __future__ import annotations
@@ -24,22 +30,27 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
+from amqp.exceptions import AMQPError, ResourceLocked
 from billiard.process import current_process
-from celery import signals
+from celery import Celery, signals
 from celery.worker.consumer import Consumer
+from kombu.exceptions import OperationalError
 from pydantic import TypeAdapter, ValidationError
 
+from liverfat import __version__
 from liverfat.analysis import BackendLoader, ModelCache, safe_folder_name, write_json_atomically
 from liverfat.dicom_io.outputs import warm_up
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig
 from liverfat.service.fleet.broker import BrokerClient, BrokerUnavailable, celery_app, redacted
+from liverfat.service.fleet.identity import FleetIdentity, announce
 from liverfat.service.fleet.messages import (
     JOB_RECORD,
     PUBLISHER_SECTIONS,
@@ -51,6 +62,7 @@ from liverfat.service.fleet.messages import (
     job_result_to_json,
 )
 from liverfat.service.fleet.paths import PathMap
+from liverfat.service.fleet.staging import remove_stale_staging, staging_folder
 from liverfat.service.series_job import analyze_series_files
 from liverfat.service.spool_types import JobResult, JobState
 from liverfat.service.worker import ModelLoader
@@ -60,13 +72,18 @@ log = logging.getLogger(__name__)
 
 PUBLISH_RETRY_S = (1.0, 30.0)  # publishing a completion while the broker is away: first delay, cap (doubling)
 CHILD_START_S = 600.0  # a child loads its model before it says it is ready (Celery's default allows 4 s)
+NAME_CHECK_S = 1.0  # how long a connected worker of the same name is given to answer the ping
+NAME_TAKEN_EXIT = 2
 _NODE_CONFIG = TypeAdapter(NodeConfig)
 
 
-def worker_name(slots: Sequence[WorkerSlot], host: str | None = None) -> str:
-    """``liverfat@<host>-cpu`` or ``liverfat@<host>-cuda0-1`` (the GPUs this worker's children use)."""
-    gpus = [slot.device.removeprefix("cuda:") for slot in slots if slot.device.startswith("cuda:")]
-    return f"liverfat@{host or socket.gethostname()}-{'cuda' + '-'.join(gpus) if gpus else 'cpu'}"
+def worker_name(slots: Sequence[WorkerSlot], name: str | None = None, host: str | None = None) -> str:
+    """``liverfat@<name>``; without a name ``liverfat@<host>-cpu`` or ``liverfat@<host>-cuda0-1`` (the GPUs its
+    children use)."""
+    if name is None:
+        gpus = [slot.device.removeprefix("cuda:") for slot in slots if slot.device.startswith("cuda:")]
+        name = f"{host or socket.gethostname()}-{'cuda' + '-'.join(gpus) if gpus else 'cpu'}"
+    return f"liverfat@{name}"
 
 
 def task_config(settings: Mapping[str, Mapping[str, Any]], own: NodeConfig) -> NodeConfig:
@@ -100,8 +117,8 @@ def process_task(task: SeriesTask, state: ChildState) -> JobResult:
         log.info("series %s v%d: already done by an earlier delivery (%s), completion sent again", task.series_uid,
                  task.version, done.state.value, extra={"task": task.task_id})  # fmt: skip
         return done
-    staging = out_dir.with_name(f"{out_dir.name}.partial-{task.task_id}-{state.identity.host}-{os.getpid()}")
-    _remove_stale_staging(out_dir, task.task_id, state.identity.host)
+    staging = staging_folder(out_dir, task.task_id, state.identity.host, os.getpid())
+    remove_stale_staging(out_dir, task.task_id, state.identity.host)
     started = time.monotonic()
     log.info("series %s v%d: processing %d file(s)", task.series_uid, task.version, len(task.files),
              extra={"task": task.task_id})  # fmt: skip
@@ -156,25 +173,6 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _remove_stale_staging(out_dir: Path, task_id: str, host: str) -> None:
-    """Staging folders of this task left by children of this host that died (a killed child leaves one)."""
-    prefix = f"{out_dir.name}.partial-{task_id}-{host}-"
-    for folder in out_dir.parent.glob(f"{prefix}*"):
-        pid = folder.name.removeprefix(prefix)
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def publish_completion(state: ChildState, reply_to: str, completion: Completion) -> None:
     """Publish until the broker confirms it: the task is acknowledged only after this returns."""
     delay = PUBLISH_RETRY_S[0]
@@ -190,12 +188,49 @@ def publish_completion(state: ChildState, reply_to: str, completion: Completion)
 
 
 class SeriesConsumer(Consumer):
-    """Celery's consumer without native delayed delivery: liverfat sends no ETA tasks, and that step would
-    declare 28 quorum queues and 29 exchanges (``celery_delayed_*``) on the broker for them."""
+    """Celery's consumer, refusing a name another worker uses, without native delayed delivery.
+
+    The name is checked on every connection, before any queue is consumed: a worker started
+    before the broker, or one that reconnects, checks once it reaches the broker. Delayed
+    delivery: liverfat sends no ETA tasks, and that step would declare 28 quorum queues and 29
+    exchanges (``celery_delayed_*``) on the broker for them.
+    """
 
     class Blueprint(Consumer.Blueprint):
         default_steps: ClassVar[list[str]] = [step for step in Consumer.Blueprint.default_steps
                                               if not step.endswith(":DelayedDelivery")]  # fmt: skip
+
+    def connect(self) -> Any:
+        connection = super().connect()
+        if name_in_use(self.app, self.hostname):
+            name_taken(self.hostname)
+        return connection
+
+    def start(self) -> None:
+        try:
+            super().start()
+        except ResourceLocked:  # the name's remote-control queue: a worker of that name connected after the check
+            name_taken(self.hostname)
+
+
+def name_in_use(app: Celery, name: str) -> bool:
+    """Whether a worker called ``name`` answers a ping now; ``False`` when the broker cannot be asked."""
+    connection = app.connection_for_write()
+    try:
+        connection.ensure_connection(max_retries=1)
+        return bool(app.control.ping(destination=[name], timeout=NAME_CHECK_S, connection=connection))
+    except (OSError, OperationalError, AMQPError) as error:  # the consumer's own connection will find out
+        log.debug("cannot ask the broker whether %s is connected: %s", name, error)
+        return False
+    finally:
+        connection.release()
+
+
+def name_taken(name: str) -> NoReturn:
+    """Stop this worker (exit 2) with one line saying why."""
+    log.error("a liverfat worker named %s is already connected to the broker; give this one another [worker] name "
+              "(LIVERFAT_WORKER_NAME)", name)  # fmt: skip
+    sys.exit(NAME_TAKEN_EXIT)
 
 
 class FleetWorker:
@@ -206,7 +241,7 @@ class FleetWorker:
         self.load_model = load_model
         self.paths = PathMap.from_config(config.queue)
         self.slots = plan_workers(config.worker)
-        self.name = worker_name(self.slots)
+        self.name = worker_name(self.slots, config.worker.name)
         self.app = celery_app(config.queue)
         self.app.conf.worker_proc_alive_timeout = CHILD_START_S
         self.app.conf.task_acks_on_failure_or_timeout = False  # a task that raised (a bug) is dead-lettered, not lost
@@ -216,8 +251,13 @@ class FleetWorker:
 
     def run(self) -> int:
         """Consume ``liverfat.series`` until stopped (SIGTERM: finish the series in hand; SIGQUIT: now)."""
+        if name_in_use(self.app, self.name):  # before any child loads a model (the consumer checks again)
+            name_taken(self.name)
         log.info("fleet worker %s: %d child(ren) on %s, broker %s", self.name, len(self.slots),
                  ", ".join(slot.device for slot in self.slots), redacted(self.config.queue.broker))  # fmt: skip
+        announce(self.app, FleetIdentity(host=socket.gethostname(), devices=tuple(slot.device for slot in self.slots),
+                                         pid=os.getpid(), version=__version__, model=self.config.model.name,
+                                         precision=self.config.model.precision))  # fmt: skip
         worker = self.app.Worker(hostname=self.name, concurrency=len(self.slots), pool="prefork", optimization="fair",
                                  consumer_cls=SeriesConsumer,
                                  without_gossip=True, without_mingle=True, without_heartbeat=True, quiet=True,

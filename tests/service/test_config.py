@@ -181,16 +181,20 @@ def test_the_typed_sections_are_built_once_with_grading_inside_the_analysis(tmp_
         ("[worker]\ndevices = [0, -1]\n", {}, "got \\[0, -1\\]"),
         ("[worker]\ndevices = []\n", {}, "GPU indices like \\[0, 1\\], got \\[\\]"),
         ("", {"LIVERFAT_WORKER_DEVICES": "0,0"}, "devices: lists a GPU twice \\('0,0'\\)"),
+        ("[worker]\nname = 'gpu1@a'\n", {}, "name: must be letters, digits, .* got 'gpu1@a'"),
+        ("", {"LIVERFAT_WORKER_NAME": "-gpu1"}, "name: must be .*a letter or digit first"),
     ],
 )
-def test_worker_devices_are_refused_in_one_readable_line(tmp_path: Path, text: str, environ: dict[str, str],
-                                                          message: str) -> None:  # fmt: skip
+def test_worker_devices_and_names_are_refused_in_one_readable_line(tmp_path: Path, text: str, environ: dict[str, str],
+                                                                    message: str) -> None:  # fmt: skip
     with pytest.raises(LiverfatError, match=message) as raised:
         load_config(write(tmp_path, text), environ=environ)
     assert str(raised.value).count("\n") == 1, "one line under the heading"
 
 
-def test_worker_devices_read_words_lists_and_the_environment(tmp_path: Path) -> None:
+def test_worker_devices_and_name_read_words_lists_and_the_environment(tmp_path: Path) -> None:
     assert load_config(None, environ={}).worker.devices == "auto"
     assert load_config(None, environ={"LIVERFAT_WORKER_DEVICES": "1, 3"}).worker.devices == (1, 3)
     assert load_config(write(tmp_path, "[worker]\ndevices = 'CPU'\ncount = 3\n"), environ={}).worker.devices == "cpu"
+    assert load_config(None, environ={"LIVERFAT_WORKER_NAME": "gpu1-b.2"}).worker.name == "gpu1-b.2"
+    assert load_config(None, environ={}).worker.name is None, "the fleet worker's default: <host>-<devices>"

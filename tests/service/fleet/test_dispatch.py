@@ -18,6 +18,7 @@ from liverfat.service.diskspace import DiskSpace
 from liverfat.service.fleet.broker import BrokerClient
 from liverfat.service.fleet.dispatch import BROKER_DOWN, CLAIMED_BY, RETRY_S, FleetDispatcher
 from liverfat.service.fleet.fleet_status import host_and_device
+from liverfat.service.fleet.identity import FleetIdentity
 from liverfat.service.fleet.messages import SeriesTask
 from liverfat.service.spool import InstanceInfo, Job, JobState, Spool
 from tests.broker import USER, RabbitMQ
@@ -28,11 +29,15 @@ from tests.service.node_process import toml, wait_for
 DONE_S = 120.0
 
 
-def test_a_workers_host_and_device_are_read_from_its_celery_name() -> None:
-    assert host_and_device("liverfat@gpu-host-2-cuda0-1") == ("gpu-host-2", "cuda:0,1")
-    assert host_and_device("liverfat@gpu7-cuda3") == ("gpu7", "cuda:3")
-    assert host_and_device("liverfat@laptop-cpu") == ("laptop", "cpu")
-    assert host_and_device("celery@elsewhere") == ("elsewhere", "unknown")
+def test_a_workers_host_and_device_come_from_its_identity_or_else_its_name() -> None:
+    gpus = FleetIdentity(host="gpu-host-2", devices=("cuda:0", "cuda:1"), pid=7, version="0.1.0", model="default",
+                         precision="auto")  # fmt: skip
+    assert host_and_device("liverfat@rack4-a", gpus) == ("gpu-host-2", "cuda:0,1")
+    assert FleetIdentity.from_json(gpus.to_json()) == gpus
+    cpu = FleetIdentity(host="laptop", devices=("cpu", "cpu"), pid=8, version="0.1.0", model="default",
+                        precision="fp32")  # fmt: skip
+    assert host_and_device("liverfat@laptop-cpu", cpu) == ("laptop", "cpu")
+    assert host_and_device("liverfat@gpu7-cuda3", None) == ("gpu7-cuda3", "unknown"), "no identity: the name"
 
 
 def node_config(tmp_path: Path, broker: RabbitMQ, ae_title: str) -> NodeConfig:
@@ -79,7 +84,7 @@ def spool(tmp_path: Path) -> Iterator[Spool]:
 @pytest.fixture
 def fleet_worker(tmp_path: Path, broker: RabbitMQ) -> Iterator[WorkerProcess]:
     worker = WorkerProcess(tmp_path / "worker", {"queue": {"broker": broker.url},
-                                                 "worker": {"devices": "cpu", "count": 1}})  # fmt: skip
+                                                 "worker": {"devices": "cpu", "count": 1, "name": "rack4-a"}})  # fmt: skip
     yield worker
     worker.stop()
 
@@ -119,8 +124,8 @@ def test_series_are_published_their_completions_recorded_once_and_the_fleet_is_s
 
         dispatcher.monitor.poll(client)
         [worker] = dispatcher.workers()
-        assert worker.name == f"liverfat@{socket.gethostname()}-cpu" and worker.up and worker.last_seen is not None
-        assert (worker.host, worker.device, worker.jobs_done) == (socket.gethostname(), "cpu", 3)
+        assert worker.name == "liverfat@rack4-a" and worker.up and worker.last_seen is not None
+        assert (worker.host, worker.device, worker.jobs_done) == (socket.gethostname(), "cpu", 3), "its identity"
         queue = dispatcher.queue()
         assert queue is not None and queue.connected and broker.password not in queue.broker
         assert (queue.waiting, queue.in_flight, queue.dead_lettered) == (0, 0, 0)

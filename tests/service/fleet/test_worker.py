@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,8 +49,9 @@ def client(broker: RabbitMQ) -> Iterator[BrokerClient]:
     client.close()
 
 
-def worker(folder: Path, broker: RabbitMQ) -> WorkerProcess:
-    return WorkerProcess(folder, {"queue": {"broker": broker.url}, "worker": {"devices": "cpu", "count": 1},
+def worker(folder: Path, broker: RabbitMQ, name: str | None = None) -> WorkerProcess:
+    named = {} if name is None else {"name": name}
+    return WorkerProcess(folder, {"queue": {"broker": broker.url}, "worker": {"devices": "cpu", "count": 1, **named},
                                   "log": {"level": "INFO"}})  # fmt: skip
 
 
@@ -99,7 +101,8 @@ def test_a_published_series_is_analysed_once_and_its_completion_arrives(tmp_path
         assert completion.worker.device == "cpu"
         case = tmp_path / "spool" / "results" / "7" / task.series_uid
         assert (case / JOB_RECORD).is_file() and (case / "result.json").is_file()
-        assert not list((tmp_path / "spool" / "results").glob("*.partial-*")), "the staging folder is gone"
+        left = sorted(path.name for path in (tmp_path / "spool" / "results" / "7").iterdir())
+        assert left == [task.series_uid], "the staging folder (inside out_dir) is gone"
 
         client.publish_task(task)  # the same task id again: a node that restarted re-publishes what it waits for
         [again] = completions(client, 1)
@@ -177,3 +180,50 @@ def test_a_series_that_kills_its_worker_is_dead_lettered_and_the_worker_keeps_se
         assert served.job_id == 32 and served.result.state is JobState.DONE
     finally:
         fleet.stop()
+
+
+def assert_exited_because_the_name_is_taken(fleet: WorkerProcess, name: str) -> None:
+    """Exit status 2 and one line saying why, no traceback."""
+    assert fleet.process is not None and fleet.process.wait(timeout=90) == 2
+    text = fleet.log_text()
+    [line] = [line for line in text.splitlines() if "already connected" in line]
+    assert line.endswith(f"a liverfat worker named liverfat@{name} is already connected to the broker; give this one "
+                         "another [worker] name (LIVERFAT_WORKER_NAME)")  # fmt: skip
+    assert "Traceback" not in text and "ResourceLocked" not in text
+
+
+def test_a_second_worker_of_the_same_name_exits_saying_so_and_the_first_keeps_serving(
+        tmp_path: Path, broker: RabbitMQ, client: BrokerClient, series: list[Path]) -> None:  # fmt: skip
+    first, second = worker(tmp_path / "first", broker, "twin"), worker(tmp_path / "second", broker, "twin")
+    first.start()
+    try:
+        second.start(wait_ready=False)
+        assert_exited_because_the_name_is_taken(second, "twin")
+        assert "model loaded" not in second.log_text(), "it stopped before it took anything"
+        client.publish_task(node_task(tmp_path / "spool", series, job_id=41))
+        [completion] = completions(client, 1)
+        assert completion.result.state is JobState.DONE and completion.worker is not None
+        assert completion.worker.name == "liverfat@twin" and completion.worker.pid in child_pids(first)
+    finally:
+        second.kill()
+        first.stop()
+
+
+def child_pids(fleet: WorkerProcess) -> set[int]:
+    assert fleet.process is not None
+    found = subprocess.run(["ps", "-o", "pid=", "--ppid", str(fleet.process.pid)], check=True,
+                           capture_output=True, text=True)  # fmt: skip
+    return {int(pid) for pid in found.stdout.split()}
+
+
+def test_a_worker_that_loses_the_race_for_its_name_exits_saying_so(tmp_path: Path, broker: RabbitMQ) -> None:
+    """Another connection holds the name's remote-control queue but does not answer the ping (it connected after it)."""
+    app = celery_app(QueueSection(broker=broker.url))
+    with app.connection_for_write() as connection:
+        app.control.mailbox.get_queue("liverfat@racer")(connection.default_channel).declare()
+        racer = worker(tmp_path / "racer", broker, "racer")
+        try:
+            racer.start(wait_ready=False)
+            assert_exited_because_the_name_is_taken(racer, "racer")
+        finally:
+            racer.kill()
