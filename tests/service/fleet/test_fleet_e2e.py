@@ -67,10 +67,11 @@ def fleet_node(site: tuple[OrthancServer, RabbitMQ], folder: Path, ae_title: str
     }, netns=orthanc.netns)  # fmt: skip
 
 
-def fleet_worker(site: tuple[OrthancServer, RabbitMQ], folder: Path) -> WorkerProcess:
-    """A ``liverfat worker`` (not started) with one CPU child."""
+def fleet_worker(site: tuple[OrthancServer, RabbitMQ], folder: Path, name: str | None = None) -> WorkerProcess:
+    """A ``liverfat worker`` (not started) with one CPU child; ``name``: its ``[worker] name`` (several on this host)."""
     orthanc, broker = site
-    return WorkerProcess(folder, {"queue": {"broker": broker.url}, "worker": {"devices": "cpu", "count": 1}},
+    named = {} if name is None else {"name": name}
+    return WorkerProcess(folder, {"queue": {"broker": broker.url}, "worker": {"devices": "cpu", "count": 1, **named}},
                          netns=orthanc.netns)  # fmt: skip
 
 
@@ -133,7 +134,7 @@ def check_one_set_of_results_each(orthanc: OrthancServer, node: NodeProcess, ser
         expected = Counter(output.sop_class_uid for output in job.outputs)
         assert len(job.outputs) == 4, "SEG, circle SR, summary SR, key image"
         assert sop_classes_in_study(orthanc, study_uid) == expected, f"one set of results for {series_uid}"
-    assert not list(node.config.spool.dir.glob("results/*.partial-*")), "no staging folder left, even a dead host's"
+    assert not list(node.config.spool.dir.glob("results/*/.partial-*")), "no staging folder left, even a dead host's"
 
 
 def node_health(orthanc: OrthancServer, node: NodeProcess) -> tuple[int, dict[str, Any]]:
@@ -153,20 +154,21 @@ def liverfat_status(orthanc: OrthancServer, node: NodeProcess) -> dict[str, Any]
 
 def test_a_worker_killed_in_the_middle_of_a_series_leaves_it_to_the_other(
         site: tuple[OrthancServer, RabbitMQ], tmp_path: Path) -> None:  # fmt: skip
-    """The second worker starts once the first is dead: on one machine both would have the same Celery name."""
+    """Two workers (two ``[worker] name``s on this host) consume from the start; the slow one takes one series (its
+    prefetch is one) and is killed with it in hand: the other does every series, that one too."""
     orthanc, broker = site
     node = fleet_node(site, tmp_path, "FLEETKILL", 11201)
-    slow, other = fleet_worker(site, tmp_path / "slow"), fleet_worker(site, tmp_path / "other")
+    slow, other = fleet_worker(site, tmp_path / "slow", "slow"), fleet_worker(site, tmp_path / "other", "other")
     series = [phantom_series(tmp_path / f"ct{n}") for n in range(3)]
     try:
         node.start(wait_model=False)
-        slow.start(delay_s=300.0)  # its series is in its hands until it is killed; the others wait in the queue
+        slow.start(delay_s=300.0)  # the series it takes stays in its hands until it is killed
+        other.start()
         for files in series:
             send(orthanc, node, files)
         processing = f"processing {len(series[0])} file(s)"
         wait_for(lambda: processing in slow.log_text(), 120, "the slow worker to take a series")
         slow.kill()  # the Celery worker and its child, SIGKILL, as a host that dies: the broker delivers it again
-        other.start()
         check_one_set_of_results_each(orthanc, node, series)
         assert slow.log_text().count(processing) == 1 and other.log_text().count(processing) == len(series)
         assert all(job.attempts == 1 for job in jobs(node).values()), "published once each: the broker re-delivered"
