@@ -83,8 +83,8 @@ def _workers(workers: tuple[WorkerInfo, ...], now: float) -> Iterator[Metric]:
     up = sum(w.up for w in workers)
     yield _labelled("liverfat_workers", "Workers by state.", "state", {"up": up, "down": len(workers) - up})
     states = GaugeMetricFamily("liverfat_worker_up", "1 when the worker runs.", labels=WORKER_LABELS)
-    done = CounterMetricFamily("liverfat_worker_jobs_done", "Series versions whose outcome the worker recorded "
-                               "since the node started.", labels=WORKER_LABELS)  # fmt: skip
+    done = CounterMetricFamily("liverfat_worker_jobs_done", "Series versions the worker finished: a local worker "
+                               "since the node started, a fleet worker since it started.", labels=WORKER_LABELS)  # fmt: skip
     seen = GaugeMetricFamily("liverfat_worker_last_seen_seconds", "Seconds since the worker was last seen "
                              "(0 while a local worker runs).", labels=WORKER_LABELS)  # fmt: skip
     for worker in workers:
@@ -100,8 +100,8 @@ def _queue(queue: QueueInfo) -> Iterator[Metric]:
     yield GaugeMetricFamily("liverfat_queue_connected", "1 when the node is connected to the broker.",
                             value=float(queue.connected))  # fmt: skip
     yield GaugeMetricFamily("liverfat_queue_waiting", "Series tasks ready in the broker's queue.", value=queue.waiting)
-    yield GaugeMetricFamily("liverfat_queue_in_flight", "Series tasks delivered to a worker, not yet acknowledged.",
-                            value=queue.in_flight)  # fmt: skip
+    yield GaugeMetricFamily("liverfat_queue_in_flight", "Series published to the fleet whose outcome the node has "
+                            "not recorded yet (processing in its ledger).", value=queue.in_flight)  # fmt: skip
     yield GaugeMetricFamily("liverfat_queue_dead_lettered", "Series dead-lettered after the delivery limit.",
                             value=queue.dead_lettered)  # fmt: skip
 

@@ -64,7 +64,7 @@ class QueueInfo:
     broker: str  # URL with the password replaced by ***
     connected: bool
     waiting: int  # messages ready in liverfat.series
-    in_flight: int  # delivered, not yet acknowledged
+    in_flight: int  # published, outcome not yet recorded (jobs processing in the node's ledger)
     dead_lettered: int  # messages in liverfat.dead not yet recorded + jobs recorded failed as dead-lettered
 
     def to_json(self) -> dict[str, Any]:
