@@ -3,8 +3,8 @@
 1. Scaling on a fixed-cost backend: a real RabbitMQ (Debian package, ``tests/broker.py``, the
    repository's definitions) and 1, 2, then 4 fleet workers, each its own ``liverfat worker``
    process (``tests/service/fleet/worker_main.py``: the product's ``FleetWorker``, one CPU
-   child, ``[worker] count = 1``), each in a UTS namespace of its own (a host name of its own,
-   as on separate hosts), whose segmentation is the phantom's analytic liver after a fixed
+   child, ``[worker] count = 1``), each with a ``[worker] name`` of its own (as workers on
+   separate hosts have), whose segmentation is the phantom's analytic liver after a fixed
    sleep (``--delay-s``). The rest of each task is the real pipeline on the tests' 64 x 64 x 57
    phantom (load, resample, ROIs, SEG, SRs, key image, the completion published before the
    ack): about 1-2 s of CPU per series, which four workers on this machine's two shared cores
@@ -24,7 +24,7 @@
    real series (``--real-series``, default LUNG-PET-CT-Dx A0001 from ../shared/data: 64 x 5 mm,
    512 x 512) or the 64-slice 512 x 512 phantom when it is absent; ``--real-jobs`` tasks each.
 
-Run from the repository root, as root (``unshare``), with RabbitMQ's Debian package installed::
+Run from the repository root with RabbitMQ's Debian package installed::
 
     .venv/bin/python bench/bench_fleet.py [--workers 1 2 4] [--delay-s 10] [--jobs 8] [--latency-samples 20]
         [--real-counts 1 2] [--real-jobs 4] [--real-series DIR] [--skip-real] [--json out.json]
@@ -135,20 +135,11 @@ def worker_config(folder: Path, broker: RabbitMQ, worker: Mapping[str, Any], mod
     return path
 
 
-def as_host(name: str, command: list[str]) -> list[str]:
-    """``command`` in its own UTS namespace named ``name``: a worker host of its own, as far as Celery can tell.
-
-    A Celery worker is named after its host (``liverfat@<host>-cpu``) and its control queue after
-    that name, so two workers on one host name would take the same queue (RabbitMQ refuses the second).
-    """
-    return ["unshare", "--uts", "--", "sh", "-c", f'hostname {name} && exec "$@"', "sh", *command]
-
-
-def phantom_worker(folder: Path, broker: RabbitMQ, delay_s: float, host: str) -> Worker:
-    """A fleet worker with one CPU child whose segmentation is the phantom's liver after ``delay_s``."""
-    config = worker_config(folder, broker, {"devices": "cpu", "count": 1}, {"device": "cpu"})
+def phantom_worker(folder: Path, broker: RabbitMQ, delay_s: float, name: str) -> Worker:
+    """A fleet worker named ``name`` with one CPU child whose segmentation is the phantom's liver after ``delay_s``."""
+    config = worker_config(folder, broker, {"devices": "cpu", "count": 1, "name": name}, {"device": "cpu"})
     command = [sys.executable, "-m", "tests.service.fleet.worker_main", str(config), "--delay-s", str(delay_s)]
-    return Worker(as_host(host, command), folder / "worker.log", children=1)
+    return Worker(command, folder / "worker.log", children=1)
 
 
 def real_worker(folder: Path, broker: RabbitMQ, count: int) -> Worker:
@@ -287,8 +278,8 @@ def fixed_cost(broker: RabbitMQ, work: Path, series: list[Path], args: argparse.
                       f"{run['elapsed_s']:.1f} s, median processing {run['processing_s_median']:.2f} s, "
                       f"load {os.getloadavg()[0]:.1f})", flush=True)  # fmt: skip
         if args.latency_samples:
-            with running([phantom_worker(work / "latency", broker, 0.0, "bench-latency")]) as workers:
-                latency = handoff_latency(publisher, workers, series, uid, args.latency_samples)
+            with running([phantom_worker(work / "latency", broker, 0.0, "bench-latency")]) as idle:
+                latency = handoff_latency(publisher, idle, series, uid, args.latency_samples)
     finally:
         publisher.close()
     base = next((run["jobs_per_min"] for run in runs if run["workers"] == 1), None)
@@ -335,7 +326,8 @@ def print_report(result: dict[str, Any]) -> None:
         print(f"  {'workers':>7} {'jobs':>5} {'jobs/min':>9} {'efficiency':>10} {'processing':>10} {'busy':>6} "
               f"{'queued hand-off median / p95':>28}")  # fmt: skip
         for run in fixed["runs"]:
-            print(f"  {run['workers']:>7} {run['jobs']:>5} {run['jobs_per_min']:>9.1f} {run['efficiency']:>10.3f} "
+            efficiency = "-" if run["efficiency"] is None else f"{run['efficiency']:.3f}"  # no 1-worker run to compare
+            print(f"  {run['workers']:>7} {run['jobs']:>5} {run['jobs_per_min']:>9.1f} {efficiency:>10} "
                   f"{run['processing_s_median']:>8.2f} s {run['busy']:>6.3f} {run['queued_handoff_ms_median']:>16.1f} / "
                   f"{run['queued_handoff_ms_p95']:.1f} ms")  # fmt: skip
         print(f"  (processing: one series on a worker, median; {fixed['delay_s']:g} s of it is the fixed sleep, the rest "
