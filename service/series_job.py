@@ -7,8 +7,10 @@ eligibility first, then measurement and the DICOM outputs, written under ``out_d
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from liverfat.analysis import AnalysisOptions, ModelCache, Outcome, analyze_dicom_series
 from liverfat.dicom_io.outputs import WrittenFile
@@ -19,8 +21,32 @@ from liverfat.service.spool_types import JobResult, JobState, OutputFile
 STATES = {Outcome.PROCESSED: JobState.DONE, Outcome.REJECTED: JobState.REJECTED, Outcome.FAILED: JobState.FAILED}
 
 
+@dataclass(frozen=True)
+class ResearchOptions:
+    """The ``liverfat analyze`` options a research task carries (``settings["research"]``), so that a fleet
+    worker writes what a local ``analyze`` would; the defaults are the node's."""
+
+    ignore_eligibility: bool = False
+    write_preview: bool = False
+    write_dicom: bool = True
+    save_mask: bool = False
+    save_ct: bool = False
+
+    @classmethod
+    def of(cls, options: AnalysisOptions) -> ResearchOptions:
+        return cls(**{f.name: getattr(options, f.name) for f in fields(cls)})
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | None) -> ResearchOptions:
+        """From a task's ``settings["research"]``; ``None`` (a node's task): the node's options."""
+        return cls(**{f.name: bool(data[f.name]) for f in fields(cls) if data is not None and f.name in data})
+
+    def to_json(self) -> dict[str, bool]:
+        return asdict(self)
+
+
 def analyze_series_files(series_uid: str, files: Sequence[Path], out_dir: Path, root: Path, config: NodeConfig,
-                         models: ModelCache) -> JobResult:  # fmt: skip
+                         models: ModelCache, research: ResearchOptions | None = None) -> JobResult:  # fmt: skip
     """Analyse the series held in ``files``; outputs go to ``out_dir`` and are named relative to ``root``."""
     started = time.monotonic()
     found = read_series(series_uid, files)
@@ -28,8 +54,11 @@ def analyze_series_files(series_uid: str, files: Sequence[Path], out_dir: Path, 
     if not found.series:
         reasons = tuple(skipped.finding.to_json() for skipped in found.skipped)
         return JobResult(JobState.REJECTED, reasons=reasons, error="no readable CT instance in the series")
+    extra = research or ResearchOptions()
     options = AnalysisOptions(out_dir=out_dir, policy=config.eligibility, config=config.analysis, site=config.site,
-                             not_applicable_sr=config.worker.ineligible_result == "sr")  # fmt: skip
+                             not_applicable_sr=config.worker.ineligible_result == "sr",
+                             ignore_eligibility=extra.ignore_eligibility, write_preview=extra.write_preview,
+                             write_dicom=extra.write_dicom, save_mask=extra.save_mask, save_ct=extra.save_ct)  # fmt: skip
     report = analyze_dicom_series(found.series[0], options, models)
     result = report.result
     return JobResult(

@@ -44,7 +44,9 @@ from liverfat.service.config import NodeConfig
 from liverfat.service.fleet.broker import BrokerClient, BrokerUnavailable, Delivery
 from liverfat.service.fleet.dead_letters import forward_dead_letters
 from liverfat.service.fleet.messages import Completion, SeriesTask, publisher_settings, research_reply_queue
+from liverfat.service.fleet.staging import remove_staging
 from liverfat.service.research import Case, CaseOutcome, ResearchRun, RunListener, RunPlan, RunResult, result_row
+from liverfat.service.series_job import ResearchOptions
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +62,7 @@ def research_settings(run: ResearchRun) -> dict[str, dict[str, Any]]:
     ``analyze``'s site defaults (no ``[outputs]`` text, no "not applicable" SR), and its output options."""
     options = run.options
     config = NodeConfig(eligibility=options.policy, analysis=options.config, grading=options.config.grading)
-    return {**publisher_settings(config),
-            "research": {"ignore_eligibility": options.ignore_eligibility, "write_preview": options.write_preview,
-                         "write_dicom": options.write_dicom, "save_mask": options.save_mask,
-                         "save_ct": options.save_ct}}  # fmt: skip
+    return {**publisher_settings(config), "research": ResearchOptions.of(options).to_json()}
 
 
 def case_version(case: Case, settings: str) -> int:
@@ -140,13 +139,16 @@ class FleetRun:
         """
         forward_dead_letters(self.client)
         deliveries = list(self.client.fetch(self.reply_to, FETCH))
-        awaited = [self._awaited(delivery) for delivery in deliveries] if accept else []
-        recorded = [self._outcome(*pair) for pair in awaited if pair is not None]
+        pairs = [self._awaited(delivery) for delivery in deliveries] if accept else []
+        awaited = [pair for pair in pairs if pair is not None]
+        recorded = [self._outcome(case, completion) for case, completion in awaited]
         if recorded:
             self.plan.record(*recorded)
             for outcome in recorded:
                 self._done(outcome)
             self._waiting_stage()
+        for _case, completion in awaited:  # what workers that died with the task (another host) left in --out
+            remove_staging(self.out_dir, completion.task_id)
         for delivery in deliveries:
             with self._unavailable():
                 delivery.ack()  # lost: the completion comes again and is ignored as a duplicate
