@@ -44,7 +44,7 @@ def durable_write(target: Path, data: bytes, tmp_dir: Path | None = None) -> Non
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_folder(target.parent)
 
 
 def write_and_start_sync(target: Path, data: bytes, tmp_dir: Path, pool: Executor) -> SyncingWrite:
@@ -77,7 +77,7 @@ class SyncingWrite:
         self.target = target
         self._fd = fd
         try:
-            self._syncs = [pool.submit(os.fsync, fd), pool.submit(_fsync_dir, target.parent)]
+            self._syncs = [pool.submit(os.fsync, fd), pool.submit(fsync_folder, target.parent)]
         except BaseException:  # the pool shut down: nothing runs on the descriptor
             os.close(fd)
             target.unlink(missing_ok=True)
@@ -128,7 +128,7 @@ def durable_path(target: Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_folder(target.parent)
 
 
 def _create(folder: Path, prefix: str, suffix: str) -> tuple[int, str]:
@@ -154,7 +154,7 @@ def _make_folder(folder: Path) -> None:
         folder = folder.parent
     for new in reversed(missing):
         new.mkdir(exist_ok=True)
-        _fsync_dir(new.parent)
+        fsync_folder(new.parent)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -164,7 +164,8 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable."""
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)

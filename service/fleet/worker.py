@@ -48,6 +48,7 @@ from liverfat import __version__
 from liverfat.analysis import BackendLoader, ModelCache, safe_folder_name, write_json_atomically
 from liverfat.dicom_io.outputs import warm_up
 from liverfat.errors import LiverfatError, Reason
+from liverfat.files import fsync_folder
 from liverfat.service.config import NodeConfig
 from liverfat.service.fleet.broker import BrokerClient, BrokerUnavailable, celery_app, redacted
 from liverfat.service.fleet.identity import FleetIdentity, announce
@@ -161,16 +162,8 @@ def _publish_folder(staged: Path, final: Path, result: JobResult) -> JobResult:
         if done is None:
             raise
         return done
-    _fsync_dir(final.parent)
+    fsync_folder(final.parent)
     return result
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def publish_completion(state: ChildState, reply_to: str, completion: Completion) -> None:
