@@ -17,14 +17,16 @@ fresh process of its own (``first write, fresh process``), after loading and mea
 series as the worker does, and on the new path after ``outputs.warm_up()``, which the worker now
 calls at start (the baseline worker did not).
 
-Cases: ``phantom`` (``--slices`` x 512 x 512 synthetic chest, its analytic liver as the mask)
-and ``lidc-idri-0002`` (the real chest CT in ``../shared/data``, 261 slices, with the seed
+Cases: ``phantom`` (``--slices`` x 512 x 512 synthetic chest, its analytic liver as the mask),
+``phantom-model`` (the same series with the liver the default model finds on it, three times
+the analytic one and on nearly every slice: what the node writes in ``bench_node.py``) and
+``lidc-idri-0002`` (the real chest CT in ``../shared/data``, 261 slices, with the seed
 method's manual liver mask; skipped without the data). The result is measured by the pipeline
 (``measure_series``) on that mask, so the ROIs are the method's own.
 
 Run from the repository root::
 
-    .venv/bin/python bench/bench_write.py [--cases phantom lidc-idri-0002] [--slices 300] [--repeat 5]
+    .venv/bin/python bench/bench_write.py [--cases phantom phantom-model lidc-idri-0002] [--slices 300] [--repeat 5]
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from baseline_cases import (  # noqa: E402
     lidc_missing,
     lidc_with_liver,
     phantom_with_liver,
+    phantom_with_model_liver,
     print_rows,
     summarise,
     write_report,
@@ -73,6 +76,7 @@ BASELINE_MODULES = ("seg", "keyimage", "outputs")  # in import order: each impor
 CREATED = datetime(2024, 5, 6, 7, 8, 9)  # both paths stamp the same times, so their files can be compared
 SITE = OutputSettings()
 OBJECTS = ("SEG", "circle SR", "summary SR", "key image")
+CASES = ("phantom", "phantom-model", "lidc-idri-0002")
 
 
 def load_baseline(revision: str) -> dict[str, ModuleType]:
@@ -80,21 +84,12 @@ def load_baseline(revision: str) -> dict[str, ModuleType]:
     return load_modules(revision, [f"dicom_io.{name}" for name in BASELINE_MODULES])
 
 
-def phantom_case(folder: Path, slices: int) -> tuple[CTSeries, AnalysisResult]:
-    series, liver = phantom_with_liver(folder, slices)
-    return series, measured(series, liver)
-
-
-def lidc_case() -> tuple[CTSeries, AnalysisResult]:
-    series, liver = lidc_with_liver()
-    return series, measured(series, liver)
-
-
-def measured(series: CTSeries, liver: Any) -> AnalysisResult:
+def measured(series: CTSeries, liver: Any) -> tuple[CTSeries, AnalysisResult]:
+    """``series`` and the pipeline's result of it with ``liver`` as the liver mask."""
     result = measure_series(series, liver, eligible=True, reasons=())
     if result.source_masks is None or not result.rois:
         raise RuntimeError(f"series {series.series_uid}: no ROIs placed, nothing to benchmark")
-    return result
+    return series, result
 
 
 def object_builders(seg_module: ModuleType, keyimage_module: ModuleType,
@@ -117,7 +112,11 @@ def seconds(call: Callable[[], object]) -> float:
 
 
 def load_case(name: str, phantom_dir: Path, slices: int) -> tuple[CTSeries, AnalysisResult]:
-    return phantom_case(phantom_dir, slices) if name == "phantom" else lidc_case()
+    if name == "phantom":
+        return measured(*phantom_with_liver(phantom_dir, slices))
+    if name == "phantom-model":
+        return measured(*phantom_with_model_liver(phantom_dir, slices))
+    return measured(*lidc_with_liver())
 
 
 def first_write_seconds(path: str, name: str, phantom_dir: Path, args: argparse.Namespace) -> float:
@@ -179,7 +178,7 @@ def print_case(figures: dict[str, Any], repeat: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, repeat=5, baseline=DEFAULT_BASELINE)
+    add_arguments(parser, repeat=5, baseline=DEFAULT_BASELINE, cases=CASES)
     parser.add_argument("--first-write", choices=["baseline", "new"], help=argparse.SUPPRESS)  # the bench's own child
     args = parser.parse_args(argv)
     if args.first_write is not None:

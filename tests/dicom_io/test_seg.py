@@ -13,6 +13,7 @@ import pytest
 from liverfat.dicom_io import codes
 from liverfat.dicom_io.seg import (
     LIVER_RGB,
+    _Segmentation,
     build_seg,
     content_description,
     roi_rgb,
@@ -142,11 +143,44 @@ def test_slices_without_a_segment_are_referenced_after_those_with_frames(
 def test_seg_says_its_segments_overlap_as_the_rois_lie_in_the_liver(
     case: tuple[CTSeries, AnalysisResult], tmp_path: Path
 ) -> None:
-    """highdicom's overlap check still runs on the stacked masks and finds the ROIs inside the liver."""
+    """The overlap check runs on the stacked masks and finds the ROIs inside the liver."""
     series, result = case
     assert result.source_masks is not None
     assert (result.source_masks.liver.array & (result.source_masks.rois.array > 0)).any()
     assert _built(series, result, tmp_path / "seg.dcm").SegmentsOverlap == "YES"
+
+
+def _stacked(frames: int, overlap_at: int | None) -> np.ndarray:
+    """Three 0/1 segments on ``frames`` 8 x 8 frames, overlapping at one pixel of frame ``overlap_at`` only."""
+    stacked = np.zeros((frames, 8, 8, 3), dtype=np.uint8)
+    stacked[:, 0, 0, 0] = 1
+    stacked[:, 1, 1, 1] = 1
+    stacked[:, 2, 2, 2] = 1
+    if overlap_at is not None:
+        stacked[overlap_at, 0, 0, 2] = 1
+    return stacked
+
+
+@pytest.mark.parametrize("overlap_at", [None, 0, 15, 16, 32])
+def test_blockwise_overlap_check_answers_as_highdicoms_own(overlap_at: int | None) -> None:
+    """The block-by-block check (blocks of 16 frames) finds an overlap in any block, and none where there is none."""
+    numbers = np.array([1, 2, 3])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    stacked = _stacked(33, overlap_at)
+    ours = _Segmentation._check_and_cast_pixel_array(stacked, numbers, binary, np.uint8)
+    theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stacked, numbers, binary, np.uint8)
+    expected = hd.seg.SegmentsOverlapValues.NO if overlap_at is None else hd.seg.SegmentsOverlapValues.YES
+    assert ours[1] == theirs[1] == expected
+    assert ours[0] is stacked and theirs[0] is stacked
+
+
+def test_blockwise_overlap_check_leaves_a_non_binary_array_to_highdicom() -> None:
+    stacked = _stacked(4, None)
+    stacked[2, 3, 3, 1] = 2
+    with pytest.raises(ValueError, match="must be binary"):
+        _Segmentation._check_and_cast_pixel_array(
+            stacked, np.array([1, 2, 3]), hd.seg.SegmentationTypeValues.BINARY, np.uint8
+        )
 
 
 def test_seg_describes_liver_and_one_segment_per_roi(case: tuple[CTSeries, AnalysisResult], tmp_path: Path) -> None:
