@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import gc
 import logging
 import multiprocessing
 import shutil
@@ -119,6 +120,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, slot: Worke
     except LiverfatError as error:
         log.error("cannot load model %r: %s; series will fail until this is fixed", config.model.name, error.message)
     warm_up()  # highdicom's tables, loaded here rather than in the first series' write stage
+    gc.freeze()  # the model and those tables live as long as the process: no full collection walks them again
     unparked: dict[int, str] = {}  # jobs parked for space whose park could not be recorded yet
     resume_at, delay_s = 0.0, DISK_FULL_RETRY_S[0]
     while not terminated and not stop.is_set() and _parent_alive():

@@ -25,6 +25,7 @@ for the name's remote-control queue. Each worker answers ``liverfat_identity`` (
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -275,6 +276,7 @@ class FleetWorker:
         except Exception:
             log.exception("cannot load model %r; series will fail until this is fixed", model.name)
         warm_up()
+        gc.freeze()  # the model and highdicom's tables live as long as the child: keep them out of collections
 
     def run_task(self, message: dict[str, Any]) -> None:
         """The ``liverfat.analyze_series`` task: analyse (or re-read), publish the completion, return (acked)."""
