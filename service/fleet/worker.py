@@ -65,7 +65,7 @@ from liverfat.service.fleet.messages import (
 )
 from liverfat.service.fleet.paths import PathMap
 from liverfat.service.fleet.staging import remove_stale_staging, staging_folder
-from liverfat.service.series_job import analyze_series_files
+from liverfat.service.series_job import ResearchOptions, analyze_series_files
 from liverfat.service.spool_types import JobResult, JobState
 from liverfat.service.worker import ModelLoader
 from liverfat.service.worker_pool import WorkerSlot, plan_workers
@@ -114,7 +114,7 @@ def process_task(task: SeriesTask, state: ChildState) -> JobResult:
     """Analyse ``task`` once: a finished folder from an earlier delivery is re-read, not analysed again."""
     out_dir = Path(state.paths.local(task.out_dir))
     final = out_dir / safe_folder_name(task.series_uid)
-    done = read_record(final)
+    done = read_record(final, task.task_id)
     if done is not None:
         log.info("series %s v%d: already done by an earlier delivery (%s), completion sent again", task.series_uid,
                  task.version, done.state.value, extra={"task": task.task_id})  # fmt: skip
@@ -127,7 +127,8 @@ def process_task(task: SeriesTask, state: ChildState) -> JobResult:
     try:
         config = task_config(task.settings, state.config)
         files = [Path(state.paths.local(path)) for path in task.files]
-        result = analyze_series_files(task.series_uid, files, staging, staging, config, state.models)
+        result = analyze_series_files(task.series_uid, files, staging, staging, config, state.models,
+                                      ResearchOptions.from_json(task.settings.get("research")))  # fmt: skip
     except Exception as error:  # the boundary of one task: a failed outcome, and the next task
         log.exception("series %s v%d failed", task.series_uid, task.version, extra={"task": task.task_id})
         why = error.message if isinstance(error, LiverfatError) else f"{type(error).__name__}: {error}"
@@ -136,33 +137,45 @@ def process_task(task: SeriesTask, state: ChildState) -> JobResult:
     result = replace(result, processing_s=time.monotonic() - started,
                      outputs=tuple(replace(o, path=str(prefix / o.path)) for o in result.outputs))  # fmt: skip
     try:
-        return _publish_folder(staging / final.name, final, result)
+        return _publish_folder(staging / final.name, final, result, task.task_id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def read_record(folder: Path) -> JobResult | None:
-    """The outcome recorded in a finished series folder, or ``None`` when there is none (yet)."""
+def read_record(folder: Path, task_id: str) -> JobResult | None:
+    """The outcome ``task_id`` recorded in a finished series folder; ``None`` when there is none (yet).
+
+    A folder left by another task (a research case analysed again with other settings, or by a
+    local ``analyze``) is not this task's result: it is replaced when this task's is ready.
+    """
     try:
-        return job_result_from_json(json.loads((folder / JOB_RECORD).read_text()))
+        record = json.loads((folder / JOB_RECORD).read_text())
     except FileNotFoundError:
         return None
+    return job_result_from_json(record["result"]) if record.get("task_id") == task_id else None
 
 
-def _publish_folder(staged: Path, final: Path, result: JobResult) -> JobResult:
-    """Record ``result`` in ``staged`` and rename it to ``final``; if another delivery got there first, its result."""
+def _publish_folder(staged: Path, final: Path, result: JobResult, task_id: str) -> JobResult:
+    """Record ``result`` in ``staged`` and rename it to ``final``; if another delivery got there first, its result.
+
+    A ``final`` folder that holds another task's outcome (or none) is moved aside within the same
+    folder, replaced, and then deleted.
+    """
     staged.mkdir(parents=True, exist_ok=True)
-    write_json_atomically(staged / JOB_RECORD, job_result_to_json(result))
+    write_json_atomically(staged / JOB_RECORD, {"task_id": task_id, "result": job_result_to_json(result)})
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         staged.rename(final)
     except OSError as error:
         if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-        done = read_record(final)
-        if done is None:
-            raise
-        return done
+        done = read_record(final, task_id)
+        if done is not None:
+            return done
+        outdated = staged.parent / f"{final.name}.outdated"
+        final.rename(outdated)
+        staged.rename(final)
+        shutil.rmtree(outdated, ignore_errors=True)
     fsync_folder(final.parent)
     return result
 
