@@ -190,7 +190,7 @@ class LocalWorkers:
 
     def stop(self) -> None:
         for worker in self._workers.values():
-            self._watch(worker)  # a death not noticed yet counts as one (its job is recovered, not parked)
+            self._watch(worker, stopping=True)  # a death not noticed yet counts as one (its job is recovered)
         running = [w for w in self._workers.values() if w.process is not None]
         if not running:
             return
@@ -242,8 +242,12 @@ class LocalWorkers:
         worker.started_at, worker.start_at = time.monotonic(), None
         log.info("worker process %d started: %s on %s", worker.process.pid, slot.name, slot.device)
 
-    def _watch(self, worker: _Worker) -> None:
-        """Note a worker's death: its job is to be recovered, and it restarts after its backoff."""
+    def _watch(self, worker: _Worker, stopping: bool = False) -> None:
+        """Note a worker's death: its job is to be recovered, and it restarts after its backoff.
+
+        While the node stops, a worker that exited cleanly (a SIGTERM to the whole process group
+        reached it first: it finished its series) is not a death.
+        """
         process = worker.process
         if process is None:
             return
@@ -251,6 +255,10 @@ class LocalWorkers:
             worker.last_seen = time.time()
             if time.monotonic() - worker.started_at > WORKER_STEADY_S:
                 worker.restart_delay_s = RESTART_DELAY_S[0]
+            return
+        if stopping and process.exitcode == 0:
+            log.info("worker process %d (%s) stopped", process.pid, worker.slot.name)
+            worker.process = None
             return
         log.error("worker process %d died with exit code %s (%s); restarting in %.0f s", process.pid,
                   process.exitcode, worker.slot.name, worker.restart_delay_s)  # fmt: skip

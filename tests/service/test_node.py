@@ -245,12 +245,13 @@ def test_serve_on_embedded_defaults_starts_and_says_loudly_that_nothing_is_sent(
            "LIVERFAT_WORKER_SHUTDOWN_GRACE_S": "5"}  # fmt: skip
     with log.open("wb") as out:
         process = subprocess.Popen([sys.executable, "-m", "liverfat.service.cli", "serve"], cwd=tmp_path, env=env,
-                                   stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     try:
-        wait_for(lambda: "ready:" in log.read_text(), 90, "the node on embedded defaults")
+        wait_for(lambda: "ready:" in log.read_text() and "model loaded" in log.read_text(), 90,
+                 "the node on embedded defaults")  # fmt: skip
         echo = dcmtk(ECHOSCU, "-aet", "ANYONE", "-aec", "LIVERFAT", "127.0.0.1", port)
     finally:
-        process.send_signal(signal.SIGTERM)
+        os.killpg(process.pid, signal.SIGTERM)  # as a shell or `timeout` stops it: the worker gets SIGTERM too
         try:
             code = process.wait(60)
         finally:
@@ -259,6 +260,7 @@ def test_serve_on_embedded_defaults_starts_and_says_loudly_that_nothing_is_sent(
     assert code == 0
     text = log.read_text()
     assert "NO DESTINATION CONFIGURED" in text and "embedded defaults" in text
+    assert "died" not in text and "worker stopped" in text  # a worker stopped with the node is no death
     assert (tmp_path / "liverfat-spool" / "index.sqlite").is_file()
 
 

@@ -207,3 +207,23 @@ def test_a_worker_killed_mid_series_gives_back_only_its_series_while_the_other_g
     workers = {w.name: w for w in pool_node.status().workers or ()}
     assert (workers[str(victim.claimed_by)].restarts, workers[str(survivor.claimed_by)].restarts) == (1, 0)
     assert all(w.up for w in workers.values())
+
+
+def test_workers_that_a_group_sigterm_stopped_first_are_no_death_when_the_node_stops(
+    pool_node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`kill -TERM -PGID` or `timeout` signal the whole process group: idle workers exit 0 before the node stops."""
+    wait_for(lambda: models_loaded(pool_node), 120, "both workers to load their model", interval=0.2)
+    workers = [p for p in multiprocessing.active_children() if p.name.startswith("liverfat-worker-")]
+    assert len(workers) == 2
+    for process in workers:
+        assert process.pid is not None
+        os.kill(process.pid, signal.SIGTERM)
+    for process in workers:
+        process.join(30)
+        assert process.exitcode == 0
+    with caplog.at_level("INFO", logger="liverfat.service.worker_pool"):
+        pool_node.stop()
+    messages = [record.getMessage() for record in caplog.records]
+    assert not [m for m in messages if "died" in m], messages
+    assert len([m for m in messages if m.endswith(") stopped")]) == 2, messages
