@@ -160,12 +160,7 @@ def test_a_node_whose_broker_is_down_keeps_its_series_and_publishes_them_when_it
         assert caplog.text.count("unavailable") == 1, "an outage is logged once"
     finally:
         broker.start()
-    fleet_worker.start()
-    try:
-        wait_for(lambda: newest(spool, uid).state is JobState.DONE, DONE_S, "the series to be published and done")
-        assert newest(spool, uid).attempts == 1 and dispatcher.connected
-    finally:
-        dispatcher.stop()
+    published_and_done_once(dispatcher, spool, uid, fleet_worker)
 
 
 @pytest.mark.slow  # a real broker and a real Celery worker
@@ -183,9 +178,14 @@ def test_a_publish_the_broker_refuses_puts_the_series_back_in_the_queue_without_
         assert not dispatcher.connected
     finally:
         broker.ctl("set_permissions", "-p", "/", USER, ".*", ".*", ".*")
+    published_and_done_once(dispatcher, spool, uid, fleet_worker)
+
+
+def published_and_done_once(dispatcher: FleetDispatcher, spool: Spool, uid: str, fleet_worker: WorkerProcess) -> None:
+    """Once the broker takes it, the series is published, processed by a worker and recorded, on one attempt."""
     fleet_worker.start()
     try:
-        wait_for(lambda: newest(spool, uid).state is JobState.DONE, DONE_S, "the series to be published again and done")
+        wait_for(lambda: newest(spool, uid).state is JobState.DONE, DONE_S, "the series to be published and done")
         assert newest(spool, uid).attempts == 1 and dispatcher.connected
     finally:
         dispatcher.stop()
