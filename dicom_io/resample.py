@@ -91,6 +91,12 @@ def mask_to_grid(mask: Volume, reference: Volume) -> Volume:
     result = np.zeros(reference.array.shape, dtype=mask.array.dtype)
     if not reached:
         return reference.with_array(result)
+    if len(reached) == 1:  # one label (a liver mask): the rule below reduces to weight + weight >= 1
+        label, box, weight = reached[0]
+        weight += weight
+        kept = weight >= 1.0 - _TIE_TOLERANCE
+        result[box] = kept if label == 1 else np.where(kept, label, 0)
+        return reference.with_array(result)
     union = tuple(slice(min(box[a].start for _, box, _ in reached), max(box[a].stop for _, box, _ in reached))
                   for a in range(3))  # fmt: skip
     shape = tuple(s.stop - s.start for s in union)
@@ -176,7 +182,8 @@ def _label_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, slice, slic
     crop = labels[occupied]
     if crop.dtype != np.bool_ and crop.min() < 0:
         raise ValueError(f"mask labels must be non-negative, found {crop.min()}")
-    found = ndimage.find_objects(crop.view(np.uint8) if crop.dtype == np.bool_ else crop)
+    # a bool mask's one label fills the occupied box: no search needed
+    found = [tuple(slice(0, n) for n in crop.shape)] if crop.dtype == np.bool_ else ndimage.find_objects(crop)
     boxes = []
     for index, box in enumerate(found):
         if box is not None:

@@ -134,3 +134,20 @@ def test_label_boxes_of_labels_far_from_the_origin_keep_their_place() -> None:
     working.array[33, 55:65, 62:72] = 1
     mapped = mask_to_grid(working, working)
     assert np.array_equal(mapped.array, working.array)
+
+
+@pytest.mark.parametrize("label", [1, 3])
+def test_a_single_label_maps_as_the_bool_mask_of_its_voxels_does(label: int) -> None:
+    """One label takes the short path (weight >= 0.5); it must give the bool mask's voxels, labelled."""
+    rng = np.random.default_rng(3)
+    working = Volume(np.zeros((12, 40, 40), dtype=np.uint8), WORKING_SPACING_MM, (0.0, 0.0, 0.0))
+    working.array[3:9, 8:30, 10:33] = (rng.random((6, 22, 23)) > 0.3) * label
+    source = Volume(np.zeros((25, 23, 23), dtype=np.int16), (1.3, 1.3, 1.25), (0.4, -0.6, 0.3))
+    as_bool = mask_to_source(working.with_array(working.array != 0), source).array
+    assert as_bool.dtype == np.bool_ and as_bool.any()
+    with_second_label = working.array.copy()
+    with_second_label[0, 0, 0] = label + 1  # a second label far away: the general path
+    general = mask_to_source(working.with_array(with_second_label), source).array
+    single = mask_to_source(working, source).array
+    assert np.array_equal(single, as_bool * label)
+    assert np.array_equal(np.where(general == label, label, 0), single)
