@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -68,6 +69,8 @@ class Node:
         self.workers: Workers | None = None
         self.scp: StorageSCP | None = None
         self.sender: Sender | None = None
+        # rung by the workers once a series' results are queued: the sender sends at once, not at its next poll
+        self.results_queued = multiprocessing.get_context("spawn").Event()
         self.http: HttpServer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -93,7 +96,7 @@ class Node:
         self.scp = StorageSCP(config, Spool(config.spool.dir, min_free_bytes=min_free, space=self.space),
                               on_release=self._on_release)  # fmt: skip
         self.scp.start()
-        self.sender = Sender(config, Spool(config.spool.dir))
+        self.sender = Sender(config, Spool(config.spool.dir), self.results_queued)
         self.sender.start()
         if config.http.port:
             self.http = HttpServer(config.http, self.status, self.report)
@@ -106,8 +109,8 @@ class Node:
         if self.config.queue.broker:
             from liverfat.service.fleet.dispatch import FleetDispatcher  # Celery: only in fleet mode
 
-            return FleetDispatcher(self.config, spool, self.space)
-        return LocalWorkers(self.config, spool, self.space, self.load_model)
+            return FleetDispatcher(self.config, spool, self.space, self.results_queued)
+        return LocalWorkers(self.config, spool, self.space, self.load_model, results_queued=self.results_queued)
 
     def tick(self, now: float | None = None) -> None:
         """Complete the stable series and tick the workers; the main thread calls this every ``TICK_S``."""

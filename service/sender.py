@@ -34,10 +34,11 @@ from pynetdicom.status import code_to_category
 from liverfat.service.config import Destination, NodeConfig, SendSection, parse_destination
 from liverfat.service.spool import Send, Spool
 from liverfat.service.tls import client_context
+from liverfat.service.workers import Doorbell
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.5  # how often the outbox is checked for due rows
+POLL_S = 0.5  # how often the outbox is checked for due rows when nobody says results were queued
 BATCH = 500  # rows per association
 SUCCESS_CATEGORIES = ("Success", "Warning")  # PS3.4 B.2.3: warnings (coercion, ...) mean stored
 
@@ -70,11 +71,17 @@ class RetryPolicy:
 
 
 class Sender:
-    """The outbox's sender: one :class:`DestinationSender` per destination, each on its own thread."""
+    """The outbox's sender: one :class:`DestinationSender` per destination, each on its own thread.
 
-    def __init__(self, config: NodeConfig, spool: Spool) -> None:
+    ``results_queued`` is set by whoever queues outbox rows (a worker process that recorded a
+    series' results, the fleet dispatcher): every destination then starts a round at once
+    instead of at its next poll, up to ``POLL_S`` later.
+    """
+
+    def __init__(self, config: NodeConfig, spool: Spool, results_queued: Doorbell | None = None) -> None:
         self.config = config
         self.spool = spool
+        self._results_queued = threading.Event() if results_queued is None else results_queued
         self._configured = {str(destination): destination for destination in config.send.destinations}
         self._stop = threading.Event()
         self._destinations: dict[str, DestinationSender] = {}
@@ -105,6 +112,9 @@ class Sender:
     def stop(self) -> None:
         """Finish the file in hand on every destination (bounded by the timeouts) and stop."""
         self._stop.set()
+        self._results_queued.set()  # ends the watch's wait
+        for sender in self._destinations.values():
+            sender.wake()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -127,7 +137,10 @@ class Sender:
                         thread.start()
             except Exception:  # a spool error must not end the watch; the rows stay queued
                 log.exception("sender: could not list the destinations; retrying in %.1f s", POLL_S)
-            self._stop.wait(POLL_S)
+            if self._results_queued.wait(POLL_S):
+                self._results_queued.clear()  # before the rounds: rows queued from here on ring again
+                for sender in list(self._destinations.values()):
+                    sender.wake()
 
 
 class DestinationSender:
@@ -141,6 +154,7 @@ class DestinationSender:
         self.policy = RetryPolicy.from_section(config.send)
         self.reachability = Reachability.UNKNOWN
         self._stop = stop
+        self._wake = threading.Event()
         self._next_probe_at = 0.0
         self._catch_up = False  # after a successful probe: send every pending row, due or not
         self._association_s = 0.0  # how long the last association request took
@@ -153,11 +167,16 @@ class DestinationSender:
 
     def run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before the round: a wake during it starts the next one at once
             try:
                 self.send_due()
             except Exception:  # the thread must outlive one bad round; the rows stay queued
                 log.exception("sender round for %s failed; retrying in %.1f s", self.name, POLL_S)
-            self._stop.wait(POLL_S)
+            self._wake.wait(POLL_S)
+
+    def wake(self) -> None:
+        """Start the next round now (rows were queued, or the sender stops)."""
+        self._wake.set()
 
     def send_due(self, now: float | None = None) -> int:
         """One round: send the due rows, or probe a destination that is down; returns how many were delivered."""

@@ -100,8 +100,10 @@ class ReportingLoader:
 
 
 def run_worker(config: NodeConfig, load_model: BackendLoader | None, slot: WorkerSlot, stop: Event, wake: Event,
-               reports: Queue[WorkerReport]) -> None:  # fmt: skip
+               results_queued: Event, reports: Queue[WorkerReport]) -> None:  # fmt: skip
     """Entry point of a worker process: loop until ``stop`` is set or the node process is gone.
+
+    ``results_queued`` is set after each recorded series, for the node's sender (``Sender``).
 
     Nothing has touched CUDA yet (the model loads below): ``slot.pin()`` chooses the GPU first.
     """
@@ -136,6 +138,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, slot: Worke
             resume_at, delay_s = time.monotonic() + delay_s, min(delay_s * 2, DISK_FULL_RETRY_S[1])
         else:
             delay_s = DISK_FULL_RETRY_S[0]
+            results_queued.set()
             reports.put(WorkerReport(slot.name, jobs_done=1))
     spool.close()
     log.info("worker stopped")

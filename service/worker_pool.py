@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.context import SpawnProcess
 from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 from liverfat.analysis import BackendLoader
@@ -159,7 +160,7 @@ class LocalWorkers:
     """
 
     def __init__(self, config: NodeConfig, spool: Spool, space: DiskSpace, load_model: BackendLoader | None = None,
-                 slots: Sequence[WorkerSlot] | None = None) -> None:  # fmt: skip
+                 slots: Sequence[WorkerSlot] | None = None, results_queued: Event | None = None) -> None:  # fmt: skip
         self.config, self.spool, self.space, self.load_model = config, spool, space, load_model
         if slots is None:  # a model configured on the CPU keeps every worker there
             slots = plan_workers(config.worker, gpus=() if config.model.device == "cpu" else None)
@@ -167,6 +168,7 @@ class LocalWorkers:
         self._context = multiprocessing.get_context("spawn")
         self._stop = self._context.Event()
         self._wake = self._context.Event()
+        self.results_queued = self._context.Event() if results_queued is None else results_queued  # see run_worker
         self._workers = {slot.name: _Worker(slot) for slot in slots}
         self._park_at_start = True  # jobs left processing by a stopped node: re-queued before any worker starts
 
@@ -235,7 +237,7 @@ class LocalWorkers:
             config = replace(config, model=replace(config.model, device=slot.model_device))
         self._read_reports(worker)  # what the previous process said last
         worker.reports = self._context.Queue()
-        args = (config, self.load_model, slot, self._stop, self._wake, worker.reports)
+        args = (config, self.load_model, slot, self._stop, self._wake, self.results_queued, worker.reports)
         worker.process = self._context.Process(target=run_worker, name=f"liverfat-{slot.name}", args=args)
         worker.process.start()
         worker.starts += 1

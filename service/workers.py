@@ -13,6 +13,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 
+class Doorbell(Protocol):
+    """What says "results were queued" to the node's sender: a ``threading`` or ``multiprocessing`` Event.
+
+    Workers ring it after recording a series' results (outbox rows); the sender then sends at once.
+    """
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
 @dataclass(frozen=True)
 class ModelState:
     """What a worker last reported about its model: loaded, with ``detail`` naming it, or why it cannot load."""

@@ -42,7 +42,7 @@ from liverfat.service.fleet.messages import Completion, SeriesTask, node_reply_q
 from liverfat.service.fleet.staging import remove_staging
 from liverfat.service.fleet.urls import redacted
 from liverfat.service.spool import Job, JobState, Spool
-from liverfat.service.workers import QueueInfo, WorkerInfo
+from liverfat.service.workers import Doorbell, QueueInfo, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,10 @@ DEAD_LETTERED_SQL = ("SELECT COUNT(DISTINCT jobs.id) AS n FROM jobs, json_each(j
 class FleetDispatcher:
     """The node's side of the fleet (see the module docstring); ``wake`` from any thread, the rest the main thread's."""
 
-    def __init__(self, config: NodeConfig, spool: Spool, space: DiskSpace) -> None:
+    def __init__(self, config: NodeConfig, spool: Spool, space: DiskSpace,
+                 results_queued: Doorbell | None = None) -> None:  # fmt: skip
         self.config, self.spool, self.space = config, spool, space
+        self.results_queued = threading.Event() if results_queued is None else results_queued  # for the Sender
         self.app = celery_app(config.queue)
         self.broker = redacted(config.queue.broker)
         self.publisher = config.node.ae_title
@@ -224,6 +226,7 @@ class FleetDispatcher:
             log.info("series %s v%d: a completion for it while %s (received again), ignored", job.series_uid,
                      job.version, job.state.value, extra={"job": job.id})  # fmt: skip
             return False
+        self.results_queued.set()
         self._remove_staging(job, completion.task_id)
         worker = "the broker" if completion.worker is None else f"{completion.worker.name} ({completion.worker.device})"
         hu = "" if result.parenchymal_hu is None else f", DL-parenchymal {result.parenchymal_hu:.1f} HU"

@@ -4,16 +4,19 @@ a destination that is down or silent (probed, and never delaying another destina
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pydicom.uid import Comprehensive3DSRStorage, SecondaryCaptureImageStorage, SegmentationStorage
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 
+from liverfat.service import sender as sender_module
 from liverfat.service.config import Destination, NodeConfig, SendSection
 from liverfat.service.health import NodeStatus, assess
 from liverfat.service.sender import Reachability, RetryPolicy, Sender
@@ -76,11 +79,17 @@ def queue_results(
     config = replace(config, send=replace(send or SendSection(first_delay_s=0.2, max_delay_s=1.0),
                                           destinations=destinations))  # fmt: skip
     spool = Spool(config.spool.dir)
-    spool.store_instance(b"ct", InstanceInfo("1.1", "1.2.840.10008.5.1.4.1.1.2", "9.9", "9", "SCU"))
+    add_results(spool, tmp_path / "src", destinations)
+    return config, spool
+
+
+def add_results(spool: Spool, folder: Path, destinations: tuple[Destination, ...], series_uid: str = "9.9") -> None:
+    """A series processed: its three result files queued for each destination."""
+    spool.store_instance(b"ct", InstanceInfo(f"{series_uid}.1", "1.2.840.10008.5.1.4.1.1.2", series_uid, "9", "SCU"))
     spool.complete_stable(0.0)
     job = spool.claim_next()
     assert job is not None
-    sources = small_series(tmp_path / "src", slices=3)
+    sources = small_series(folder, slices=3)
     outputs = []
     for index, (source, sop_class) in enumerate(zip(sources, RESULT_CLASSES)):
         ds = pydicom.dcmread(source)
@@ -91,7 +100,6 @@ def queue_results(
         outputs.append(OutputFile(str(path.relative_to(spool.root)), sop_class, ds.SOPInstanceUID,
                                   str(ds.file_meta.TransferSyntaxUID)))  # fmt: skip
     spool.finish_job(job.id, JobResult(JobState.DONE, outputs=tuple(outputs)), [str(d) for d in destinations])
-    return config, spool
 
 
 def outbox_states(spool: Spool) -> list[str]:
@@ -237,3 +245,23 @@ def test_a_silent_destination_does_not_delay_a_live_one_and_is_reported_with_its
     assert [r["state"] for r in spool.query("SELECT state FROM outbox WHERE destination = ?", (str(live),))] == [
         OutboxState.SENT
     ] * 3
+
+
+def test_results_queued_while_the_sender_waits_go_at_once_when_the_doorbell_rings(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker rings ``results_queued`` after recording a series: no wait for the next poll (made 60 s here)."""
+    monkeypatch.setattr(sender_module, "POLL_S", 60.0)
+    destination = Destination("PACS", "127.0.0.1", receiver.port)
+    config, spool = queue_results(tmp_path, destination)
+    doorbell = threading.Event()
+    sender = Sender(config, Spool(config.spool.dir), doorbell)
+    sender.start()
+    try:
+        wait_for(lambda: len(receiver.stored) == 3, 10, "the first series' results, sent at start")
+        add_results(spool, tmp_path / "second", (destination,), series_uid="9.10")
+        doorbell.set()
+        wait_for(lambda: len(receiver.stored) == 6, 10, "the second series' results, sent on the doorbell")
+    finally:
+        sender.stop()
+    assert outbox_states(spool) == ["sent"] * 6

@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from liverfat.errors import LiverfatError, Reason
+from liverfat.service import sender as sender_module
 from liverfat.service.config import NodeConfig, WorkerSection, load_config
 from liverfat.service.node import Node
 from liverfat.service.spool import InstanceInfo, Job, JobState, Spool
@@ -27,6 +28,7 @@ from liverfat.service.worker_pool import WorkerSlot, plan_workers, usable_cores,
 from tests.service.conftest import free_port, phantom_series
 from tests.service.fake_backend import PhantomLiverBackend
 from tests.service.node_process import toml, wait_for
+from tests.service.test_sender import Receiver
 
 # -- planning ------------------------------------------------------------------------------
 
@@ -227,3 +229,24 @@ def test_workers_that_a_group_sigterm_stopped_first_are_no_death_when_the_node_s
     messages = [record.getMessage() for record in caplog.records]
     assert not [m for m in messages if "died" in m], messages
     assert len([m for m in messages if m.endswith(") stopped")]) == 2, messages
+
+
+def test_a_worker_rings_the_sender_once_the_results_are_queued(
+    tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results leave when the worker has recorded them, not at the sender's next poll (made 60 s here)."""
+    monkeypatch.setattr(sender_module, "POLL_S", 60.0)
+    path = tmp_path / "liverfat.toml"
+    path.write_text(toml({
+        "node": {"host": "127.0.0.1", "port": free_port()},
+        "spool": {"dir": str(tmp_path / "spool"), "min_free_disk_mb": 0, "nearly_full_margin_mb": 0},
+        "send": {"destinations": [f"PACS@127.0.0.1:{receiver.port}"]},
+        "http": {"port": 0},
+    }))  # fmt: skip
+    node = Node(load_config(path, environ={}), load_model=PhantomLiverBackend.loader(0.0))
+    node.start()
+    try:
+        store_series(node.config, tmp_path / "series")
+        wait_for(lambda: node.tick() or len(receiver.stored) >= 3, 30, "the results at the destination", interval=0.1)
+    finally:
+        node.stop()

@@ -109,6 +109,7 @@ def test_series_are_published_their_completions_recorded_once_and_the_fleet_is_s
             assert job.claimed_by == CLAIMED_BY and job.attempts == 1 and job.grade is not None
             assert job.outputs and all((spool.root / output.path).is_file() for output in job.outputs)
             assert outbox_rows(spool, job) == len(job.outputs), "each output queued once for the destination"
+        assert dispatcher.results_queued.is_set(), "the node's sender is told at once"
         assert "1 series in flight when the node stopped published again" in caplog.text
 
         job = newest(spool, fresh)  # the same task again (a node restarted): the worker sends the completion again
