@@ -17,6 +17,7 @@
    ``TCP_NODELAY=1`` (without it dcmtk leaves Nagle's algorithm on and Orthanc answers ten times
    slower). The durability floor, timed between the rounds: ``durable_write`` of one
    instance-size file (temp file, fsync, rename, folder fsync), median ms per instance.
+   ``--receivers 1 2`` times the node once per ``[node] receivers`` value (default: its default).
 2. Pipeline: a real Orthanc (private network namespace, ``tests/orthanc.py``) auto-routes the
    same series to the node with the deploy/ Lua script; the node runs ``--model`` and sends
    SEG, SR and key image back. Stages come from the node's spool (job and outbox times, the
@@ -33,7 +34,8 @@
 Run from the repository root (as root: the namespace needs it)::
 
     .venv/bin/python bench/bench_node.py [--slices 300] [--repeat 3] [--model default|phantom]
-        [--skip-receive] [--skip-pipeline] [--baseline 1956b86] [--pipeline-repeat 1] [--json out.json]
+        [--skip-receive] [--skip-pipeline] [--receivers N ...] [--baseline 1956b86] [--pipeline-repeat 1]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -190,11 +193,14 @@ def orthanc_receiver(work: Path) -> Iterator[Target]:
 
 
 @contextmanager
-def node_receiver(work: Path) -> Iterator[Target]:
-    """A real node process, its worker idle: file and folder fsynced and the SQLite commit, all before Success."""
+def node_receiver(work: Path, receivers: int | None = None) -> Iterator[Target]:
+    """A real node process, its worker idle: file and folder fsynced and the SQLite commit, all before Success.
+
+    ``receivers``: its ``[node] receivers`` (``None``: the default).
+    """
     port = free_port()
     process = NodeProcess(work / "node", {
-        "node": {"host": "127.0.0.1", "port": port},
+        "node": {"host": "127.0.0.1", "port": port, **({} if receivers is None else {"receivers": receivers})},
         "spool": {"dir": str(work / "node" / "spool"), "min_free_disk_mb": 0},
         "series": {"stable_seconds": 600.0},  # receive only: nothing is processed during the timing
         "http": {"port": 0},
@@ -234,21 +240,30 @@ def durable_write_seconds(data: bytes, folder: Path, count: int) -> list[float]:
     return seconds
 
 
-RECEIVERS: dict[str, tuple[str, Callable[[Path], AbstractContextManager[Target]]]] = {  # name in the JSON
+Receivers = dict[str, tuple[str, Callable[[Path], AbstractContextManager[Target]]]]  # by name in the JSON
+PEERS: Receivers = {
     "storescp": ("dcmtk storescp (no fsync)", storescp_receiver),
     "bare_pynetdicom": ("bare pynetdicom SCP", bare_pynetdicom_receiver),
     "orthanc": ("Orthanc (syncs the file)", orthanc_receiver),
-    "node": ("liverfat node", node_receiver),
 }
 
 
-def receive_rates(series: list[Path], files: list[Path], work: Path, repeat: int) -> dict[str, Any]:
+def receivers_timed(node_receivers: Sequence[int]) -> Receivers:
+    """The peers, and the node once per ``[node] receivers`` value (``"node"`` alone for its default)."""
+    if not node_receivers:
+        return {**PEERS, "node": ("liverfat node", node_receiver)}
+    return {**PEERS, **{f"node_receivers_{n}": (f"liverfat node, receivers={n}", partial(node_receiver, receivers=n))
+                        for n in node_receivers}}  # fmt: skip
+
+
+def receive_rates(series: list[Path], files: list[Path], work: Path, repeat: int,
+                  receivers: Receivers) -> dict[str, Any]:  # fmt: skip
     """Instances per second into each receiver, best of ``repeat``, for each number of concurrent associations."""
     figures: dict[int, dict[str, list[float]]] = {}
     writes: list[float] = []
     for _ in range(repeat):  # interleaved, so drift in machine load hits all alike
         for associations in CONCURRENT_ASSOCIATIONS:
-            for name, (_, serve) in RECEIVERS.items():
+            for name, (_, serve) in receivers.items():
                 with serve(work) as target:
                     seconds = send_seconds(target, series[:associations])
                     held = None if target.indexed is None else target.indexed()
@@ -266,9 +281,8 @@ def receive_rates(series: list[Path], files: list[Path], work: Path, repeat: int
             "best_instances_per_s": {name: round(rate, 1) for name, rate in best.items()},
             "median_instances_per_s": {name: round(count / statistics.median(v), 1) for name, v in times.items()},
             "best_ms_per_instance": {name: round(1000 / rate, 2) for name, rate in best.items()},
-            "ratio_node_to_orthanc": round(best["node"] / best["orthanc"], 2),
-            "ratio_node_to_storescp": round(best["node"] / best["storescp"], 2),
-            "ratio_node_to_bare_pynetdicom": round(best["node"] / best["bare_pynetdicom"], 2),
+            **{f"ratio_{node}_to_{peer}": round(best[node] / best[peer], 2)
+               for node in best if node.startswith("node") for peer in PEERS},  # fmt: skip
         }
     result["durable_write_ms_median"] = round(statistics.median(writes) * 1000, 2)
     result["durable_writes"] = len(writes)
@@ -377,16 +391,16 @@ def _faster(best: dict[str, Any] | None, run: dict[str, Any]) -> dict[str, Any]:
     return {**kept, "complete_to_stored_runs_s": runs}
 
 
-def print_receive(receive: dict[str, Any], repeat: int) -> None:
+def print_receive(receive: dict[str, Any], repeat: int, receivers: Receivers) -> None:
     for associations in CONCURRENT_ASSOCIATIONS:
         figures = receive[f"associations_{associations}"]
         rates, ms = figures["best_instances_per_s"], figures["best_ms_per_instance"]
         print(f"receive, {associations} association(s) at once, {figures['instances']} instances, best of {repeat}:")
-        for name, (label, _) in RECEIVERS.items():
-            print(f"  {label + ':':<28} {rates[name]:7.1f} instances/s = {ms[name]:5.2f} ms each")
-        print(f"  ratio node / Orthanc:        {figures['ratio_node_to_orthanc']:.2f}")
-        print(f"  ratio node / storescp:       {figures['ratio_node_to_storescp']:.2f}")
-        print(f"  ratio node / bare pynetdicom: {figures['ratio_node_to_bare_pynetdicom']:.2f}")
+        for name, (label, _) in receivers.items():
+            print(f"  {label + ':':<34} {rates[name]:7.1f} instances/s = {ms[name]:5.2f} ms each")
+        for node in (name for name in receivers if name.startswith("node")):
+            for peer, (label, _) in PEERS.items():
+                print(f"  ratio {receivers[node][0]} / {label.split(' (')[0]}: {figures[f'ratio_{node}_to_{peer}']:.2f}")
     print(f"durability floor: durable_write of one instance, median of {receive['durable_writes']}: "
           f"{receive['durable_write_ms_median']:.2f} ms")  # fmt: skip
 
@@ -427,6 +441,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="'default', another model name, or 'phantom' (no network)")
     parser.add_argument("--skip-receive", action="store_true", help="only the pipeline")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the receive rates")
+    parser.add_argument("--receivers", type=int, nargs="+", default=[], metavar="N",
+                        help="time the node with each of these [node] receivers values (default: its default)")
     parser.add_argument("--baseline", metavar="REV", help="also run the pipeline with commit REV's code (1956b86)")
     parser.add_argument("--pipeline-repeat", type=int, default=1, help="pipeline runs (each tree), the fastest kept")
     parser.add_argument("--json", type=Path, help="also write the figures and versions here")
@@ -450,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.skip_receive:
             series = [work / "series"]
             series += [copy_as_new_series(files, work / f"series-{n}") for n in range(2, max(CONCURRENT_ASSOCIATIONS) + 1)]
-            receive = receive_rates(series, files, work, args.repeat)
+            receive = receive_rates(series, files, work, args.repeat, receivers_timed(args.receivers))
             for folder in series[1:]:
                 shutil.rmtree(folder)
         pipeline = baseline = None
@@ -471,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine slows all
     }
     if receive is not None:
-        print_receive(receive, args.repeat)
+        print_receive(receive, args.repeat, receivers_timed(args.receivers))
     if pipeline is not None:
         print_pipeline(pipeline, baseline, args.baseline)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")

@@ -3,7 +3,7 @@
 Layout (every section and key is optional; ``deploy/liverfat.example.toml`` lists them all)::
 
     [node]        ae_title, host, port, allowed_callers, max_associations, acse_timeout_s,
-                  network_timeout_s
+                  network_timeout_s, receivers
     [spool]       dir, min_free_disk_mb, keep_days, nearly_full_margin_mb
     [series]      stable_seconds, complete_on_release
     [model]       name, device, cache
@@ -210,6 +210,18 @@ def _tls_file(value: Path | None, info: ValidationInfo) -> Path | None:
 TlsFile = Annotated[OptionalPath, AfterValidator(_tls_file)]
 
 
+def _receivers(value: Any) -> Literal["auto"] | int:
+    """``[node] receivers``: ``"auto"`` or a whole number above 0 (a TOML integer, or environment text)."""
+    if isinstance(value, str) and value.strip().isdecimal():
+        value = int(value)
+    if value == "auto" or (type(value) is int and value > 0):
+        return value
+    raise ValueError(f'must be "auto" or a whole number above 0, got {value!r}')
+
+
+Receivers = Annotated[Literal["auto"] | int, PlainValidator(_receivers)]
+
+
 @dataclass(frozen=True)
 class NodeSection(_Validated):
     ae_title: AeTitle = "LIVERFAT"
@@ -219,6 +231,7 @@ class NodeSection(_Validated):
     max_associations: PositiveInt = 10  # concurrent associations; a connection waiting for its A-ASSOCIATE-RQ counts
     acse_timeout_s: PositiveFloat = 10.0  # a connection that sends no A-ASSOCIATE-RQ within this is closed
     network_timeout_s: PositiveFloat = 60.0  # an association idle this long is aborted
+    receivers: Receivers = "auto"  # processes that serve associations; "auto": min(usable cores, 4)
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
 """``liverfat serve``: the listener, the series clock, the workers, the sender and the HTTP endpoints.
 
 Stages follow mercure's split (receiver, router, processor, dispatcher) but run as threads
-of one process plus the workers, all sharing the spool's SQLite index. The main thread runs the
-series clock (stable series become complete) and ticks the node's :class:`Workers`: in local mode
-(the default) ``LocalWorkers`` (``service/worker_pool.py``), worker processes on this host that
-are restarted when they die, their series put back in the queue. SIGTERM or SIGINT stops the
-listener, lets the workers finish the series in hand for ``[worker] shutdown_grace_s`` and parks
-them otherwise.
+of one process plus the workers and, with ``[node] receivers`` above 1, the receiver processes
+that serve the associations the node accepts (``service/receivers.py``), all sharing the spool's
+SQLite index. The main thread runs the series clock (stable series become complete) and ticks
+the node's :class:`Workers`: in local mode (the default) ``LocalWorkers`` (``service/worker_pool.py``),
+worker processes on this host that are restarted when they die, their series put back in the
+queue. SIGTERM or SIGINT stops the listener, lets the workers finish the series in hand for
+``[worker] shutdown_grace_s`` and parks them otherwise.
 
 A full spool disk never stops the node (see ``diskspace``): index writes that fail for lack of
 space are retried at the next tick; after a restart, no series completes before the clocks of
@@ -36,7 +37,7 @@ from liverfat.service.health import NodeStatus, assess
 from liverfat.service.http_server import HttpServer
 from liverfat.service.report import status_report
 from liverfat.service.retention import purge_expired
-from liverfat.service.scp import StorageSCP
+from liverfat.service.receivers import Listener, make_listener
 from liverfat.service.sender import Sender
 from liverfat.service.spool import Spool
 from liverfat.service.spool_db import SPOOL_FOLDER_MODE
@@ -67,7 +68,7 @@ class Node:
         self.space = DiskSpace(config.spool.dir)
         self.spool: Spool | None = None
         self.workers: Workers | None = None
-        self.scp: StorageSCP | None = None
+        self.scp: Listener | None = None
         self.sender: Sender | None = None
         # rung by the workers once a series' results are queued: the sender sends at once, not at its next poll
         self.results_queued = multiprocessing.get_context("spawn").Event()
@@ -93,8 +94,8 @@ class Node:
         self.workers = self._make_workers(spool)
         self.workers.start()
         _warn_about_defaults(config)
-        self.scp = StorageSCP(config, Spool(config.spool.dir, min_free_bytes=min_free, space=self.space),
-                              on_release=self._on_release)  # fmt: skip
+        self.scp = make_listener(config, Spool(config.spool.dir, min_free_bytes=min_free, space=self.space),
+                                 on_release=self._on_release)  # fmt: skip
         self.scp.start()
         self.sender = Sender(config, Spool(config.spool.dir), self.results_queued)
         self.sender.start()
@@ -224,7 +225,12 @@ class Node:
         spool = self.scp.spool if self.scp is not None else None
         if spool is None:
             return
-        if self.space.write("noting a release", lambda: spool.note_released(series_uids)) is None:
+
+        def note() -> bool:  # ``space.write`` says ``None`` for a full disk: the note itself returns nothing
+            spool.note_released(series_uids)
+            return True
+
+        if self.space.write("noting a release", note) is None:
             return
         if not self.config.series.complete_on_release:
             return

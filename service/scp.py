@@ -47,7 +47,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import Caller, NodeConfig, NodeSection
@@ -75,6 +75,12 @@ DIAGNOSTIC_CALLED_AE = 0x07
 # Upper layer states (PS3.8 Section 9.2, as pynetdicom names them) in which a connection can close
 # before any A-ASSOCIATE-RQ arrived: Sta2 awaits it; Sta13 follows our A-ABORT of an unrecognised PDU.
 AWAITING_REQUEST_STATES = frozenset({"Sta2", "Sta13"})
+
+# A-ASSOCIATE-RJ for a connection over [node] max_associations, as pynetdicom's own: "rejected-transient",
+# source "DICOM UL service-provider (presentation related)", "local-limit-exceeded" (PS3.8 Table 9-21)
+REJECTED_TRANSIENT = 0x02
+SOURCE_PRESENTATION = 0x03
+DIAGNOSTIC_LOCAL_LIMIT = 0x02
 
 # Presentation context results (PS3.8 Table 9-18)
 ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
@@ -218,20 +224,36 @@ def _listed(names: Sequence[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-class StorageSCP:
-    """The node's listener; call :meth:`start` then :meth:`stop`.
+class HandedConnections(AssociationServer):
+    """An association server for connections another process accepted: it binds and listens on nothing.
 
-    ``on_release`` receives the series UIDs stored during an association that ended with
-    an A-RELEASE (the optional fast path to series completion).
+    ``server_address`` stays the node's listening address, which each association reports as its own.
     """
 
-    def __init__(self, config: NodeConfig, spool: Spool,
-                 on_release: Callable[[list[str]], None] | None = None) -> None:  # fmt: skip
+    def server_bind(self) -> None:
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+
+class StorageSCP:
+    """The node's listener; call :meth:`start` (or :meth:`start_handed`) then :meth:`stop`.
+
+    ``on_release`` receives the series UIDs stored during an association that ended with
+    an A-RELEASE (the optional fast path to series completion); ``on_closed`` is called once
+    per connection when it closes (the receiver processes count them for the node).
+    """
+
+    def __init__(self, config: NodeConfig, spool: Spool, on_release: Callable[[list[str]], None] | None = None,
+                 on_closed: Callable[[], None] | None = None) -> None:  # fmt: skip
         self.config = config
         self.spool = spool
         self.on_release = on_release
-        self._server: ThreadedAssociationServer | None = None
+        self.on_closed = on_closed
+        self._server: ThreadedAssociationServer | HandedConnections | None = None
         self._series_by_assoc: dict[int, set[str]] = {}
+        self._over_limit: set[tuple[str, int]] = set()  # handed connections to refuse: the node's limit is reached
         self._lock = threading.Lock()
         self.ae = make_ae(config.node)
 
@@ -247,7 +269,39 @@ class StorageSCP:
         return self._server is not None
 
     def start(self) -> None:
-        handlers: list[Any] = [
+        """Listen on ``[node] host`` and ``port`` and serve the associations in this process."""
+        address = (self.config.node.host, self.config.node.port)
+        try:
+            self._server = self.ae.start_server(address, block=False, evt_handlers=self._handlers(),
+                                                ssl_context=_deferred_handshake(server_context(self.config.tls)))  # fmt: skip
+        except OSError as error:
+            raise cannot_listen(address, error) from error
+        tls = " with TLS" if self.config.tls.enabled else ""
+        log.info("listening as %s on %s:%d%s", self.config.node.ae_title, address[0], self.port, tls)
+
+    def start_handed(self, address: tuple[str, int]) -> None:
+        """Serve connections that the node accepted on ``address`` and hands to this process (:meth:`serve`)."""
+        self._server = self.ae.make_server(address, evt_handlers=self._handlers(), server_class=HandedConnections,
+                                           ssl_context=_deferred_handshake(server_context(self.config.tls)))  # fmt: skip
+
+    def serve(self, connection: socket.socket, address: tuple[str, int], over_limit: bool = False) -> None:
+        """Start an association on a connection accepted elsewhere (its own thread); ``start_handed`` first.
+
+        ``over_limit``: the node holds ``[node] max_associations`` connections already; the
+        association is refused as pynetdicom refuses one over its own limit. When this raises,
+        no association started: ``on_closed`` is not called for the connection.
+        """
+        server = self._server
+        assert isinstance(server, HandedConnections), "start_handed() first"
+        if over_limit:
+            with self._lock:
+                self._over_limit.add(address)
+        if server.ssl_context is not None:  # the handshake runs at the association's first read
+            connection = server.ssl_context.wrap_socket(connection, server_side=True)
+        server.finish_request(connection, address)  # creates the association and starts its thread
+
+    def _handlers(self) -> list[Any]:
+        return [
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_C_ECHO, self._on_echo),
@@ -255,21 +309,16 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_CONN_CLOSE, self._on_closed),
         ]
-        address = (self.config.node.host, self.config.node.port)
-        try:
-            self._server = self.ae.start_server(address, block=False, evt_handlers=handlers,
-                                                ssl_context=_deferred_handshake(server_context(self.config.tls)))  # fmt: skip
-        except OSError as error:
-            why = f"cannot listen on {address[0]}:{address[1]} ([node] host, port): {error}"
-            raise LiverfatError(Reason.CONFIG_INVALID, why) from error
-        tls = " with TLS" if self.config.tls.enabled else ""
-        log.info("listening as %s on %s:%d%s", self.config.node.ae_title, address[0], self.port, tls)
 
     def stop(self) -> None:
         """Stop accepting and close every association (in-flight stores get no Success)."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        server, self._server = self._server, None
+        if isinstance(server, HandedConnections):  # never served forever: nothing to shut down but its sockets
+            for assoc in server.active_associations:
+                assoc.abort()
+            server.server_close()
+        elif server is not None:
+            server.shutdown()
         self.ae.shutdown()
 
     # -- handlers (run on the association's thread) ---------------------------------------
@@ -281,6 +330,15 @@ class StorageSCP:
         calling = str(request.calling_ae_title).strip()
         called = str(request.called_ae_title).strip()
         host = str(event.assoc.requestor.address)
+        with self._lock:
+            over_limit = (host, event.assoc.requestor.port) in self._over_limit
+        if over_limit:
+            log.warning("refused association from %s at %s: %d associations are open already ([node] "
+                        "max_associations); the sender may try again", calling, host,
+                        self.config.node.max_associations)  # fmt: skip
+            event.assoc.acse.send_reject(REJECTED_TRANSIENT, SOURCE_PRESENTATION, DIAGNOSTIC_LOCAL_LIMIT)
+            event.assoc.kill()
+            return
         why: str | None
         if called != self.config.node.ae_title.strip():
             why = f"called AE title {called!r} is not ours ({self.config.node.ae_title!r})"
@@ -384,7 +442,16 @@ class StorageSCP:
         """Forget the association's series; free the slot of a connection that closed before associating."""
         with self._lock:
             self._series_by_assoc.pop(id(event.assoc), None)
+            self._over_limit.discard((str(event.assoc.requestor.address), event.assoc.requestor.port))
         release_waiting_acceptor(event.assoc)
+        if self.on_closed is not None:
+            self.on_closed()
+
+
+def cannot_listen(address: tuple[str, int], error: OSError) -> LiverfatError:
+    """The error for a listening address that cannot be bound (in use, not this host's)."""
+    why = f"cannot listen on {address[0]}:{address[1]} ([node] host, port): {error}"
+    return LiverfatError(Reason.CONFIG_INVALID, why)
 
 
 class HandshakeOnFirstRead:

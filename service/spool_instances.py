@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from liverfat.errors import LiverfatError, Reason
-from liverfat.files import SyncingWrite, write_and_start_sync
+from liverfat.files import SyncingWrite, fsync_folder, write_and_start_sync
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.group_commit import GroupCommit
 from liverfat.service.spool_db import DB_NAME, SpoolDatabase
@@ -159,6 +159,7 @@ class Instances(SpoolDatabase):
             except sqlite3.Error as error:
                 raise self._write_error(f"cannot record a duplicate in {self.root / DB_NAME}", error) from error
             if held:
+                self._sync_held(info)
                 return StoreOutcome.DUPLICATE
         self._check_free_space(len(data))
         name = f"{file_name(info.sop_instance_uid)}.{secrets.token_hex(4)}.dcm"  # new per reception: see retention
@@ -177,6 +178,7 @@ class Instances(SpoolDatabase):
             raise
         if indexed.outcome is StoreOutcome.DUPLICATE:
             syncing.discard()  # another process on the same index stored it first: this copy is not indexed
+            self._sync_held(info)
             return indexed.outcome
         self._wait_for_sync(syncing, info)
         if indexed.other_series is not None:
@@ -184,6 +186,25 @@ class Instances(SpoolDatabase):
                         "reuses UIDs?): kept as an instance of each series", info.sop_instance_uid, info.series_uid,
                         indexed.other_series)  # fmt: skip
         return indexed.outcome
+
+    def _sync_held(self, info: InstanceInfo) -> None:
+        """Make the held copy's file and name durable before a duplicate is answered Success.
+
+        Its row is committed while its fsyncs run; in this process ``_Storing`` makes a second
+        store wait for them, but the first may run in another process on the same spool (another
+        receiver, ``service/receivers.py``), or may have died there before they ended. For a file
+        already on disk the two fsyncs cost next to nothing.
+        """
+        rows = self.read_committed("SELECT path FROM instances WHERE series_uid = ? AND sop_instance_uid = ?",
+                                   (info.series_uid, info.sop_instance_uid))  # fmt: skip
+        if not rows:
+            return
+        path = self.root / rows[0]["path"]
+        try:
+            fsync_folder(path)  # a file opened read-only is fsynced as a folder is
+            fsync_folder(path.parent)
+        except OSError as error:
+            raise self._write_error(f"cannot sync the held copy {path}", error) from error
 
     def _wait_for_sync(self, syncing: SyncingWrite, info: InstanceInfo) -> None:
         """Wait for the file's fsyncs; if one fails, take back its row, committed meanwhile, and raise."""
