@@ -35,6 +35,7 @@ from liverfat.errors import LiverfatError
 from liverfat.inference.backend import Backend
 from liverfat.service.config import ModelSection, NodeConfig
 from liverfat.service.diskspace import DiskSpace, is_disk_full
+from liverfat.service.heap import keep_freed_memory
 from liverfat.service.logs import configure_logging
 from liverfat.service.series_job import analyze_series_files
 from liverfat.service.spool import Job, JobResult, JobState, Spool
@@ -121,8 +122,7 @@ def run_worker(config: NodeConfig, load_model: BackendLoader | None, slot: Worke
         log.info("model loaded: %s %s on %s", backend.info.name, backend.info.version, backend.info.device)
     except LiverfatError as error:
         log.error("cannot load model %r: %s; series will fail until this is fixed", config.model.name, error.message)
-    warm_up()  # highdicom's tables, loaded here rather than in the first series' write stage
-    gc.freeze()  # the model and those tables live as long as the process: no full collection walks them again
+    settle_process()
     unparked: dict[int, str] = {}  # jobs parked for space whose park could not be recorded yet
     resume_at, delay_s = 0.0, DISK_FULL_RETRY_S[0]
     while not terminated and not stop.is_set() and _parent_alive():
@@ -213,6 +213,13 @@ def _park_for_space(job: Job, spool: Spool, space: DiskSpace | None, error: Base
         return JobResult(JobState.PROCESSING, error=why)
     log.warning("series %s v%d: %s", job.series_uid, job.version, why, extra={"job": job.id})
     return JobResult(JobState.COMPLETE, error=why)
+
+
+def settle_process() -> None:
+    """What a worker process does once its model is loaded, before its first series (local and fleet workers)."""
+    warm_up()  # highdicom's tables, loaded here rather than in the first series' write stage
+    keep_freed_memory()  # series after series reuse the same pages instead of faulting them in
+    gc.freeze()  # the model and those tables live as long as the process: no full collection walks them again
 
 
 def _die_with_parent() -> None:

@@ -25,7 +25,6 @@ for the name's remote-control queue. Each worker answers ``liverfat_identity`` (
 from __future__ import annotations
 
 import errno
-import gc
 import json
 import logging
 import os
@@ -47,7 +46,6 @@ from pydantic import TypeAdapter, ValidationError
 
 from liverfat import __version__
 from liverfat.analysis import BackendLoader, ModelCache, safe_folder_name, write_json_atomically
-from liverfat.dicom_io.outputs import warm_up
 from liverfat.errors import LiverfatError, Reason
 from liverfat.files import fsync_folder
 from liverfat.service.config import NodeConfig
@@ -67,7 +65,7 @@ from liverfat.service.fleet.paths import PathMap
 from liverfat.service.fleet.staging import remove_stale_staging, staging_folder
 from liverfat.service.series_job import ResearchOptions, analyze_series_files
 from liverfat.service.spool_types import JobResult, JobState
-from liverfat.service.worker import ModelLoader
+from liverfat.service.worker import ModelLoader, settle_process
 from liverfat.service.worker_pool import WorkerSlot, plan_workers
 
 log = logging.getLogger(__name__)
@@ -288,8 +286,7 @@ class FleetWorker:
             log.error("cannot load model %r: %s; series will fail until this is fixed", model.name, error.message)
         except Exception:
             log.exception("cannot load model %r; series will fail until this is fixed", model.name)
-        warm_up()
-        gc.freeze()  # the model and highdicom's tables live as long as the child: keep them out of collections
+        settle_process()
 
     def run_task(self, message: dict[str, Any]) -> None:
         """The ``liverfat.analyze_series`` task: analyse (or re-read), publish the completion, return (acked)."""
