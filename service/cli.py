@@ -21,6 +21,7 @@ from liverfat.service.config import QueueSection, load_config
 from liverfat.service.config_cli import add_config_commands
 from liverfat.service.fleet.urls import redacted
 from liverfat.service.fleet.worker_cli import add_worker_command
+from liverfat.service.heap import keep_freed_memory
 from liverfat.service.models_cli import add_models_commands
 from liverfat.service.node_cli import add_node_commands
 from liverfat.service.progress import ConsoleProgress
@@ -167,6 +168,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     if args.broker is not None:
         return _analyze_on_fleet(args, run, replace(node.queue, broker=args.broker or node.queue.broker), load_model)
+    keep_freed_memory(prefault_bytes=0)  # a run of many series reuses its memory, as a worker does (service/heap.py)
     result = analyze_inputs(args.inputs, run, load_model, ConsoleProgress())
     return _analyze_exit_status(result, args.out)
 

@@ -13,8 +13,9 @@ most of the faults came from torch's and SimpleITK's buffers.
 
 The price: a worker's resident memory stays at its high-water mark between series instead of
 falling back, and starts there (peak 2.08 GB against 1.77 GB in that measurement; the target is
-2.5 GB). Only worker processes do this: they live for many series; the node process keeps
-glibc's defaults. Elsewhere than glibc (musl) it does nothing.
+2.5 GB). Worker processes do this, as does ``liverfat analyze`` (without touching memory ahead:
+a run may hold one small series); the node process keeps glibc's defaults. Elsewhere than glibc
+(musl) it does nothing.
 """
 
 from __future__ import annotations
