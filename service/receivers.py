@@ -245,8 +245,8 @@ class ReceiverPool:
                 log.info("receiver process %d (%s) stopped", process.pid, receiver.name)
                 return
             if self._stopping:
-                log.warning("receiver process %d (%s) ended with %s while the node stopped", process.pid,
-                            receiver.name, _exit(process.exitcode))  # fmt: skip
+                log.warning("receiver process %d (%s) %s while the node stopped", process.pid, receiver.name,
+                            _exit(process.exitcode))  # fmt: skip
                 return
             if time.monotonic() - receiver.started_at > RECEIVER_STEADY_S:
                 receiver.restart_delay_s = RESTART_DELAY_S[0]
