@@ -182,6 +182,7 @@ def test_a_receiver_killed_mid_transfer_is_restarted_and_the_series_sent_again_i
 def test_stop_closes_the_port_and_ends_every_receiver_quietly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pool = Pool(node_config(tmp_path, receivers=2))
     pids, port = pool.pids(), pool.port
+    assert pool.listener.running  # /healthz's listener_up
     small_series(tmp_path / "series", slices=2)
     assert storescu(pool.port, tmp_path / "series", "+sd").returncode == 0
     with socket.create_connection(("127.0.0.1", pool.port)):  # an open connection while the node stops
