@@ -148,6 +148,12 @@ def all_in(state: JobState) -> Callable[[dict[str, Job]], bool]:
     return lambda found: len(found) == 2 and all(job.state is state for job in found.values())
 
 
+def jobs_reported(node: Node) -> int:
+    """Series done as the workers' reports say, read after a tick of the node (the reports' one reader)."""
+    node.tick()
+    return sum(w.jobs_done for w in node.status().workers or ())
+
+
 def models_loaded(node: Node) -> bool:
     node.tick()
     return all(w.model is not None and w.model.loaded for w in node.status().workers or ())
@@ -171,7 +177,7 @@ def test_two_workers_process_two_series_at_once_and_every_view_shows_both(pool_n
     assert {job.claimed_by for job in busy.values()} == {"worker-0", "worker-1"}
     done = jobs_when(pool_node, all_in(JobState.DONE), 90, "both series done")
     assert {(job.claimed_by, job.attempts) for job in done.values()} == {("worker-0", 1), ("worker-1", 1)}
-    wait_for(lambda: sum(w.jobs_done for w in pool_node.status().workers or ()) == 2, 10, "both reports")
+    wait_for(lambda: jobs_reported(pool_node) == 2, 10, "both reports")
 
     health = json.loads(get(pool_node, "/healthz"))
     assert health["status"] == "ok" and health["worker_up"] is True
