@@ -245,19 +245,19 @@ def test_a_node_started_while_the_broker_is_down_receives_and_publishes_once_it_
     files = phantom_series(tmp_path / "ct")
     broker.stop()
     try:
-        node.start(wait_model=False)
-        send(orthanc, node, files)  # received and acknowledged while the broker is down
-        wait_for(lambda: all_in(node, [files], JobState.COMPLETE), 60, "the series to be complete")
-        # complete at the sender's release, possibly before the dispatcher's first try has timed out
-        wait_for(lambda: "unavailable" in node.run_log(), 60, "the dispatcher to find the broker down")
-        assert jobs(node)[uids(files)[0]].attempts == 0, "kept, not published"
-        code, health = node_health(orthanc, node)
-        assert code == 503 and any("cannot be reached" in problem for problem in health["problems"])
-        assert health["queue"]["connected"] is False and broker.password not in json.dumps(health)
-        worker.start(wait_ready=False)  # before the broker too: it connects by itself
-    finally:
-        broker.start()
-    try:
+        try:
+            node.start(wait_model=False)
+            send(orthanc, node, files)  # received and acknowledged while the broker is down
+            wait_for(lambda: all_in(node, [files], JobState.COMPLETE), 60, "the series to be complete")
+            # complete at the sender's release, possibly before the dispatcher's first try has timed out
+            wait_for(lambda: "unavailable" in node.run_log(), 60, "the dispatcher to find the broker down")
+            assert jobs(node)[uids(files)[0]].attempts == 0, "kept, not published"
+            code, health = node_health(orthanc, node)
+            assert code == 503 and any("cannot be reached" in problem for problem in health["problems"])
+            assert health["queue"]["connected"] is False and broker.password not in json.dumps(health)
+            worker.start(wait_ready=False)  # before the broker too: it connects by itself
+        finally:
+            broker.start()
         check_one_set_of_results_each(orthanc, node, [files])
         wait_for(lambda: node_health(orthanc, node)[0] == 200, 60, "/healthz to be ok again")
         assert node.terminate() == 0
