@@ -3,7 +3,8 @@
 
 1. Receive rate: dcmtk's storescu sends phantom series (512 x 512 slices) to each receiver in
    turn: dcmtk's ``/usr/bin/storescp`` (writes, syncs nothing), a bare pynetdicom SCP (the node's
-   AE settings, a C-STORE handler that stores nothing: the ceiling with pynetdicom), Orthanc
+   contexts, a C-STORE handler that stores nothing: pynetdicom's acceptor, which the node used before
+   its own upper layer), Orthanc
    (Debian package, default ``SyncStorageArea``: the durable peer) and the node (a real
    ``liverfat`` node process, its worker idle). Orthanc 1.10 waits for the disk once per
    instance (strace: 53 ``fdatasync`` for 50 instances, no other sync call): its SQLite index
@@ -71,7 +72,7 @@ sys.path.insert(0, str(BENCH_ROOT))
 from liverfat import __version__  # noqa: E402
 from liverfat.files import durable_write  # noqa: E402
 from liverfat.service.config import NodeSection  # noqa: E402
-from liverfat.service.scp import StoreStatus, make_ae  # noqa: E402
+from liverfat.service.scp import StoreStatus, acceptor_settings  # noqa: E402
 from liverfat.service.spool import Job  # noqa: E402
 from tests.orthanc import orthanc_server  # noqa: E402
 from tests.phantom import Grid, Phantom, SeriesHeader, write_series  # noqa: E402
@@ -170,7 +171,7 @@ def storescp_receiver(work: Path) -> Iterator[Target]:
 
 @contextmanager
 def bare_pynetdicom_receiver(work: Path) -> Iterator[Target]:
-    """The ceiling with pynetdicom: the node's AE settings, a C-STORE handler that stores nothing."""
+    """pynetdicom's own acceptor (the node's before its upper layer): its contexts, a handler that stores nothing."""
     port = free_port()
     with scp_process([sys.executable, str(Path(__file__).resolve()), "--serve-bare-scp", str(port)], port,
                      NodeSection().ae_title) as target:  # fmt: skip
@@ -178,7 +179,10 @@ def bare_pynetdicom_receiver(work: Path) -> Iterator[Target]:
 
 
 def serve_bare_scp(port: int) -> None:
-    ae = make_ae(NodeSection(host="127.0.0.1", port=port))
+    node = NodeSection(host="127.0.0.1", port=port)
+    ae = pynetdicom.AE(ae_title=node.ae_title)
+    ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs (pynetdicom docs/examples/storage.rst)
+    ae.supported_contexts = list(acceptor_settings(node).supported_contexts)
     ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, _store_nothing)])
 
 

@@ -10,7 +10,7 @@ spool's index (SQLite WAL: concurrent commits wait for each other, ``spool_db.BU
 Accepting in one place spreads the associations evenly (``SO_REUSEPORT`` hashes connections: four
 associations over two sockets land 4-0 one time in eight) and keeps ``[node] max_associations``
 node-wide: the connection that would exceed it is handed with a flag, and its receiver refuses the
-association as pynetdicom refuses one over its own limit. ``receivers = 1`` keeps the listener in
+association ("local limit exceeded"), as the in-process listener refuses one over the limit. ``receivers = 1`` keeps the listener in
 the node process (:func:`make_listener`).
 
 Each receiver sends back, over the same socket pair, the series of an association that ended
@@ -44,7 +44,7 @@ from typing import Protocol
 from liverfat.service.config import NodeConfig
 from liverfat.service.diskspace import DiskSpace
 from liverfat.service.logs import configure_logging
-from liverfat.service.scp import StorageSCP, cannot_listen
+from liverfat.service.scp import StorageSCP, close_listening, listen, shut
 from liverfat.service.spool import Spool
 from liverfat.service.worker_pool import usable_cores
 
@@ -137,11 +137,7 @@ class ReceiverPool:
     def start(self) -> None:
         node = self.config.node
         address = (node.host, node.port)
-        try:
-            self._listener = socket.create_server(address, family=socket.AF_INET6 if ":" in node.host else
-                                                  socket.AF_INET)  # fmt: skip
-        except OSError as error:
-            raise cannot_listen(address, error) from error
+        self._listener = listen(address)
         self._address = (node.host, self.port)
         for receiver in self.receivers:
             self._spawn(receiver)
@@ -159,9 +155,9 @@ class ReceiverPool:
             listener, self._listener = self._listener, None
             channels = [r.channel for r in self.receivers if r.channel is not None]
         if listener is not None:
-            _close_listening(listener)
+            close_listening(listener)
         for channel in channels:  # the receiver reads the end of its socket pair: it stops and exits
-            _shut(channel, socket.SHUT_WR)
+            shut(channel, socket.SHUT_WR)
         deadline = time.monotonic() + STOP_S
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
@@ -227,7 +223,7 @@ class ReceiverPool:
             receiver.process, receiver.channel, receiver.open = process, ours, 0
             receiver.started_at = time.monotonic()
             if self._stopping:  # stop() has told the others already
-                _shut(ours, socket.SHUT_WR)
+                shut(ours, socket.SHUT_WR)
             self._changed.notify_all()
         log.info("receiver process %d started: %s", process.pid, receiver.name)
 
@@ -295,18 +291,6 @@ def _exit(code: int | None) -> str:
         except ValueError:
             return f"was killed by signal {-code}"
     return f"exited with code {code}"
-
-
-def _close_listening(listener: socket.socket) -> None:
-    _shut(listener, socket.SHUT_RDWR)  # wakes the thread blocked in accept() (Linux); close alone does not
-    listener.close()
-
-
-def _shut(sock: socket.socket, how: int) -> None:
-    try:
-        sock.shutdown(how)
-    except OSError:
-        pass  # already closed by its peer
 
 
 # -- the receiver process ---------------------------------------------------------------------

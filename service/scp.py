@@ -2,9 +2,10 @@
 
 The C-STORE handler only writes and records: the instance goes to the spool (temp file,
 fsync, rename) and into the SQLite index, and only then is Success returned. Nothing is
-parsed beyond the UIDs the index needs, and nothing is processed on the association thread.
+parsed beyond the UIDs the index needs, and nothing is processed on the association's thread.
 The handler reads the data set only up to the Series Instance UID and encodes the file meta
-itself: on a small machine its CPU time competes with the sender and pynetdicom's own threads.
+itself: on a small machine its CPU time competes with the sender and the other associations.
+The associations themselves run in :mod:`liverfat.service.upper_layer`, one thread each.
 
 References
 ----------
@@ -15,14 +16,14 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import struct
 import threading
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from enum import IntEnum
 from io import BytesIO
-from typing import Any, NamedTuple, cast
+from typing import NamedTuple
 
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
@@ -36,23 +37,20 @@ from pydicom.uid import (
     UncompressedTransferSyntaxes,
 )
 from pynetdicom import (
-    AE,
     ALL_TRANSFER_SYNTAXES,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
-    evt,
+    build_context,
 )
-from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.events import Event
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
-from pynetdicom.transport import AssociationServer, ThreadedAssociationServer
 
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import Caller, NodeConfig, NodeSection
+from liverfat.service.dimse_command import Command
 from liverfat.service.spool import InstanceInfo, Spool, StoreOutcome
 from liverfat.service.tls import server_context
+from liverfat.service.upper_layer import Association, Rejection, Settings, serve
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +70,7 @@ SOURCE_SERVICE_USER = 0x01
 DIAGNOSTIC_CALLING_AE = 0x03
 DIAGNOSTIC_CALLED_AE = 0x07
 
-# Upper layer states (PS3.8 Section 9.2, as pynetdicom names them) in which a connection can close
-# before any A-ASSOCIATE-RQ arrived: Sta2 awaits it; Sta13 follows our A-ABORT of an unrecognised PDU.
-AWAITING_REQUEST_STATES = frozenset({"Sta2", "Sta13"})
-
-# A-ASSOCIATE-RJ for a connection over [node] max_associations, as pynetdicom's own: "rejected-transient",
+# A-ASSOCIATE-RJ for a connection over [node] max_associations, as pynetdicom's: "rejected-transient",
 # source "DICOM UL service-provider (presentation related)", "local-limit-exceeded" (PS3.8 Table 9-21)
 REJECTED_TRANSIENT = 0x02
 SOURCE_PRESENTATION = 0x03
@@ -97,19 +91,15 @@ class StoreStatus(IntEnum):
 UID_MAX_LENGTH = 64  # PS3.5 Section 9.1
 
 
-def make_ae(node: NodeSection) -> AE:
-    """The listener's application entity: its title, limits and presentation contexts (no handlers)."""
-    ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
-    ae.network_timeout = node.network_timeout_s
-    ae.acse_timeout = node.acse_timeout_s
-    ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs (pynetdicom docs/examples/storage.rst)
-    ae.require_called_aet = True
-    ae.add_supported_context(VERIFICATION)
+STOP_S = 10.0  # stop() waits this long for each association's thread after closing its connection
+ACCEPT_RETRY_S = 0.1  # after accept() failed (too many open files)
+
+
+def acceptor_settings(node: NodeSection) -> Settings:
+    """The listener's AE title, presentation contexts and timeouts."""
     syntaxes = decodable_transfer_syntaxes()
-    for sop_class in CT_STORAGE_CLASSES:
-        ae.add_supported_context(sop_class, syntaxes)
-    return ae
+    contexts = [build_context(VERIFICATION), *(build_context(sop_class, syntaxes) for sop_class in CT_STORAGE_CLASSES)]
+    return Settings(node.ae_title, contexts, node.acse_timeout_s, node.network_timeout_s)
 
 
 def decodable_transfer_syntaxes() -> list[str]:
@@ -224,24 +214,12 @@ def _listed(names: Sequence[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-class HandedConnections(AssociationServer):
-    """An association server for connections another process accepted: it binds and listens on nothing.
-
-    ``server_address`` stays the node's listening address, which each association reports as its own.
-    """
-
-    def server_bind(self) -> None:
-        pass
-
-    def server_activate(self) -> None:
-        pass
-
-
 class StorageSCP:
     """The node's listener; call :meth:`start` (or :meth:`start_handed`) then :meth:`stop`.
 
-    ``on_release`` receives the series UIDs stored during an association that ended with
-    an A-RELEASE (the optional fast path to series completion); ``on_closed`` is called once
+    Each connection runs on its own thread (:func:`upper_layer.serve`) with this object's
+    handlers. ``on_release`` receives the series UIDs stored during an association that ended
+    with an A-RELEASE (the optional fast path to series completion); ``on_closed`` is called once
     per connection when it closes (the receiver processes count them for the node).
     """
 
@@ -251,106 +229,127 @@ class StorageSCP:
         self.spool = spool
         self.on_release = on_release
         self.on_closed = on_closed
-        self._server: ThreadedAssociationServer | HandedConnections | None = None
+        self.settings = acceptor_settings(config.node)
+        self._tls = server_context(config.tls)
+        self._listener: socket.socket | None = None
+        self._address: tuple[str, int] | None = None  # the listening address, once started
+        self._connections: dict[socket.socket, threading.Thread] = {}  # open connections (under the lock)
         self._series_by_assoc: dict[int, set[str]] = {}
-        self._over_limit: set[tuple[str, int]] = set()  # handed connections to refuse: the node's limit is reached
+        self._over_limit: set[int] = set()  # ids of the associations to refuse: the node's limit is reached
         self._lock = threading.Lock()
-        self.ae = make_ae(config.node)
 
     @property
     def port(self) -> int:
         """The bound port (useful when configured as 0)."""
-        if self._server is None:
+        if self._address is None:
             raise RuntimeError("the listener is not started")
-        return int(self._server.server_address[1])
+        return self._address[1]
 
     @property
     def running(self) -> bool:
-        return self._server is not None
+        return self._address is not None
+
+    @property
+    def open_connections(self) -> int:
+        """Connections being served: each holds one of ``[node] max_associations`` slots until it closes."""
+        with self._lock:
+            return len(self._connections)
 
     def start(self) -> None:
         """Listen on ``[node] host`` and ``port`` and serve the associations in this process."""
-        address = (self.config.node.host, self.config.node.port)
-        try:
-            self._server = self.ae.start_server(address, block=False, evt_handlers=self._handlers(),
-                                                ssl_context=_deferred_handshake(server_context(self.config.tls)))  # fmt: skip
-        except OSError as error:
-            raise cannot_listen(address, error) from error
+        node = self.config.node
+        listener = listen((node.host, node.port))
+        self._listener, self._address = listener, (node.host, int(listener.getsockname()[1]))
+        threading.Thread(target=self._accept, args=(listener,), name="liverfat-accept", daemon=True).start()
         tls = " with TLS" if self.config.tls.enabled else ""
-        log.info("listening as %s on %s:%d%s", self.config.node.ae_title, address[0], self.port, tls)
+        log.info("listening as %s on %s:%d%s", node.ae_title, node.host, self.port, tls)
 
     def start_handed(self, address: tuple[str, int]) -> None:
         """Serve connections that the node accepted on ``address`` and hands to this process (:meth:`serve`)."""
-        self._server = self.ae.make_server(address, evt_handlers=self._handlers(), server_class=HandedConnections,
-                                           ssl_context=_deferred_handshake(server_context(self.config.tls)))  # fmt: skip
+        self._address = address
 
     def serve(self, connection: socket.socket, address: tuple[str, int], over_limit: bool = False) -> None:
         """Start an association on a connection accepted elsewhere (its own thread); ``start_handed`` first.
 
         ``over_limit``: the node holds ``[node] max_associations`` connections already; the
-        association is refused as pynetdicom refuses one over its own limit. When this raises,
-        no association started: ``on_closed`` is not called for the connection.
+        association is refused with "local limit exceeded". When this raises, no association
+        started: ``on_closed`` is not called for the connection.
         """
-        server = self._server
-        assert isinstance(server, HandedConnections), "start_handed() first"
-        if over_limit:
-            with self._lock:
-                self._over_limit.add(address)
-        if server.ssl_context is not None:  # the handshake runs at the association's first read
-            connection = server.ssl_context.wrap_socket(connection, server_side=True)
-        server.finish_request(connection, address)  # creates the association and starts its thread
-
-    def _handlers(self) -> list[Any]:
-        return [
-            (evt.EVT_REQUESTED, self._on_requested),
-            (evt.EVT_ACCEPTED, self._on_accepted),
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_CONN_CLOSE, self._on_closed),
-        ]
+        assert self._address is not None and self._listener is None, "start_handed() first"
+        self._start_thread(connection, address, over_limit)
 
     def stop(self) -> None:
         """Stop accepting and close every association (in-flight stores get no Success)."""
-        server, self._server = self._server, None
-        if isinstance(server, HandedConnections):  # never served forever: nothing to shut down but its sockets
-            for assoc in server.active_associations:
-                assoc.abort()
-            server.server_close()
-        elif server is not None:
-            server.shutdown()
-        self.ae.shutdown()
+        listener, self._listener, self._address = self._listener, None, None
+        if listener is not None:
+            close_listening(listener)
+        with self._lock:
+            connections = dict(self._connections)
+        for connection in connections:
+            shut(connection, socket.SHUT_RDWR)
+        for thread in connections.values():
+            thread.join(STOP_S)
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                connection, address = listener.accept()
+            except OSError as error:
+                if self._listener is not listener:
+                    return  # stop() closed it
+                log.warning("cannot accept a connection: %s", error)  # too many open files: wait for some to close
+                time.sleep(ACCEPT_RETRY_S)
+                continue
+            with self._lock:
+                over_limit = len(self._connections) >= self.config.node.max_associations
+            self._start_thread(connection, address[:2], over_limit)
+
+    def _start_thread(self, connection: socket.socket, address: tuple[str, int], over_limit: bool) -> None:
+        association = Association((str(address[0]), int(address[1])))
+        if self._tls is not None:  # the handshake runs on the connection's thread, under acse_timeout_s
+            connection = self._tls.wrap_socket(connection, server_side=True, do_handshake_on_connect=False)
+        thread = threading.Thread(target=self._serve, args=(connection, association), daemon=True,
+                                  name=f"liverfat-association-{address[0]}:{address[1]}")  # fmt: skip
+        with self._lock:
+            self._connections[connection] = thread
+            if over_limit:
+                self._over_limit.add(id(association))
+        thread.start()
+
+    def _serve(self, connection: socket.socket, association: Association) -> None:
+        try:
+            serve(connection, association, self.settings, self)
+        finally:
+            with self._lock:
+                del self._connections[connection]
+                self._series_by_assoc.pop(id(association), None)
+                self._over_limit.discard(id(association))
+            if self.on_closed is not None:
+                self.on_closed()
 
     # -- handlers (run on the association's thread) ---------------------------------------
 
-    def _on_requested(self, event: Event) -> None:
-        request = event.assoc.requestor.primitive  # the A-ASSOCIATE-RQ; negotiation has not run yet
-        if request is None:
-            return
-        calling = str(request.calling_ae_title).strip()
-        called = str(request.called_ae_title).strip()
-        host = str(event.assoc.requestor.address)
+    def requested(self, association: Association) -> Rejection | None:
+        calling, host = association.calling_ae_title, association.address[0]
         with self._lock:
-            over_limit = (host, event.assoc.requestor.port) in self._over_limit
+            over_limit = id(association) in self._over_limit
         if over_limit:
             log.warning("refused association from %s at %s: %d associations are open already ([node] "
                         "max_associations); the sender may try again", calling, host,
                         self.config.node.max_associations)  # fmt: skip
-            event.assoc.acse.send_reject(REJECTED_TRANSIENT, SOURCE_PRESENTATION, DIAGNOSTIC_LOCAL_LIMIT)
-            event.assoc.kill()
-            return
+            return Rejection(REJECTED_TRANSIENT, SOURCE_PRESENTATION, DIAGNOSTIC_LOCAL_LIMIT)
         why: str | None
-        if called != self.config.node.ae_title.strip():
-            why = f"called AE title {called!r} is not ours ({self.config.node.ae_title!r})"
+        if association.called_ae_title != self.config.node.ae_title.strip():
+            why = f"called AE title {association.called_ae_title!r} is not ours ({self.config.node.ae_title!r})"
             diagnostic = DIAGNOSTIC_CALLED_AE
         else:
             why, diagnostic = refuse_caller(self.config.node.allowed_callers, calling, host), DIAGNOSTIC_CALLING_AE
-        if why is not None:
-            log.warning("refused association from %s at %s: %s", calling, host, why)
-            event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-            event.assoc.kill()  # waits until the A-ASSOCIATE-RJ is out, as pynetdicom's own rejections do
+        if why is None:
+            return None
+        log.warning("refused association from %s at %s: %s", calling, host, why)
+        return Rejection(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
 
-    def _on_accepted(self, event: Event) -> None:
+    def accepted(self, association: Association) -> None:
         """Log the refused presentation contexts at a level that says whether anything was lost.
 
         Refusals are ordinary negotiation (Orthanc proposes query/retrieve classes with each
@@ -358,17 +357,17 @@ class StorageSCP:
         refused on purpose: INFO, with the reason. A sender that proposed storage and got no
         CT Image Storage context meant to send something this node does not take: WARNING.
         """
-        refused = event.assoc.rejected_contexts
+        refused = association.rejected
         if not refused:
             return
-        calling = str(event.assoc.requestor.ae_title).strip()
+        calling = association.calling_ae_title
         unknown_class = [c for c in refused if c.result == ABSTRACT_SYNTAX_NOT_SUPPORTED]
         multiframe = sorted({UID(str(c.abstract_syntax)).name for c in unknown_class
                              if c.abstract_syntax in REFUSED_MULTIFRAME_CT})  # fmt: skip
         classes = sorted({UID(str(c.abstract_syntax)).name for c in unknown_class
                           if c.abstract_syntax not in REFUSED_MULTIFRAME_CT})  # fmt: skip
         syntaxes = sorted({UID(str(c.abstract_syntax)).name for c in refused if c not in unknown_class})
-        accepted_ct = any(c.abstract_syntax in CT_STORAGE_CLASSES for c in event.assoc.accepted_contexts)
+        accepted_ct = any(c.abstract_syntax in CT_STORAGE_CLASSES for c in association.accepted.values())
         lost = not accepted_ct and (bool(syntaxes) or any(_is_storage(str(c.abstract_syntax)) for c in unknown_class))
         level = logging.WARNING if lost else logging.DEBUG
         if multiframe:
@@ -381,25 +380,12 @@ class StorageSCP:
             log.log(level, "refused presentation context(s) for %s from %s: none of the proposed transfer syntaxes "
                     "can be decoded here", _listed(syntaxes), calling)  # fmt: skip
 
-    def _on_echo(self, event: Event) -> int:
-        log.debug("C-ECHO from %s", str(event.assoc.requestor.ae_title).strip())
-        return int(StoreStatus.SUCCESS)
-
-    def _on_store(self, event: Event) -> int:
-        # The received data set as pynetdicom holds it, without the copy ``Event.encoded_dataset`` makes;
-        # the view is released before pynetdicom is handed the answer.
-        with cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer() as dataset:
-            return self._store(event, dataset)
-
-    def _store(self, event: Event, dataset: memoryview) -> int:
-        request = cast(C_STORE, event.request)
-        calling = str(event.assoc.requestor.ae_title).strip()
-        sop_uid = str(request.AffectedSOPInstanceUID)
-        sop_class = str(request.AffectedSOPClassUID)
-        transfer_syntax = UID(event.context.transfer_syntax)
+    def store(self, association: Association, command: Command, transfer_syntax: UID, dataset: memoryview) -> int:
+        calling = association.calling_ae_title
+        sop_uid, sop_class = command.affected_sop_instance_uid, command.affected_sop_class_uid
         try:
             indexed = index_uids(dataset, transfer_syntax)
-        except RecursionError:  # one line, not pynetdicom's logged traceback of a thousand frames
+        except RecursionError:  # one line, not a logged traceback of a thousand frames
             log.warning("answered 0xC210 to %s for instance %s: its sequences are nested too deep to read",
                         calling, _shown(sop_uid))  # fmt: skip
             return int(StoreStatus.CANNOT_UNDERSTAND)
@@ -424,7 +410,7 @@ class StorageSCP:
                       calling, sop_uid, error.reason.value, error.message)  # fmt: skip
             return int(StoreStatus.OUT_OF_RESOURCES)
         with self._lock:
-            self._series_by_assoc.setdefault(id(event.assoc), set()).add(series_uid)
+            self._series_by_assoc.setdefault(id(association), set()).add(series_uid)
         if outcome is StoreOutcome.DUPLICATE:
             log.debug("instance %s of series %s from %s is already held: accepted, not stored again", sop_uid,
                       series_uid, calling)  # fmt: skip
@@ -432,20 +418,11 @@ class StorageSCP:
             log.debug("stored instance %s of series %s from %s", sop_uid, series_uid, calling)
         return int(StoreStatus.SUCCESS)
 
-    def _on_released(self, event: Event) -> None:
+    def released(self, association: Association) -> None:
         with self._lock:
-            series = sorted(self._series_by_assoc.pop(id(event.assoc), set()))
+            series = sorted(self._series_by_assoc.pop(id(association), set()))
         if series and self.on_release is not None:
             self.on_release(series)
-
-    def _on_closed(self, event: Event) -> None:
-        """Forget the association's series; free the slot of a connection that closed before associating."""
-        with self._lock:
-            self._series_by_assoc.pop(id(event.assoc), None)
-            self._over_limit.discard((str(event.assoc.requestor.address), event.assoc.requestor.port))
-        release_waiting_acceptor(event.assoc)
-        if self.on_closed is not None:
-            self.on_closed()
 
 
 def cannot_listen(address: tuple[str, int], error: OSError) -> LiverfatError:
@@ -454,37 +431,24 @@ def cannot_listen(address: tuple[str, int], error: OSError) -> LiverfatError:
     return LiverfatError(Reason.CONFIG_INVALID, why)
 
 
-class HandshakeOnFirstRead:
-    """Stands in for the listener's ``SSLContext``: wraps accepted sockets without the TLS handshake.
-
-    pynetdicom wraps each accepted socket on the listener's one accepting thread, and
-    ``SSLContext.wrap_socket`` does the server handshake right there by default, so a single
-    TCP connection that never sends a ClientHello stopped the listener accepting anyone.
-    Deferred, the handshake runs on the association's own thread at its first read, under
-    ``acse_timeout_s`` like any connection that has not associated yet.
-    """
-
-    def __init__(self, context: ssl.SSLContext) -> None:
-        self.context = context
-
-    def wrap_socket(self, sock: socket.socket, server_side: bool = False) -> ssl.SSLSocket:
-        return self.context.wrap_socket(sock, server_side=server_side, do_handshake_on_connect=False)
+def listen(address: tuple[str, int]) -> socket.socket:
+    """A socket listening on ``address`` (IPv6 where the host is one); a clear error when it cannot."""
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    try:
+        return socket.create_server(address, family=family, backlog=64)
+    except OSError as error:
+        raise cannot_listen(address, error) from error
 
 
-def _deferred_handshake(context: ssl.SSLContext | None) -> ssl.SSLContext | None:
-    # pynetdicom's listener only calls ``wrap_socket(sock, server_side=True)`` on its context
-    return None if context is None else cast(ssl.SSLContext, HandshakeOnFirstRead(context))
+def close_listening(listener: socket.socket) -> None:
+    """Close a listening socket and wake the thread blocked in its ``accept()`` (Linux; ``close`` alone does not)."""
+    shut(listener, socket.SHUT_RDWR)
+    listener.close()
 
 
-def release_waiting_acceptor(assoc: Association) -> None:
-    """End an acceptor thread still waiting for an A-ASSOCIATE-RQ on a connection that is now closed.
-
-    pynetdicom's acceptor waits for the request on its DUL queue for the whole ACSE timeout
-    even when the peer has gone (a port monitor's bare connect), holding one of
-    ``maximum_associations`` slots meanwhile. An empty item on that queue is what the wait
-    returns on timeout, so the thread closes the association and ends at once.
-    """
-    dul = assoc.dul
-    waiting = assoc.is_acceptor and assoc.requestor.primitive is None
-    if waiting and dul.state_machine.current_state in AWAITING_REQUEST_STATES:
-        dul.to_user_queue.put(None)  # type: ignore[arg-type]  # the timeout's "nothing received"
+def shut(sock: socket.socket, how: int) -> None:
+    """``sock.shutdown(how)``, whatever state the connection is in."""
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass  # already closed by its peer

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from liverfat.errors import LiverfatError, Reason
 from liverfat.service.config import NodeConfig, load_config
-from liverfat.service.scp import StorageSCP, StoreStatus, check_uid, make_ae
+from liverfat.service.scp import StorageSCP, StoreStatus, acceptor_settings, check_uid
 from liverfat.service.spool import Spool
 from liverfat.service.tls import client_context
 from tests.service.conftest import ECHOSCU, dcmtk, node_config, small_series, storescu
@@ -67,7 +67,7 @@ def echo(scp: StorageSCP, contexts: tuple[str, ...] = (Verification,)) -> bool:
 
 
 def held_slots(scp: StorageSCP) -> int:
-    return len(scp.ae.active_associations)
+    return scp.open_connections
 
 
 def wait_until(predicate: object, timeout: float) -> float:
@@ -200,10 +200,12 @@ def test_with_tls_a_silent_connection_neither_blocks_the_listener_nor_keeps_its_
 def test_association_limit_and_timeouts_come_from_the_node_section(tmp_path: Path) -> None:
     environ = {"LIVERFAT_NODE_MAX_ASSOCIATIONS": "3", "LIVERFAT_NODE_ACSE_TIMEOUT_S": "2.5",
                "LIVERFAT_NODE_NETWORK_TIMEOUT_S": "30"}  # fmt: skip
-    ae = make_ae(load_config(None, environ=environ).node)
-    assert (ae.maximum_associations, ae.acse_timeout, ae.network_timeout) == (3, 2.5, 30.0)
-    defaults = make_ae(load_config(None, environ={}).node)
-    assert (defaults.maximum_associations, defaults.acse_timeout, defaults.network_timeout) == (10, 10.0, 60.0)
+    node = load_config(None, environ=environ).node
+    settings = acceptor_settings(node)
+    assert (node.max_associations, settings.acse_timeout_s, settings.network_timeout_s) == (3, 2.5, 30.0)
+    defaults = load_config(None, environ={}).node
+    assert (defaults.max_associations, acceptor_settings(defaults).acse_timeout_s,
+            acceptor_settings(defaults).network_timeout_s) == (10, 10.0, 60.0)  # fmt: skip
     with pytest.raises(LiverfatError, match=r"\[node\] acse_timeout_s must be greater than 0") as raised:
         load_config(None, environ={"LIVERFAT_NODE_ACSE_TIMEOUT_S": "0"})
     assert raised.value.reason is Reason.CONFIG_INVALID
