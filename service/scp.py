@@ -36,12 +36,7 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     UncompressedTransferSyntaxes,
 )
-from pynetdicom import (
-    ALL_TRANSFER_SYNTAXES,
-    PYNETDICOM_IMPLEMENTATION_UID,
-    PYNETDICOM_IMPLEMENTATION_VERSION,
-    build_context,
-)
+from pynetdicom import ALL_TRANSFER_SYNTAXES, build_context
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
@@ -50,7 +45,14 @@ from liverfat.service.config import Caller, NodeConfig, NodeSection
 from liverfat.service.dimse_command import Command
 from liverfat.service.spool import InstanceInfo, Spool, StoreOutcome
 from liverfat.service.tls import server_context
-from liverfat.service.upper_layer import Association, Rejection, Settings, serve
+from liverfat.service.upper_layer import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    Association,
+    Rejection,
+    Settings,
+    serve,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,16 +176,17 @@ def _after_series_uid(tag: BaseTag, vr: str | None, length: int) -> bool:
 def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
     """Preamble, prefix and File Meta Information (PS3.10 Section 7.1) to put before a received data set.
 
-    The same bytes as pynetdicom's ``Event.encoded_dataset()`` writes, without building and
-    encoding a pydicom ``FileMetaDataset`` (about half a millisecond per instance).
+    The same bytes as pynetdicom's ``Event.encoded_dataset()`` writes, with this implementation's
+    class UID and version name, without building and encoding a pydicom ``FileMetaDataset`` (about
+    half a millisecond per instance).
     """
     elements = b"".join((
         _meta_element(0x0001, b"OB", b"\x00\x01"),
         _meta_element(0x0002, b"UI", _even(sop_class_uid, b"\x00")),
         _meta_element(0x0003, b"UI", _even(sop_instance_uid, b"\x00")),
         _meta_element(0x0010, b"UI", _even(transfer_syntax, b"\x00")),
-        _meta_element(0x0012, b"UI", _even(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
-        _meta_element(0x0013, b"SH", _even(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _meta_element(0x0012, b"UI", _even(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _meta_element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME, b" ")),
     ))  # fmt: skip
     return PREAMBLE + _meta_element(0x0000, b"UL", struct.pack("<I", len(elements))) + elements
 

@@ -34,6 +34,7 @@ from liverfat.service.config import Caller, NodeConfig, SeriesSection, TlsSectio
 from liverfat.service.scp import StorageSCP, StoreStatus, index_uids, part10_header, refuse_caller
 from liverfat.service.spool import JobState, Spool
 from liverfat.service.spool_instances import Arrival, Indexed
+from liverfat.service.upper_layer import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from tests.service.conftest import DCMTK_ENV, ECHOSCU, STORESCU, dcmtk, node_config, small_series, storescu
 
 pytestmark = pytest.mark.usefixtures("require_dcmtk")
@@ -92,6 +93,7 @@ def test_each_success_means_the_instance_is_already_on_disk_and_indexed(node: tu
         assert independent.has_instance(sop_uid)
     assoc.release()
     [job] = independent.jobs()
+
     def content(path: Path) -> tuple[str, bytes]:
         ds = pydicom.dcmread(path)
         return ds.SOPInstanceUID, ds.PixelData
@@ -126,8 +128,11 @@ def test_a_success_follows_the_fsync_of_file_and_folder_and_the_commit(node: tup
     assoc.release()
     folder = str(spool.root / "instances" / dataset.SeriesInstanceUID)
     at = {event: i for i, event in reversed(list(enumerate(events)))}  # the first time each event happened
-    [file_synced] = [i for i, (what, path) in enumerate(events)
-                     if what == "fsync" and path.startswith(folder + "/") and dataset.SOPInstanceUID in path]
+    [file_synced] = [
+        i
+        for i, (what, path) in enumerate(events)
+        if what == "fsync" and path.startswith(folder + "/") and dataset.SOPInstanceUID in path
+    ]
     last_insert = max(i for i, event in enumerate(events) if event == ("sql", "INSERT"))  # the instance's row
     committed = at["committed", dataset.SOPInstanceUID]
     assert at["sql", "BEGIN"] < last_insert < max(i for i, event in enumerate(events[:committed])
@@ -155,9 +160,10 @@ def test_four_associations_at_once_lose_no_instance(node: tuple[StorageSCP, Spoo
 
 
 @pytest.mark.parametrize("sop_instance_uid", ["1.2.3", "1.2.34"])  # odd and even lengths
-def test_the_file_header_is_the_one_pynetdicom_writes(sop_instance_uid: str) -> None:
+def test_the_file_header_is_the_one_pynetdicom_writes_with_liverfats_implementation(sop_instance_uid: str) -> None:
     meta = create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance_uid,
-                            transfer_syntax=ImplicitVRLittleEndian)  # fmt: skip
+                            transfer_syntax=ImplicitVRLittleEndian, implementation_uid=UID(IMPLEMENTATION_CLASS_UID),
+                            implementation_version=IMPLEMENTATION_VERSION_NAME)  # fmt: skip
     expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
     assert part10_header(CTImageStorage, sop_instance_uid, ImplicitVRLittleEndian) == expected
 
