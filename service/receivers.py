@@ -1,17 +1,18 @@
 """Receiver processes: ``[node] receivers`` processes serve the associations the node accepts.
 
-One Python process serves its associations on threads that share one interpreter lock: a bare
-pynetdicom SCP that stores nothing reaches about 380 instances/s over four associations on two
-cores, less than Orthanc with its files synced. With ``receivers`` above 1 the node keeps the one
-listening socket, accepts each connection and hands it (``SCM_RIGHTS`` over a Unix socket pair)
-to the receiver process with the fewest open connections, which runs the association with the
-very same :class:`~liverfat.service.scp.StorageSCP` handlers into its own connection to the
-spool's index (SQLite WAL: concurrent commits wait for each other, ``spool_db.BUSY_TIMEOUT_S``).
-Accepting in one place spreads the associations evenly (``SO_REUSEPORT`` hashes connections: four
-associations over two sockets land 4-0 one time in eight) and keeps ``[node] max_associations``
-node-wide: the connection that would exceed it is handed with a flag, and its receiver refuses the
-association ("local limit exceeded"), as the in-process listener refuses one over the limit. ``receivers = 1`` keeps the listener in
-the node process (:func:`make_listener`).
+One Python process serves its associations on threads that share one interpreter lock, so it uses
+one core however many associations it holds (on the 2 cores here, one and two receivers take four
+associations at the same rate, about 450 instances/s: the disk and the senders share the cores).
+With ``receivers`` above 1 the node keeps the one listening socket, accepts each connection and
+hands it (``SCM_RIGHTS`` over a Unix socket pair) to the receiver process with the fewest open
+connections, which runs the association with the very same
+:class:`~liverfat.service.scp.StorageSCP` handlers into its own connection to the spool's index
+(SQLite WAL: concurrent commits wait for each other, ``spool_db.BUSY_TIMEOUT_S``). Accepting in one
+place spreads the associations evenly (``SO_REUSEPORT`` hashes connections: four associations over
+two sockets land 4-0 one time in eight) and keeps ``[node] max_associations`` node-wide: the
+connection that would exceed it is handed with a flag, and its receiver refuses the association
+("local limit exceeded"), as the in-process listener refuses one over the limit. ``receivers = 1``
+keeps the listener in the node process (:func:`make_listener`).
 
 Each receiver sends back, over the same socket pair, the series of an association that ended
 with a release (the node then calls its ``on_release``, as the in-process listener does) and the
