@@ -156,7 +156,7 @@ def serve(connection: socket.socket, association: Association, settings: Setting
     except ssl.SSLError as error:
         log.warning("closed the connection from %s: TLS failed: %s", association.address[0], error)
     except TimeoutError:
-        log.info("closed the connection from %s: no A-ASSOCIATE-RQ within %.0f s ([node] acse_timeout_s)",
+        log.info("closed the connection from %s: no A-ASSOCIATE-RQ within %g s ([node] acse_timeout_s)",
                  association.address[0], settings.acse_timeout_s)  # fmt: skip
     except OSError as error:
         log.debug("the connection from %s failed: %s", association.address[0], error)
@@ -204,7 +204,7 @@ class _Conversation:
             log.info("the association from %s at %s ended without a release: its connection closed",
                      self.association.calling_ae_title, self.association.address[0])  # fmt: skip
         except TimeoutError:
-            self._abort(ABORT_NOT_SPECIFIED, f"no PDU for {self.settings.network_timeout_s:.0f} s "
+            self._abort(ABORT_NOT_SPECIFIED, f"no PDU for {self.settings.network_timeout_s:g} s "
                                              "([node] network_timeout_s)")  # fmt: skip
 
     def _read_request(self) -> A_ASSOCIATE:
@@ -217,7 +217,7 @@ class _Conversation:
             pdu.decode(_PDU_HEADER.pack(A_ASSOCIATE_RQ_PDU, len(body)) + body)
             request = pdu.to_primitive()
         except Exception as error:  # pynetdicom's decoders raise what the bytes provoke
-            raise ProtocolError(f"the A-ASSOCIATE-RQ cannot be read: {error}", ABORT_INVALID_PARAMETER) from error
+            raise ProtocolError(f"the A-ASSOCIATE-RQ cannot be read: {error!r}", ABORT_INVALID_PARAMETER) from error
         self.association.calling_ae_title = str(request.calling_ae_title).strip()
         self.association.called_ae_title = str(request.called_ae_title).strip()
         return request
