@@ -24,6 +24,7 @@ import logging
 import socket
 import ssl
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -160,6 +161,9 @@ def serve(connection: socket.socket, association: Association, settings: Setting
                  association.address[0], settings.acse_timeout_s)  # fmt: skip
     except OSError as error:
         log.debug("the connection from %s failed: %s", association.address[0], error)
+    except Exception:  # a handler's or a decoder's bug: this connection ends, the node keeps serving
+        log.exception("the association from %s at %s failed", association.calling_ae_title or "a peer",
+                      association.address[0])  # fmt: skip
     finally:
         connection.close()
 
@@ -194,8 +198,8 @@ class _Conversation:
             return
         accept = self._accept(request)
         self.handlers.accepted(self.association)
-        self._send(accept)
         self.connection.settimeout(self.settings.network_timeout_s)
+        self._send(accept)
         try:
             self._transfer()
         except ProtocolError as error:
@@ -209,7 +213,7 @@ class _Conversation:
 
     def _read_request(self) -> A_ASSOCIATE:
         """The A-ASSOCIATE-RQ, decoded by pynetdicom; the titles are set on the association."""
-        pdu_type, body = self._read_pdu()
+        pdu_type, body = self._read_pdu(deadline=time.monotonic() + self.settings.acse_timeout_s)
         if pdu_type != A_ASSOCIATE_RQ_PDU:
             raise ProtocolError(f"a PDU of type 0x{pdu_type:02X} before any A-ASSOCIATE-RQ")
         pdu = A_ASSOCIATE_RQ()
@@ -254,6 +258,9 @@ class _Conversation:
             pdu_type, body = self._read_pdu()
             if pdu_type == P_DATA_TF_PDU:
                 for context_id, control, start, end in _fragments(body):
+                    if context_id not in self.association.accepted:  # checked before a data set is gathered
+                        raise ProtocolError(f"a message on presentation context {context_id}, which was not "
+                                            "accepted", ABORT_INVALID_PARAMETER)  # fmt: skip
                     if message.add(context_id, control, memoryview(body)[start:end]):
                         self._answer(message)
                         message = _Message()
@@ -274,10 +281,7 @@ class _Conversation:
     def _answer(self, message: _Message) -> None:
         command, context_id = message.command, message.context_id
         assert command is not None and context_id is not None
-        context = self.association.accepted.get(context_id)
-        if context is None:
-            raise ProtocolError(f"a message on presentation context {context_id}, which was not accepted",
-                                ABORT_INVALID_PARAMETER)  # fmt: skip
+        context = self.association.accepted[context_id]
         abstract_syntax = str(context.abstract_syntax)
         if command.command_field == CommandField.C_ECHO_RQ and abstract_syntax == VERIFICATION:
             log.debug("C-ECHO from %s", self.association.calling_ae_title)
@@ -301,8 +305,9 @@ class _Conversation:
                           self.association.calling_ae_title, command.affected_sop_instance_uid)  # fmt: skip
             return PROCESSING_FAILURE
 
-    def _read_pdu(self) -> tuple[int, bytearray]:
-        _read_into(self.connection, memoryview(self._header))
+    def _read_pdu(self, deadline: float | None = None) -> tuple[int, bytearray]:
+        """The next PDU's type and body; by ``deadline`` (monotonic) when given, however slowly it comes."""
+        _read_into(self.connection, memoryview(self._header), deadline)
         pdu_type, length = _PDU_HEADER.unpack(self._header)
         if pdu_type not in KNOWN_PDU_TYPES:
             raise ProtocolError(f"an unrecognised PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNISED_PDU)
@@ -310,7 +315,7 @@ class _Conversation:
             raise ProtocolError(f"a PDU of {length} bytes, above the {MAX_PDU_LENGTH} announced",
                                 ABORT_INVALID_PARAMETER)  # fmt: skip
         body = bytearray(length)
-        _read_into(self.connection, memoryview(body))
+        _read_into(self.connection, memoryview(body), deadline)
         return pdu_type, body
 
     def _abort(self, reason: int, why: str) -> None:
@@ -326,12 +331,13 @@ class _Conversation:
 
     def _await_close(self) -> None:
         """Wait, up to the ARTIM timeout, for the peer to close the connection (PS3.8 Section 9.1.5)."""
-        self.connection.settimeout(self.settings.acse_timeout_s)
+        deadline = time.monotonic() + self.settings.acse_timeout_s
+        scratch = memoryview(bytearray(4096))
         try:
-            while self.connection.recv(4096):
-                pass
-        except OSError:
-            pass  # timed out or reset: closed by us now
+            while True:
+                _read_into(self.connection, scratch, deadline)
+        except (_Closed, OSError):
+            pass  # closed, timed out or reset: closed by us now
 
 
 class _Message:
@@ -390,9 +396,18 @@ def _command_pdu(context_id: int, command: bytes) -> bytes:
     return _PDU_HEADER.pack(P_DATA_TF_PDU, len(pdv)) + pdv
 
 
-def _read_into(connection: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` from the connection; :class:`_Closed` when the peer closes first."""
+def _read_into(connection: socket.socket, view: memoryview, deadline: float | None = None) -> None:
+    """Fill ``view`` from the connection; :class:`_Closed` when the peer closes first.
+
+    With a ``deadline`` (monotonic), ``TimeoutError`` once it passes; without, the connection's own
+    timeout bounds each read.
+    """
     while view:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            connection.settimeout(remaining)
         read = connection.recv_into(view)
         if not read:
             raise _Closed

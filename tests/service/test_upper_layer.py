@@ -13,6 +13,7 @@ import logging
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -361,6 +362,38 @@ def test_an_idle_association_is_aborted_after_network_timeout_s(tmp_path: Path,
                 assert_aborted(node.scp, peer, caplog, "no PDU for 0.5 s ([node] network_timeout_s)")
         finally:
             peer.close()
+
+
+def test_a_data_set_on_a_context_not_accepted_is_aborted_at_its_first_fragment(
+    scp: StorageSCP, peer: Peer, caplog: pytest.LogCaptureFixture
+) -> None:  # fmt: skip
+    """The node does not gather a whole data set it would refuse: the first PDU of the message is enough."""
+    peer.associate((VERIFICATION, CT_EXPLICIT, build_context(MRImageStorage)))  # MR refused: ID 5
+    first, *rest = message_pdus(store_message(), 5, fragment=16)
+    assert rest, "the message spans several PDUs"
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        peer.send(first)
+        assert_aborted(scp, peer, caplog, "a message on presentation context 5, which was not accepted")
+
+
+def test_a_request_sent_a_byte_at_a_time_is_cut_at_acse_timeout_s(tmp_path: Path) -> None:
+    """acse_timeout_s bounds the whole A-ASSOCIATE-RQ, not each read: a trickling peer loses its slot."""
+    with started(node_config(tmp_path, acse_timeout_s=1.0)) as node:
+        request = associate_rq([VERIFICATION])
+        with socket.create_connection(("127.0.0.1", node.scp.port), timeout=5) as trickle:
+            opened = time.monotonic()
+            try:
+                for byte in request:
+                    trickle.sendall(bytes([byte]))
+                    time.sleep(0.2)
+                answer = trickle.recv(16)
+            except OSError:
+                answer = b""  # the node closed it: a reset once it has gone
+            closed_after = time.monotonic() - opened
+        assert answer == b"", "closed without an A-ASSOCIATE-AC"
+        assert 0.9 < closed_after < 3.0
+        wait_until(lambda: node.scp.open_connections == 0, timeout=2)
+        assert echo(node.scp)
 
 
 # -- a handler that fails ---------------------------------------------------------------------------
