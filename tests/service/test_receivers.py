@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, build_context
 
 from liverfat.service.config import NodeConfig, SeriesSection
 from liverfat.service.diskspace import DiskSpace
@@ -151,21 +153,24 @@ def test_a_receiver_killed_mid_transfer_is_restarted_and_the_series_sent_again_i
     pools: list[Pool], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pool = start(pools, node_config(tmp_path, receivers=2))
-    files = small_series(tmp_path / "series", slices=60, size=256)
-    sender = subprocess.Popen([str(STORESCU), "+sd", "-aet", "TESTSCU", "-aec", "LIVERFAT", "127.0.0.1",
-                               str(pool.port), str(tmp_path / "series")], env=DCMTK_ENV, stderr=subprocess.PIPE,
-                              text=True)  # fmt: skip
-    wait_for(lambda: pool.spool.jobs() and pool.spool.jobs()[0].n_instances >= 5, 30, "the first instances held")
-    [serving] = [r for r in pool.listener.receivers if r.open]
-    assert serving.process is not None and serving.process.pid is not None
-    killed = serving.process.pid
-    with caplog.at_level(logging.INFO, logger="liverfat.service.receivers"):
-        os.kill(killed, signal.SIGKILL)
-        _, errors = sender.communicate(timeout=60)
-        assert sender.returncode != 0, "the association was cut off: not every instance got a Success"
-        wait_for(lambda: serving.channel is not None and serving.process is not None
-                 and serving.process.pid != killed, 10, "the receiver restarted")  # fmt: skip
-    [death] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    files = small_series(tmp_path / "series", slices=20, size=256)
+    ae = AE(ae_title="TESTSCU")  # the test's own sender: it stops between instances, where the kill comes
+    assoc = ae.associate("127.0.0.1", pool.port, contexts=[build_context(CTImageStorage, ExplicitVRLittleEndian)],
+                         ae_title="LIVERFAT")  # fmt: skip
+    assert assoc.is_established
+    try:
+        assert all(assoc.send_c_store(path).Status == 0x0000 for path in files[:5])
+        [serving] = [r for r in pool.listener.receivers if r.open]
+        assert serving.process is not None and serving.process.pid is not None
+        killed = serving.process.pid
+        with caplog.at_level(logging.INFO, logger="liverfat.service.receivers"):
+            os.kill(killed, signal.SIGKILL)
+            assert "Status" not in assoc.send_c_store(files[5]), "the association was cut off: no Success"
+            wait_for(lambda: serving.channel is not None and serving.process is not None
+                     and serving.process.pid != killed, 10, "the receiver restarted")  # fmt: skip
+    finally:
+        assoc.abort()
+    [death] = [r for r in caplog.records if r.levelno == logging.ERROR and r.name == "liverfat.service.receivers"]
     assert f"receiver process {killed} ({serving.name}) was killed by SIGKILL" in death.getMessage()
     assert not pid_alive(killed)
     held_before = pool.spool.jobs()[0].n_instances
