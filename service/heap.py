@@ -21,8 +21,9 @@ a run may hold one small series); the node process keeps glibc's defaults. Elsew
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
+
+from liverfat.service.libc import c_library
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,8 @@ def keep_freed_memory(prefault_bytes: int = PREFAULT_BYTES) -> bool:
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "gnu_get_libc_version"):
+    libc = c_library()
+    if libc is None or not hasattr(libc, "gnu_get_libc_version"):
         return None
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]

@@ -14,8 +14,6 @@ until space returns, then waits a little longer after each further disk-full par
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import gc
 import logging
@@ -36,6 +34,7 @@ from liverfat.inference.backend import Backend
 from liverfat.service.config import ModelSection, NodeConfig
 from liverfat.service.diskspace import DiskSpace, is_disk_full
 from liverfat.service.heap import keep_freed_memory
+from liverfat.service.libc import c_library
 from liverfat.service.logs import configure_logging
 from liverfat.service.series_job import analyze_series_files
 from liverfat.service.spool import Job, JobResult, JobState, Spool
@@ -228,11 +227,8 @@ def _die_with_parent() -> None:
     Otherwise an orphaned worker could keep processing while a restarted node starts a
     second one. Elsewhere, :func:`_parent_alive` is checked between jobs.
     """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    if hasattr(libc, "prctl"):
+    libc = c_library()
+    if libc is not None and hasattr(libc, "prctl"):
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
