@@ -72,7 +72,7 @@ sys.path.insert(0, str(BENCH_ROOT))
 from liverfat import __version__  # noqa: E402
 from liverfat.files import durable_write  # noqa: E402
 from liverfat.service.config import NodeSection  # noqa: E402
-from liverfat.service.scp import StoreStatus, acceptor_settings  # noqa: E402
+from liverfat.service.scp import StoreStatus  # noqa: E402
 from liverfat.service.spool import Job  # noqa: E402
 from tests.orthanc import orthanc_server  # noqa: E402
 from tests.phantom import Grid, Phantom, SeriesHeader, write_series  # noqa: E402
@@ -179,6 +179,9 @@ def bare_pynetdicom_receiver(work: Path) -> Iterator[Target]:
 
 
 def serve_bare_scp(port: int) -> None:
+    # imported here: a baseline run imports this module with its own liverfat, which may predate it
+    from liverfat.service.scp import acceptor_settings
+
     node = NodeSection(host="127.0.0.1", port=port)
     ae = pynetdicom.AE(ae_title=node.ae_title)
     ae.maximum_pdu_size = 0  # no limit: fewer, larger PDUs (pynetdicom docs/examples/storage.rst)
@@ -287,8 +290,12 @@ def receive_rates(series: list[Path], files: list[Path], work: Path, repeat: int
             "best_instances_per_s": {name: round(rate, 1) for name, rate in best.items()},
             "median_instances_per_s": {name: round(count / statistics.median(v), 1) for name, v in times.items()},
             "best_ms_per_instance": {name: round(1000 / rate, 2) for name, rate in best.items()},
-            **{f"ratio_{node}_to_{peer}": round(best[node] / best[peer], 2)
-               for node in best if node.startswith("node") for peer in PEERS},  # fmt: skip
+            **{
+                f"ratio_{node}_to_{peer}": round(best[node] / best[peer], 2)
+                for node in best
+                if node.startswith("node")
+                for peer in PEERS
+            },  # fmt: skip
         }
     result["durable_write_ms_median"] = round(statistics.median(writes) * 1000, 2)
     result["durable_writes"] = len(writes)
@@ -422,7 +429,9 @@ def print_receive(receive: dict[str, Any], repeat: int, receivers: Receivers) ->
             print(f"  {label + ':':<34} {rates[name]:7.1f} instances/s = {ms[name]:5.2f} ms each")
         for node in (name for name in receivers if name.startswith("node")):
             for peer, (label, _) in PEERS.items():
-                print(f"  ratio {receivers[node][0]} / {label.split(' (')[0]}: {figures[f'ratio_{node}_to_{peer}']:.2f}")
+                print(
+                    f"  ratio {receivers[node][0]} / {label.split(' (')[0]}: {figures[f'ratio_{node}_to_{peer}']:.2f}"
+                )
     print(f"durability floor: durable_write of one instance, median of {receive['durable_writes']}: "
           f"{receive['durable_write_ms_median']:.2f} ms")  # fmt: skip
 
@@ -470,8 +479,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="'default', another model name, or 'phantom' (no network)")
     parser.add_argument("--skip-receive", action="store_true", help="only the pipeline")
     parser.add_argument("--skip-pipeline", action="store_true", help="only the receive rates")
-    parser.add_argument("--receivers", type=int, nargs="+", default=[], metavar="N",
-                        help="time the node with each of these [node] receivers values (default: its default)")
+    parser.add_argument(
+        "--receivers",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="N",
+        help="time the node with each of these [node] receivers values (default: its default)",
+    )
     parser.add_argument("--baseline", metavar="REV", help="also run the pipeline with commit REV's code (1956b86)")
     parser.add_argument("--pipeline-repeat", type=int, default=1, help="pipeline runs (each tree), the fastest kept")
     parser.add_argument("--json", type=Path, help="also write the figures and versions here")
@@ -494,7 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         receive = None
         if not args.skip_receive:
             series = [work / "series"]
-            series += [copy_as_new_series(files, work / f"series-{n}") for n in range(2, max(CONCURRENT_ASSOCIATIONS) + 1)]
+            series += [
+                copy_as_new_series(files, work / f"series-{n}") for n in range(2, max(CONCURRENT_ASSOCIATIONS) + 1)
+            ]
             receive = receive_rates(series, files, work, args.repeat, receivers_timed(args.receivers))
             for folder in series[1:]:
                 shutil.rmtree(folder)
@@ -510,8 +527,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "receive": receive,
         "pipeline": pipeline,
         "baseline": None if baseline is None else {"rev": args.baseline, "pipeline": baseline},
-        "versions": {"liverfat": __version__, "pynetdicom": pynetdicom.__version__, "pydicom": pydicom.__version__,
-                     "python": platform.python_version()},  # fmt: skip
+        "versions": {
+            "liverfat": __version__,
+            "pynetdicom": pynetdicom.__version__,
+            "pydicom": pydicom.__version__,
+            "python": platform.python_version(),
+        },  # fmt: skip
         "machine": f"{platform.platform()}, {os.cpu_count()} CPU",
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine slows all
     }
