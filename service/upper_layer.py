@@ -53,6 +53,9 @@ IMPLEMENTATION_VERSION_NAME = f"LIVERFAT_{__version__}"[:16]
 # PDUs whatever is announced above it, pynetdicom a whole instance in one up to this size.
 MAX_PDU_LENGTH = 4 * 2**20
 VERIFICATION = "1.2.840.10008.1.1"
+# A C-STORE data set above this is read to its end but not held, and answered 0xC210: a 4096 x 4096
+# slice of 16 bits is 32 MiB, and without a bound a sender could make the node hold gigabytes.
+MAX_DATA_SET_BYTES = 256 * 2**20
 
 # PDU types (PS3.8 Section 9.3)
 A_ASSOCIATE_RQ_PDU = 0x01
@@ -74,6 +77,7 @@ ABORT_INVALID_PARAMETER = 0x06
 SUCCESS = 0x0000
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 UNRECOGNISED_OPERATION = 0x0211
+CANNOT_UNDERSTAND = 0xC210
 PROCESSING_FAILURE = 0xC211  # a failure the standard leaves to the implementation (PS3.4 Annex B.2.3)
 
 _PDU_HEADER = struct.Struct(">BxI")  # type, reserved, length
@@ -289,6 +293,11 @@ class _Conversation:
         elif command.command_field == CommandField.C_STORE_RQ and abstract_syntax != VERIFICATION:
             if command.affected_sop_class_uid != abstract_syntax:
                 status = SOP_CLASS_NOT_SUPPORTED  # the context was negotiated for another class
+            elif message.dataset_bytes > MAX_DATA_SET_BYTES:
+                log.warning("answered 0xC210 to %s for instance %s: its data set has %d bytes, above the %d MiB "
+                            "that any single-frame CT stays far below", self.association.calling_ae_title,
+                            command.affected_sop_instance_uid, message.dataset_bytes, MAX_DATA_SET_BYTES // 2**20)  # fmt: skip
+                status = CANNOT_UNDERSTAND
             else:
                 status = self._store(command, UID(str(context.transfer_syntax[0])), message.dataset)
         else:
@@ -348,6 +357,7 @@ class _Message:
         self.command: Command | None = None
         self._command = bytearray()
         self.dataset = bytearray()
+        self.dataset_bytes = 0  # as received: above MAX_DATA_SET_BYTES the data is dropped, not kept
 
     def add(self, context_id: int, control: int, data: memoryview) -> bool:
         """Add one fragment; whether the message is now complete."""
@@ -368,7 +378,11 @@ class _Message:
             return not self.command.has_data_set
         if self.command is None or not self.command.has_data_set:
             raise ProtocolError("a data set fragment that no command announced")
-        self.dataset += data
+        self.dataset_bytes += len(data)
+        if self.dataset_bytes > MAX_DATA_SET_BYTES:
+            self.dataset = bytearray()  # read to its end (the association goes on), never held
+        else:
+            self.dataset += data
         return bool(control & LAST_FRAGMENT)
 
 

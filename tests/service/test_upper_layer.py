@@ -38,6 +38,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from liverfat.service import upper_layer
 from liverfat.service.config import NodeConfig
 from liverfat.service.dimse_command import Command
 from liverfat.service.scp import StorageSCP, StoreStatus, acceptor_settings
@@ -220,6 +221,22 @@ def test_an_instance_in_many_fragments_and_pdus_is_stored_byte_identical(scp: St
     [stored] = scp.spool.job_files(job)
     assert data_set_bytes(stored) == data_set_bytes(path)
     assert pydicom.dcmread(stored).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+
+
+def test_a_data_set_above_the_bound_is_read_to_its_end_not_held_and_answered_cannot_understand(
+    scp: StorageSCP, peer: Peer, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    [path] = small_series(tmp_path / "series", slices=1, size=64)
+    size = len(data_set_bytes(path))
+    monkeypatch.setattr(upper_layer, "MAX_DATA_SET_BYTES", size - 1)
+    verification, ct = peer.associate()
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        peer.send(*message_pdus(instance_message(path), ct, fragment=1024))
+        assert peer.response().Status == StoreStatus.CANNOT_UNDERSTAND
+    assert f"its data set has {size} bytes, above the" in caplog.text
+    assert scp.spool.jobs() == []
+    peer.send(*message_pdus(echo_message(message_id=2), verification))
+    assert peer.response().Status == 0x0000  # the association goes on
 
 
 def test_the_release_is_answered_and_reports_the_series_stored(node: Node, peer: Peer, tmp_path: Path) -> None:
