@@ -305,7 +305,11 @@ class StorageSCP:
                 continue
             with self._lock:
                 over_limit = len(self._connections) >= self.config.node.max_associations
-            self._start_thread(connection, address[:2], over_limit)
+            try:
+                self._start_thread(connection, address[:2], over_limit)
+            except OSError as error:  # gone before it was served (TLS wraps need a connected socket)
+                log.debug("the connection from %s closed before it was served: %s", address[0], error)
+                connection.close()
 
     def _start_thread(self, connection: socket.socket, address: tuple[str, int], over_limit: bool) -> None:
         association = Association((str(address[0]), int(address[1])))

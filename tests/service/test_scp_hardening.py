@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from liverfat.errors import LiverfatError, Reason
-from liverfat.service.config import NodeConfig, load_config
+from liverfat.service.config import NodeConfig, TlsSection, load_config
 from liverfat.service.scp import StorageSCP, StoreStatus, acceptor_settings, check_uid
 from liverfat.service.spool import Spool
 from liverfat.service.tls import client_context
@@ -166,23 +166,28 @@ def test_a_connection_that_stays_silent_is_closed_after_acse_timeout_s(
     assert echo(scp)
 
 
+def echo_over_tls(scp: StorageSCP, tls: TlsSection) -> bool:
+    """One C-ECHO over TLS from a pynetdicom SCU; whether it got Success."""
+    ae = AE(ae_title="TESTSCU")
+    ae.connection_timeout = ae.acse_timeout = ae.network_timeout = 5
+    assoc = ae.associate("127.0.0.1", scp.port, contexts=[build_context(Verification)], ae_title="LIVERFAT",
+                         tls_args=(client_context(tls), "localhost"))  # fmt: skip
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0x0000
+
+
 def test_with_tls_a_silent_connection_neither_blocks_the_listener_nor_keeps_its_slot(
     started: list[tuple[StorageSCP, Spool]], tmp_path: Path
 ) -> None:
     """Before, the listener's one accepting thread did each TLS handshake: one silent connection stopped it."""
     tls = make_certificates(tmp_path / "tls")
     scp = start(started, replace(node_config(tmp_path, max_associations=2), tls=tls))
-    ae = AE(ae_title="TESTSCU")
-    ae.acse_timeout = ae.network_timeout = 5
 
     def tls_echo() -> bool:
-        assoc = ae.associate("127.0.0.1", scp.port, contexts=[build_context(Verification)], ae_title="LIVERFAT",
-                             tls_args=(client_context(tls), "localhost"))  # fmt: skip
-        if not assoc.is_established:
-            return False
-        status = assoc.send_c_echo()
-        assoc.release()
-        return bool(status) and status.Status == 0x0000
+        return echo_over_tls(scp, tls)
 
     silent = [socket.create_connection(("127.0.0.1", scp.port)) for _ in range(2)]
     try:
@@ -195,6 +200,19 @@ def test_with_tls_a_silent_connection_neither_blocks_the_listener_nor_keeps_its_
     finally:
         for connection in silent:
             connection.close()
+
+
+def test_with_tls_connections_reset_before_they_are_served_do_not_stop_the_listener(
+    started: list[tuple[StorageSCP, Spool]], tmp_path: Path
+) -> None:
+    """A connection reset before its TLS wrap made the wrap raise on the accepting thread, which then ended."""
+    tls = make_certificates(tmp_path / "tls")
+    scp = start(started, replace(node_config(tmp_path), tls=tls))
+    for _ in range(50):  # some reach the listener already reset
+        probe = socket.create_connection(("127.0.0.1", scp.port))
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        probe.close()
+    assert echo_over_tls(scp, tls)
 
 
 def test_association_limit_and_timeouts_come_from_the_node_section(tmp_path: Path) -> None:
@@ -273,6 +291,7 @@ def nested_sequence_instance(depth: int) -> bytes:
 
     Written by hand: pydicom's own writer recurses too and cannot write it.
     """
+
     def element(tag: int, vr: bytes, value: bytes) -> bytes:
         return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
 
