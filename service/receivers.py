@@ -319,8 +319,11 @@ def run_receiver(config: NodeConfig, address: tuple[str, int], channel: socket.s
             connection = socket.socket(fileno=fds[0])
             try:
                 scp.serve(connection, (host, port), over_limit)
-            except Exception:  # noqa: BLE001  # the association did not start: one connection lost, not the receiver
-                log.exception("could not serve the connection from %s", host)
+            except Exception as error:  # noqa: BLE001  # the association did not start: one connection lost, not the receiver
+                if isinstance(error, OSError):  # gone before it was served (TLS wraps need a connected socket)
+                    log.debug("the connection from %s closed before it was served: %s", host, error)
+                else:
+                    log.exception("could not serve the connection from %s", host)
                 connection.close()
                 report(CLOSED, [])
     finally:
