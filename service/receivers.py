@@ -45,7 +45,7 @@ from typing import Protocol
 from liverfat.service.config import NodeConfig
 from liverfat.service.diskspace import DiskSpace
 from liverfat.service.logs import configure_logging
-from liverfat.service.scp import StorageSCP, close_listening, listen, shut
+from liverfat.service.scp import StorageSCP, accept_each, close_listening, listen, shut
 from liverfat.service.spool import Spool
 from liverfat.service.worker_pool import usable_cores
 
@@ -184,20 +184,11 @@ class ReceiverPool:
         """Accept connections and hand each to the receiver with the fewest open ones."""
         listener = self._listener
         assert listener is not None
-        while True:
-            try:
-                connection, address = listener.accept()
-            except OSError as error:
-                if self._stopping:
-                    return
-                log.warning("cannot accept a connection: %s", error)  # too many open files: wait for some to close
-                time.sleep(0.1)
-                continue
-            with connection:
-                self._hand(connection, (str(address[0]), int(address[1])))
+        accept_each(listener, lambda: self._stopping, self._hand)
 
     def _hand(self, connection: socket.socket, address: tuple[str, int]) -> None:
-        with self._changed:
+        """Send the connection to the receiver with the fewest open ones; the node's own copy is closed."""
+        with connection, self._changed:
             while not self._stopping and not any(_up(r) for r in self.receivers):
                 self._changed.wait()  # every receiver restarting: the connection waits (the sender's timeout runs)
             if self._stopping:

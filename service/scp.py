@@ -294,22 +294,16 @@ class StorageSCP:
             thread.join(STOP_S)
 
     def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                connection, address = listener.accept()
-            except OSError as error:
-                if self._listener is not listener:
-                    return  # stop() closed it
-                log.warning("cannot accept a connection: %s", error)  # too many open files: wait for some to close
-                time.sleep(ACCEPT_RETRY_S)
-                continue
-            with self._lock:
-                over_limit = len(self._connections) >= self.config.node.max_associations
-            try:
-                self._start_thread(connection, address[:2], over_limit)
-            except OSError as error:  # gone before it was served (TLS wraps need a connected socket)
-                log.debug("the connection from %s closed before it was served: %s", address[0], error)
-                connection.close()
+        accept_each(listener, lambda: self._listener is not listener, self._take)
+
+    def _take(self, connection: socket.socket, address: tuple[str, int]) -> None:
+        with self._lock:
+            over_limit = len(self._connections) >= self.config.node.max_associations
+        try:
+            self._start_thread(connection, address, over_limit)
+        except OSError as error:  # gone before it was served (TLS wraps need a connected socket)
+            log.debug("the connection from %s closed before it was served: %s", address[0], error)
+            connection.close()
 
     def _start_thread(self, connection: socket.socket, address: tuple[str, int], over_limit: bool) -> None:
         association = Association((str(address[0]), int(address[1])))
@@ -445,6 +439,24 @@ def listen(address: tuple[str, int]) -> socket.socket:
         return socket.create_server(address, family=family, backlog=64)
     except OSError as error:
         raise cannot_listen(address, error) from error
+
+
+def accept_each(listener: socket.socket, stopped: Callable[[], bool],
+                take: Callable[[socket.socket, tuple[str, int]], None]) -> None:  # fmt: skip
+    """Accept connections on ``listener`` and give each to ``take``, until an accept fails once ``stopped()``.
+
+    An accept that fails while running (too many open files) is logged and tried again shortly.
+    """
+    while True:
+        try:
+            connection, address = listener.accept()
+        except OSError as error:
+            if stopped():
+                return  # the listener was closed
+            log.warning("cannot accept a connection: %s", error)  # too many open files: wait for some to close
+            time.sleep(ACCEPT_RETRY_S)
+            continue
+        take(connection, (str(address[0]), int(address[1])))
 
 
 def close_listening(listener: socket.socket) -> None:
